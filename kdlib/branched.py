@@ -1,0 +1,172 @@
+"""One model description for teachers, ensembles, students and the merged multi-task model.
+
+A `BranchedModel` is a BERT encoder cut in two (flexible-multitask-bert-serving, sec. 3 and Fig. 1):
+the embeddings and the bottom layers form a frozen *trunk* shared by every branch; each *branch* is a
+stack of transformer layers that starts at its own trunk depth, followed by a head. A partially
+fine-tuned teacher is one branch of L layers at depth N - L; an ensemble is K such branches on one
+trunk; a distilled student keeps l of the teacher's layers at the same depth; the merged model holds
+every task's branch and runs the trunk once, up to the deepest branch point.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from transformers import BertConfig, BertModel
+from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer
+
+
+@dataclass(frozen=True)
+class BranchSpec:
+    """Where a branch attaches and what it outputs.
+
+    Attributes:
+        name: branch key (a task, or `task__m<k>` for ensemble member k).
+        kind: "classification" or "regression".
+        num_outputs: classes (classification) or 1 (regression).
+        depth: trunk layers below the branch (0 = straight on the embeddings).
+        layers: transformer layers in the branch.
+    """
+
+    name: str
+    kind: str
+    num_outputs: int
+    depth: int
+    layers: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Head(nn.Module):
+    """Pooling then a two-layer classifier/regressor (dense + tanh, as BERT's pooler, then linear)."""
+
+    def __init__(self, hidden: int, num_outputs: int, pooling: str, dropout: float):
+        super().__init__()
+        self.pooling = pooling
+        self.dense = nn.Linear(hidden, hidden)
+        self.out = nn.Linear(hidden, num_outputs)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "cls":
+            pooled = h[:, 0]  # (B, H)
+        else:
+            m = attention_mask.unsqueeze(-1).to(h.dtype)  # (B, T, 1)
+            pooled = (h * m).sum(1) / m.sum(1).clamp_min(1.0)  # (B, H)
+        x = torch.tanh(self.dense(self.dropout(pooled)))
+        return self.out(self.dropout(x))  # (B, C)
+
+
+class Branch(nn.Module):
+    def __init__(self, layers: list[nn.Module], head: Head):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.head = head
+
+
+def attention_bias(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) 0/1 padding mask -> (B, 1, T, T) boolean mask as BertLayer's SDPA attention takes it."""
+    b, t = attention_mask.shape
+    return attention_mask.bool()[:, None, None, :].expand(b, 1, t, t)
+
+
+class BranchedModel(nn.Module):
+    """Trunk (embeddings + bottom layers) shared by branches attached at their own depths."""
+
+    def __init__(self, config: BertConfig, branches: list[BranchSpec], pooling: str = "mean"):
+        super().__init__()
+        if len({b.name for b in branches}) != len(branches):
+            raise ValueError(f"branch names repeat: {[b.name for b in branches]}")
+        for b in branches:
+            if b.depth + b.layers > config.num_hidden_layers or b.depth < 0 or b.layers < 0:
+                raise ValueError(f"branch {b.name!r}: depth {b.depth} + layers {b.layers} does not fit an "
+                                 f"encoder of {config.num_hidden_layers} layers")
+        config = copy.deepcopy(config)
+        config._attn_implementation = "sdpa"
+        self.config, self.pooling = config, pooling
+        self.specs = {b.name: b for b in branches}
+        self.embeddings = BertEmbeddings(config)
+        self.trunk = nn.ModuleList(BertLayer(config) for _ in range(self.trunk_depth))
+        self.branches = nn.ModuleDict({
+            b.name: Branch([BertLayer(config) for _ in range(b.layers)],
+                           Head(config.hidden_size, b.num_outputs, pooling, config.hidden_dropout_prob))
+            for b in branches
+        })
+
+    @property
+    def trunk_depth(self) -> int:
+        return max(b.depth for b in self.specs.values()) if self.specs else 0
+
+    @classmethod
+    def from_encoder(cls, encoder: BertModel, branches: list[BranchSpec], pooling: str = "mean",
+                     seed: int = 0) -> "BranchedModel":
+        """Cut a pretrained encoder: trunk and every branch's layers copied from it, heads freshly initialised."""
+        torch.manual_seed(seed)
+        model = cls(encoder.config, branches, pooling)
+        model.embeddings.load_state_dict(encoder.embeddings.state_dict())
+        for i, layer in enumerate(model.trunk):
+            layer.load_state_dict(encoder.encoder.layer[i].state_dict())
+        for spec in branches:
+            for j, layer in enumerate(model.branches[spec.name].layers):
+                layer.load_state_dict(encoder.encoder.layer[spec.depth + j].state_dict())
+        return model
+
+    def freeze_trunk(self) -> None:
+        for p in list(self.embeddings.parameters()) + list(self.trunk.parameters()):
+            p.requires_grad_(False)
+
+    def trunk_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     token_type_ids: torch.Tensor | None, depth: int) -> torch.Tensor:
+        """Hidden states after `depth` trunk layers: (B, T) ids -> (B, T, H)."""
+        h = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)  # (B, T, H)
+        bias = attention_bias(attention_mask)
+        for layer in self.trunk[:depth]:
+            h = _first(layer(h, attention_mask=bias))
+        return h
+
+    def branch_forward(self, name: str, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Run branch `name` on trunk states at its depth: (B, T, H) -> (B, C)."""
+        branch = self.branches[name]
+        bias = attention_bias(attention_mask)
+        for layer in branch.layers:
+            h = _first(layer(h, attention_mask=bias))
+        return branch.head(h, attention_mask)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None, names: list[str] | None = None
+                ) -> dict[str, torch.Tensor]:
+        """Outputs of the requested branches (all by default); the trunk runs once, only as deep as needed.
+
+        Returns:
+            {branch name: (B, C) logits, or (B, 1) predictions for regression}.
+        """
+        names = list(self.specs) if names is None else names
+        unknown = [n for n in names if n not in self.specs]
+        if unknown:
+            raise KeyError(f"unknown branches {unknown}; known: {sorted(self.specs)}")
+        by_depth: dict[int, list[str]] = {}
+        for n in names:
+            by_depth.setdefault(self.specs[n].depth, []).append(n)
+        h = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)  # (B, T, H)
+        bias = attention_bias(attention_mask)
+        out: dict[str, torch.Tensor] = {}
+        for depth in range(max(by_depth) + 1):
+            for n in by_depth.get(depth, []):
+                out[n] = self.branch_forward(n, h, attention_mask)
+            if depth < max(by_depth):
+                h = _first(self.trunk[depth](h, attention_mask=bias))
+        return {n: out[n] for n in names}
+
+
+def _first(x):
+    # BertLayer returns a tensor in transformers 5 and a tuple in 4.x.
+    return x[0] if isinstance(x, tuple) else x
+
+
+def member_name(task: str, k: int) -> str:
+    """Branch key of ensemble member k of a task."""
+    return f"{task}__m{k}"

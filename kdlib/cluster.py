@@ -1,0 +1,24 @@
+"""Connecting to Ray: the cluster a submitted job runs in, an explicit address, or a local embedded Ray."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+
+def init_ray(address: str | None, num_cpus: int | None, log=print) -> None:
+    """Join a cluster when there is one to join, else start Ray inside this process's machine.
+
+    `ray job submit` sets RAY_ADDRESS for the driver, so the same job script runs on a cluster and
+    standalone without code changes.
+    """
+    if ray.is_initialized():
+        return
+    target = address or os.environ.get("RAY_ADDRESS")
+    if target:
+        ray.init(address=target, log_to_driver=True)
+        log(f"[ray] joined cluster at {target}: {ray.cluster_resources().get('CPU', 0):g} CPUs")
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        log(f"[ray] started local Ray: {ray.cluster_resources().get('CPU', 0):g} CPUs")

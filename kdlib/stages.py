@@ -1,0 +1,78 @@
+"""Content-addressed stage outputs: a stage whose inputs did not change is not recomputed.
+
+Each stage writes into `<storage_root>/cache/<stage>/<fingerprint>/`, where the fingerprint hashes
+everything the output depends on (settings, upstream fingerprints, data digests). A `_DONE.json`
+marker, written last, makes a folder count; an interrupted stage leaves no marker and reruns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DONE = "_DONE.json"
+
+
+def fingerprint(*parts) -> str:
+    """A short stable hash of JSON-able parts (dicts are hashed with sorted keys)."""
+    blob = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class StageRecord:
+    name: str
+    fingerprint: str
+    path: str
+    cached: bool
+    seconds: float
+
+
+@dataclass
+class StageCache:
+    root: Path
+    records: list[StageRecord] = field(default_factory=list)
+
+    def path(self, stage: str, fp: str) -> Path:
+        return Path(self.root) / "cache" / stage / fp
+
+    def is_done(self, stage: str, fp: str) -> bool:
+        return (self.path(stage, fp) / DONE).exists()
+
+    def begin(self, stage: str, fp: str) -> tuple[Path, bool]:
+        """(output folder, already done). A folder without its marker is cleared for a fresh start."""
+        out = self.path(stage, fp)
+        if self.is_done(stage, fp):
+            return out, True
+        if out.exists():  # a previous attempt died before writing its marker
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        return out, False
+
+    def finish(self, stage: str, fp: str, seconds: float, info: dict | None = None) -> None:
+        """Write the marker that makes the stage's output count, and record it for the run summary."""
+        out = self.path(stage, fp)
+        (out / DONE).write_text(json.dumps({"stage": stage, "fingerprint": fp, "seconds": round(seconds, 2),
+                                            **(info or {})}))
+        self.records.append(StageRecord(stage, fp, str(out), False, round(seconds, 2)))
+
+    def reuse(self, stage: str, fp: str) -> None:
+        self.records.append(StageRecord(stage, fp, str(self.path(stage, fp)), True, 0.0))
+
+    def run(self, stage: str, fp: str, fn, *, log=print) -> Path:
+        """Run `fn(out_dir)` unless this stage's output for `fp` exists; returns the output folder."""
+        out, done = self.begin(stage, fp)
+        if done:
+            log(f"[{stage}] inputs unchanged, reusing {out}")
+            self.reuse(stage, fp)
+            return out
+        log(f"[{stage}] running -> {out}")
+        start = time.perf_counter()
+        fn(out)
+        self.finish(stage, fp, time.perf_counter() - start)
+        log(f"[{stage}] done in {time.perf_counter() - start:.1f}s")
+        return out

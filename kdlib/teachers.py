@@ -1,0 +1,96 @@
+"""Teacher ensembles by partial fine-tuning (flexible-multitask-bert-serving, sec. 3.1).
+
+Per task, K members (seeds) each fine-tune the top L layers of the pretrained encoder plus a head;
+the embeddings and bottom N - L layers stay frozen and are shared, so the members are stored as one
+trunk-less artifact with K branches, and their frozen features are computed once for all of them.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+
+from kdlib.artifact import save_model
+from kdlib.branched import BranchedModel, BranchSpec, member_name
+from kdlib.encoder import load_encoder, load_tokenizer
+from kdlib.features import TrunkFeatures
+from kdlib.losses import hard_loss
+
+
+def train_ensemble(*, task: str, kind: str, label_names: list[str], metric: str, train: pd.DataFrame,
+                   encoder_source: str, random_init: bool, config_overrides: dict, pooling: str,
+                   max_length: int, fine_tune_layers: int, members: int, epochs: int, batch_size: int,
+                   lr: float, head_lr: float, weight_decay: float, seed: int, out_dir: str,
+                   log=print) -> dict:
+    """Train a task's K-member teacher ensemble and save it as a trunk-less artifact in `out_dir`.
+
+    Args:
+        train: examples with columns text, text_pair, label (class id or float target).
+        fine_tune_layers: L; the members' branches hold the encoder's top L layers.
+        members: K; member k uses seed `seed + k` for its head, dropout and data order.
+    Returns:
+        {"seconds", "final_loss": [per member]} for the run log.
+    """
+    start = time.perf_counter()
+    encoder = load_encoder(encoder_source, random_init, config_overrides, seed=seed)
+    tokenizer = load_tokenizer(encoder_source)
+    n_layers = encoder.config.num_hidden_layers
+    if not 1 <= fine_tune_layers <= n_layers:
+        raise ValueError(f"tasks.{task}.fine_tune_layers={fine_tune_layers}: the encoder has {n_layers} layers")
+    depth = n_layers - fine_tune_layers
+    num_outputs = len(label_names) if kind == "classification" else 1
+    specs = [BranchSpec(member_name(task, k), kind, num_outputs, depth, fine_tune_layers) for k in range(members)]
+    model = BranchedModel.from_encoder(encoder, specs, pooling, seed=seed)
+    model.freeze_trunk()
+
+    texts = train["text"].tolist()
+    pairs = train["text_pair"].tolist()
+    labels = torch.tensor(train["label"].to_numpy(), dtype=torch.long if kind == "classification" else torch.float32)
+    feats = TrunkFeatures.compute(model, tokenizer, texts, pairs, depth=depth, max_length=max_length)
+    log(f"[teachers:{task}] trunk features for {len(feats)} examples at depth {depth} "
+        f"in {time.perf_counter() - start:.1f}s; training {members} members x {epochs} epochs")
+
+    final_losses = []
+    for k, spec in enumerate(specs):
+        torch.manual_seed(seed + k)
+        rng = np.random.default_rng(seed + k)
+        branch = model.branches[spec.name]
+        optim = torch.optim.AdamW([
+            {"params": branch.layers.parameters(), "lr": lr},
+            {"params": branch.head.parameters(), "lr": head_lr},
+        ], weight_decay=weight_decay)
+        steps = epochs * int(np.ceil(len(feats) / batch_size))
+        sched = torch.optim.lr_scheduler.LambdaLR(optim, _warmup_linear(steps))
+        branch.train()
+        for epoch in range(epochs):
+            order = rng.permutation(len(feats))
+            total, seen = 0.0, 0
+            for s in range(0, len(order), batch_size):
+                idx = order[s:s + batch_size]
+                h, mask = feats.batch(idx)
+                out = model.branch_forward(spec.name, h, mask)
+                loss = hard_loss(kind, out, labels[idx])
+                optim.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(branch.parameters(), 1.0)
+                optim.step()
+                sched.step()
+                total, seen = total + loss.item() * len(idx), seen + len(idx)
+            log(f"[teachers:{task}] member {k} epoch {epoch + 1}/{epochs} loss {total / seen:.4f}")
+        final_losses.append(total / seen)
+        branch.eval()
+
+    save_model(model, out_dir, include_trunk=False,
+               tasks={task: {"kind": kind, "label_names": label_names, "metric": metric}},
+               extra={"role": "teacher_ensemble", "task": task, "fine_tune_layers": fine_tune_layers,
+                      "members": members})
+    return {"seconds": round(time.perf_counter() - start, 1), "final_loss": final_losses}
+
+
+def _warmup_linear(total_steps: int, warmup: float = 0.1):
+    """Linear warm-up over the first 10% of steps, then linear decay to 0 (BERT's schedule)."""
+    w = max(1, int(total_steps * warmup))
+    return lambda step: min((step + 1) / w, max(0.0, (total_steps - step) / max(1, total_steps - w)))
