@@ -8,7 +8,7 @@ On a running cluster (`ray start --head`, then):
 
 Stages, each cached under <storage_root>/cache/<stage>/<fingerprint> so unchanged inputs are reused:
   data -> teachers (Ray tasks) -> labels (Ray Data actor pool) -> distill (Ray Train)
-  -> merge (one safetensors artifact) -> evaluate (table in <storage_root>/runs/<run_name>/).
+  -> merge (one safetensors artifact) -> evaluate (table in <storage_root>/<run_name>/).
 """
 
 from __future__ import annotations
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_run_config(config_path, overrides)
         started = time.perf_counter()
         root = Path(cfg.storage_root).expanduser().resolve()
-        run_dir = root / "runs" / cfg.run_name
+        run_dir = root / cfg.run_name
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
         print(f"[run] {cfg.run_name}: config {config_path} -> {run_dir}")

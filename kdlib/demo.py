@@ -11,7 +11,7 @@ different attribute values.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -225,19 +225,19 @@ _DAYS = [["on Monday", "Monday"], ["on Tuesday", "Tuesday"], ["on Wednesday", "W
          ["on Thursday", "Thursday"], ["on Friday", "Friday"], ["on Saturday", "Saturday"],
          ["on Sunday", "Sunday"], ["yesterday"], ["last week"], ["this morning"],
          ["last night", "yesterday evening"]]
-_ACTIVE_TEMPLATES = [
+_TEMPLATES = [
     "{name} {verb} {num} {obj} {place} {day}.", "{day}, {name} {verb} {num} {obj} {place}.",
     "{place}, {name} {verb} {num} {obj} {day}.", "it was {name} who {verb} {num} {obj} {place} {day}.",
     "{day}, {place}, {name} {verb} {num} {obj}.",
-]
-_PASSIVE_TEMPLATES = [
-    "{num} {obj} were {participle} by {name} {place} {day}.",
-    "{day}, {num} {obj} were {participle} by {name} {place}.",
+    # passive voice: the verb is a participle
+    "{num} {obj} were {verb} by {name} {place} {day}.", "{day}, {num} {obj} were {verb} by {name} {place}.",
 ]
 
 
 @dataclass(frozen=True)
 class _Event:
+    """The facts a paraphrase sentence states."""
+
     name: str
     action: int
     obj: int
@@ -246,50 +246,100 @@ class _Event:
     day: int
 
 
+@dataclass(frozen=True)
+class _Wording:
+    """How an event is said: a template and which synonym fills each slot.
+
+    Synonym choices are taken modulo the slot's number of wordings, so one wording fits
+    any event.
+    """
+
+    template: int
+    verb: int
+    obj: int
+    place: int
+    day: int
+    number_as_word: bool
+
+
 def _random_event(rng: np.random.Generator) -> _Event:
     return _Event(_pick(rng, _NAMES), int(rng.integers(len(_ACTIONS))), int(rng.integers(len(_OBJECTS))),
                   int(rng.integers(2, 13)), int(rng.integers(len(_PLACES))), int(rng.integers(len(_DAYS))))
 
 
-def _render_event(rng: np.random.Generator, event: _Event, avoid: str | None = None) -> str:
-    """Say `event` with random wording; never exactly `avoid`."""
-    while True:
-        active, participle = _pick(rng, _ACTIONS[event.action])
-        passive = participle is not None and rng.random() < 0.3
-        template = _pick(rng, _PASSIVE_TEMPLATES if passive else _ACTIVE_TEMPLATES)
-        text = template.format(
-            name=event.name, verb=active, participle=participle,
-            num=_NUMBER_WORDS[event.number] if rng.random() < 0.5 else str(event.number),
-            obj=_pick(rng, _OBJECTS[event.obj]), place=_pick(rng, _PLACES[event.place]),
-            day=_pick(rng, _DAYS[event.day]))
-        text = _sentence(text)
-        if text != avoid:
-            return text
+def _random_wording(rng: np.random.Generator) -> _Wording:
+    return _Wording(int(rng.integers(len(_TEMPLATES))), *(int(v) for v in rng.integers(0, 6, size=4)),
+                    number_as_word=bool(rng.random() < 0.5))
 
 
-def _changed_event(rng: np.random.Generator, event: _Event) -> _Event:
-    """The same event with one key fact changed: who, what was done, to what, or how many."""
+def _slot_words(event: _Event, wording: _Wording, slot: str) -> list[str]:
+    """The ways `slot` of `event` can be said in `wording`'s template."""
+    if slot == "verb":
+        passive = "were {verb}" in _TEMPLATES[wording.template]
+        # phrasal verbs ("picked up") have no passive here
+        return [participle for _, participle in _ACTIONS[event.action] if participle] if passive \
+            else [active for active, _ in _ACTIONS[event.action]]
+    return {"obj": _OBJECTS[event.obj], "place": _PLACES[event.place], "day": _DAYS[event.day]}[slot]
+
+
+def _slot_word(event: _Event, wording: _Wording, slot: str) -> str:
+    words = _slot_words(event, wording, slot)
+    return words[getattr(wording, slot) % len(words)]
+
+
+def _render_event(event: _Event, wording: _Wording) -> str:
+    return _sentence(_TEMPLATES[wording.template].format(
+        name=event.name, verb=_slot_word(event, wording, "verb"),
+        num=_NUMBER_WORDS[event.number] if wording.number_as_word else str(event.number),
+        obj=_slot_word(event, wording, "obj"), place=_slot_word(event, wording, "place"),
+        day=_slot_word(event, wording, "day")))
+
+
+def _restated(rng: np.random.Generator, first: tuple[_Event, _Wording], event: _Event,
+              synonyms: int, fixed: str | None) -> _Wording:
+    """Wording for `event` that restates `first`: often another word order, and up to
+    `synonyms` slots (never `fixed`) said with a different synonym. The number keeps its
+    form: "3" against "three" would make a number change look like a rewording."""
+    first_event, wording = first
+    if rng.random() < 0.6:
+        wording = replace(wording, template=_other(rng, range(len(_TEMPLATES)), wording.template))
+    changeable = [slot for slot in ("verb", "obj", "place", "day") if slot != fixed and any(
+        w != _slot_word(first_event, first[1], slot) for w in _slot_words(event, wording, slot))]
+    chosen = rng.permutation(changeable)[:synonyms] if changeable else []
+    for slot in chosen:
+        old = _slot_word(first_event, first[1], slot)
+        words = _slot_words(event, wording, str(slot))
+        index = _pick(rng, [i for i, w in enumerate(words) if w != old])
+        wording = replace(wording, **{str(slot): index})
+    return wording
+
+
+def _changed_event(rng: np.random.Generator, event: _Event) -> tuple[_Event, str]:
+    """The same event with one key fact changed (who, what was done, to what, or how many),
+    and the wording slot that fact fills (None if it has no synonyms)."""
     fact = _pick(rng, ("name", "action", "obj", "number"))
     if fact == "name":
-        return _Event(_other(rng, _NAMES, event.name), event.action, event.obj, event.number,
-                      event.place, event.day)
+        return replace(event, name=_other(rng, _NAMES, event.name)), None
     if fact == "action":
-        return _Event(event.name, _other(rng, range(len(_ACTIONS)), event.action), event.obj,
-                      event.number, event.place, event.day)
+        return replace(event, action=_other(rng, range(len(_ACTIONS)), event.action)), "verb"
     if fact == "obj":
-        return _Event(event.name, event.action, _other(rng, range(len(_OBJECTS)), event.obj),
-                      event.number, event.place, event.day)
-    return _Event(event.name, event.action, event.obj, _other(rng, range(2, 13), event.number),
-                  event.place, event.day)
+        return replace(event, obj=_other(rng, range(len(_OBJECTS)), event.obj)), "obj"
+    return replace(event, number=_other(rng, range(2, 13), event.number)), None
 
 
 def _make_paraphrase(rng: np.random.Generator, target: int) -> dict:
-    event = _random_event(rng)
-    first = _render_event(rng, event)
-    # Both classes are reworded the same way; only a negative changes a fact, so the
-    # share of common words says little about the label.
-    second_event = event if target == 1 else _changed_event(rng, event)
-    second = _render_event(rng, second_event, avoid=first)
+    event, wording = _random_event(rng), _random_wording(rng)
+    first = _render_event(event, wording)
+    # Restatements swap one or two words for synonyms; a negative changes one fact plus
+    # zero or one synonym, so both classes differ from `first` by one or two words and
+    # counting common words says little about the label.
+    changes = int(rng.integers(1, 3))
+    second_event, fixed = (event, None) if target == 1 else _changed_event(rng, event)
+    synonyms = changes if target == 1 else changes - 1
+    second = first
+    while second == first:
+        second = _render_event(second_event, _restated(rng, (event, wording), second_event,
+                                                       synonyms, fixed))
     return {"sentence1": first, "sentence2": second, "label": target}
 
 

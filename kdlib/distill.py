@@ -3,8 +3,8 @@
 Every task's soft-target rows are a Ray Dataset, split evenly across workers. Each worker builds the
 student (frozen shared trunk, one branch per task initialised from the teacher), and every step trains
 one task's batch: the schedule (MT-DNN Algorithm 1: all tasks' mini-batches merged and shuffled each
-epoch) is drawn from a seed shared by all workers, so every DDP replica updates the same branch in the
-same step. Loss: KL with temperature against the ensemble plus the hard-label loss (losses.py).
+epoch) is drawn from a seed shared by all workers, so every replica updates the same branch in the
+same step. The frozen trunk's states are computed once per worker and reused by every epoch. Loss: KL with temperature against the ensemble plus the hard-label loss (losses.py).
 A checkpoint is written every epoch; a restarted worker group resumes from the last one.
 """
 
@@ -21,14 +21,15 @@ import torch
 import torch.distributed as dist
 from ray.data.extensions import TensorArray
 from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer, prepare_model
+from ray.train.torch import TorchTrainer
 
 from kdlib.artifact import load_model
 from kdlib.labeling import split_frame
 from kdlib.encoder import load_encoder
 from kdlib.losses import ensemble_target, kd_classification_loss, kd_regression_loss
 from kdlib.merge import build_student
-from kdlib.tokenize import INPUT_KEYS, tokenize, trim_padding
+from kdlib.features import TrunkFeatures, length_grouped_batches
+from kdlib.tokenize import INPUT_KEYS, tokenize
 from kdlib.train_state import load_train_state, save_train_state
 
 
@@ -78,13 +79,14 @@ def train_loop_per_worker(config: dict) -> None:
         start_epoch, step = meta["epoch"], meta["step"]
         if rank == 0:
             print(f"[distill] resuming from checkpoint after epoch {start_epoch} (step {step})", flush=True)
-    model = prepare_model(student, parallel_strategy_kwargs={"find_unused_parameters": True})
-
-    # This worker's rows of every task, materialised once (small: token ids and K x C logits per row).
-    data = {}
+    # This worker's rows of every task, materialised once (token ids and K x C logits per row), and
+    # their frozen trunk states computed once: only the branches train, so the trunk never changes.
+    data, feats = {}, {}
     for task in tasks:
         batches = list(ray.train.get_dataset_shard(task).iter_torch_batches(batch_size=4096))
         data[task] = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+        feats[task] = TrunkFeatures.from_inputs(student, {k: data[task][k] for k in INPUT_KEYS},
+                                                depth=student.specs[task].depth)
     # Every worker must run the same number of steps per task; even splits make this hold, check it.
     counts = torch.tensor([len(data[t]["label"]) for t in tasks], dtype=torch.long)
     if world > 1:
@@ -97,28 +99,25 @@ def train_loop_per_worker(config: dict) -> None:
         epoch_start = time.perf_counter()
         shared = np.random.default_rng([config["seed"], epoch])  # same on every worker
         local = np.random.default_rng([config["seed"], epoch, rank])
-        orders = {t: local.permutation(int(n)) for t, n in zip(tasks, counts)}
-        schedule = [t for t, n in zip(tasks, counts) for _ in range(int(np.ceil(int(n) / bs)))]
+        batches = {t: length_grouped_batches(feats[t].lengths[: int(n)], bs, local) for t, n in zip(tasks, counts)}
+        schedule = [t for t in tasks for _ in batches[t]]
         shared.shuffle(schedule)
-        cursor = {t: 0 for t in tasks}
         losses: dict[str, list[float]] = {t: [] for t in tasks}
-        model.train()
+        student.train()
         for i, task in enumerate(schedule):
-            idx = orders[task][cursor[task]: cursor[task] + bs]
-            cursor[task] += bs
-            batch = {k: v[idx] for k, v in data[task].items()}
-            inputs = trim_padding(batch)
-            out = model(inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"], names=[task])[task]
-            t_cfg = tasks[task]
-            if t_cfg["kind"] == "classification":
-                target = ensemble_target(batch["teacher_logits"], config["ensemble"], config["temperature"])
-                labels = torch.nan_to_num(batch["label"], nan=-1).long()
+            idx = batches[task].pop()
+            h, mask = feats[task].batch(idx)
+            out = student.branch_forward(task, h, mask)
+            target, labels = data[task]["teacher_logits"][idx], data[task]["label"][idx]
+            if tasks[task]["kind"] == "classification":
+                target = ensemble_target(target, config["ensemble"], config["temperature"])
+                labels = torch.nan_to_num(labels, nan=-1).long()
                 loss = kd_classification_loss(out, target, labels, config["temperature"], config["alpha"])
             else:
-                target = batch["teacher_logits"].mean(1)  # (B, 1): the ensemble's mean prediction
-                loss = kd_regression_loss(out, target, batch["label"], config["alpha"])
+                loss = kd_regression_loss(out, target.mean(1), labels, config["alpha"])  # ensemble mean
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            average_gradients(student.branches[task].parameters(), world)
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
             step += 1
@@ -136,6 +135,25 @@ def train_loop_per_worker(config: dict) -> None:
                 print(f"[distill] epoch {epoch + 1} done in {metrics['seconds']}s: "
                       + ", ".join(f"{t} {metrics[f'loss/{t}']:.4f}" for t in tasks), flush=True)
             ray.train.report(metrics, checkpoint=ckpt)
+
+
+def average_gradients(params, world: int) -> None:
+    """All-reduce (mean) the gradients of `params` across workers in one flat buffer.
+
+    Plain DDP would need every step to go through its forward; here a step runs one task's branch on
+    cached trunk states, so the averaging is done explicitly. All workers follow the same schedule,
+    so they reduce the same parameters in the same order.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if world == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def run_distillation(*, datasets: dict[str, ray.data.Dataset], loop_config: dict, num_workers: int,

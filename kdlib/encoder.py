@@ -7,6 +7,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import transformers
 from transformers import AutoTokenizer, BertConfig, BertModel, PreTrainedTokenizerBase
 
 # Model names that a pip package ships offline: name -> (importable package, folder inside it).
@@ -45,6 +46,7 @@ def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
 def load_encoder(source: str, random_init: bool = False,
                  config_overrides: dict | None = None, seed: int = 0) -> BertModel:
     """The BERT encoder, pretrained or (for tests) randomly initialised from its config plus overrides."""
+    transformers.logging.set_verbosity_error()  # the load report lists the unused pooler: expected, noisy
     if not random_init:
         if config_overrides:
             raise ValueError("encoder.config_overrides only apply with encoder.random_init: true")

@@ -14,6 +14,24 @@ from kdlib.branched import BranchedModel
 from kdlib.tokenize import tokenize
 
 
+def length_grouped_batches(lengths, batch_size: int, rng: np.random.Generator, group: int = 32) -> list[np.ndarray]:
+    """Shuffled mini-batches of similar lengths, so little compute goes to padding.
+
+    Indices are shuffled, cut into groups of `group` batches, sorted by length inside each group,
+    batched, and the batches shuffled: random like plain shuffling across epochs, but tight padding.
+    """
+    order = rng.permutation(len(lengths))
+    lengths = np.asarray(lengths)
+    batches = []
+    span = batch_size * group
+    for s in range(0, len(order), span):
+        chunk = order[s:s + span]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
 class TrunkFeatures:
     """Per-example trunk states (unpadded) for one dataset, collated into padded batches on demand."""
 
@@ -24,24 +42,36 @@ class TrunkFeatures:
         return len(self.states)
 
     @classmethod
-    @torch.no_grad()
     def compute(cls, model: BranchedModel, tokenizer, texts, pairs, *, depth: int, max_length: int,
                 batch_size: int = 64) -> "TrunkFeatures":
-        """Run embeddings + `depth` trunk layers over all examples, batching similar lengths together."""
+        """Trunk states at `depth` for texts (and pairs: a list of None for single-text tasks)."""
+        enc = tokenize(tokenizer, texts, None if pairs[0] is None else pairs, max_length=max_length)
+        return cls.from_inputs(model, {k: torch.from_numpy(v) for k, v in enc.items()}, depth=depth,
+                               batch_size=batch_size)
+
+    @classmethod
+    @torch.no_grad()
+    def from_inputs(cls, model: BranchedModel, inputs: dict[str, torch.Tensor], *, depth: int,
+                    batch_size: int = 64) -> "TrunkFeatures":
+        """Run embeddings + `depth` trunk layers over (N, T) padded inputs, batching similar lengths together."""
+        was_training = model.training
         model.eval()
-        lengths = [len(t) + (len(p) if p is not None else 0) for t, p in zip(texts, pairs)]
-        order = np.argsort(lengths, kind="stable")
-        states: list[torch.Tensor | None] = [None] * len(texts)
+        lengths = inputs["attention_mask"].sum(1)
+        order = torch.argsort(lengths, stable=True)
+        states: list[torch.Tensor | None] = [None] * len(lengths)
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            enc = tokenize(tokenizer, [texts[i] for i in idx], [pairs[i] for i in idx] if pairs[0] is not None
-                           else None, max_length=max_length)
-            enc = {k: torch.from_numpy(v) for k, v in enc.items()}
-            h = model.trunk_states(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"], depth)
-            for row, i in enumerate(idx):
-                n = int(enc["attention_mask"][row].sum())
-                states[i] = h[row, :n].clone()  # (T_i, H)
+            t = int(lengths[idx].max())
+            batch = {k: v[idx, :t] for k, v in inputs.items()}
+            h = model.trunk_states(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], depth)
+            for row, i in enumerate(idx.tolist()):
+                states[i] = h[row, : int(lengths[i])].clone()  # (T_i, H)
+        model.train(was_training)
         return cls(states)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [s.shape[0] for s in self.states]
 
     def batch(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded (B, T, H) states and their (B, T) attention mask for example indices `idx`."""

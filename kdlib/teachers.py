@@ -16,7 +16,7 @@ import torch
 from kdlib.artifact import save_model
 from kdlib.branched import BranchedModel, BranchSpec, member_name
 from kdlib.encoder import load_encoder, load_tokenizer
-from kdlib.features import TrunkFeatures
+from kdlib.features import TrunkFeatures, length_grouped_batches
 from kdlib.losses import hard_loss
 
 
@@ -66,10 +66,8 @@ def train_ensemble(*, task: str, kind: str, label_names: list[str], metric: str,
         sched = torch.optim.lr_scheduler.LambdaLR(optim, _warmup_linear(steps))
         branch.train()
         for epoch in range(epochs):
-            order = rng.permutation(len(feats))
             total, seen = 0.0, 0
-            for s in range(0, len(order), batch_size):
-                idx = order[s:s + batch_size]
+            for idx in length_grouped_batches(feats.lengths, batch_size, rng):
                 h, mask = feats.batch(idx)
                 out = model.branch_forward(spec.name, h, mask)
                 loss = hard_loss(kind, out, labels[idx])

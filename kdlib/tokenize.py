@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 from transformers import PreTrainedTokenizerBase
 
 INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
@@ -28,9 +27,3 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, texts, pairs=None, *, max_lengt
                     max_length=max_length, padding="max_length" if pad_to_max else "longest",
                     return_token_type_ids=True, return_tensors="np")
     return {k: enc[k].astype(np.int64) for k in INPUT_KEYS}
-
-
-def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Cut columns that are padding in every row: fixed-length rows -> (B, longest)."""
-    t = int(batch["attention_mask"].sum(1).max().item())
-    return {k: batch[k][:, :t] for k in INPUT_KEYS}

@@ -1,0 +1,61 @@
+"""Shared fixtures: one Ray for the whole session, tiny random BERT encoders, the tiny-run overrides."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+TINY_ENCODER = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2, "intermediate_size": 64}
+
+
+def tiny_run_overrides(storage_root) -> list[str]:
+    """`key=value` overrides that turn configs/demo.yaml into a fast run on a tiny random encoder."""
+    return [
+        f"storage_root={storage_root}",
+        "encoder.random_init=true",
+        "encoder.config_overrides={hidden_size: 32, num_hidden_layers: 4, num_attention_heads: 2, "
+        "intermediate_size: 64}",
+        "encoder.max_length=32",
+        "tasks.sentiment.max_train_examples=200",
+        "tasks.paraphrase.max_train_examples=200",
+        "tasks.similarity.max_train_examples=200",
+        "tasks.paraphrase.fine_tune_layers=3",
+        "tasks.paraphrase.branch_layers=2",
+        "teachers.epochs=1",
+        "distill.epochs=2",
+        "labeling.batch_size=32",
+        "labeling.cpus_per_actor=0.5",
+        "distill.cpus_per_worker=0.5",
+    ]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def tiny_encoder() -> BertModel:
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=120, max_position_embeddings=64, **TINY_ENCODER)
+    return BertModel(cfg, add_pooling_layer=False).eval()
+
+
+@pytest.fixture
+def tiny_batch():
+    torch.manual_seed(1)
+    ids = torch.randint(5, 120, (4, 11))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    mask[3, 4:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}

@@ -1,0 +1,102 @@
+"""The real jobs/distill.py on a tiny random encoder and trimmed demo data, under the session's 2-CPU Ray."""
+
+from __future__ import annotations
+
+import json
+import runpy
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import tiny_run_overrides
+from kdlib.artifact import load_model, read_manifest
+from kdlib.config import load_run_config
+from kdlib.encoder import load_encoder, load_tokenizer, resolve_encoder_path
+from kdlib.labeling import read_labels
+from kdlib.predict import predict
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def job():
+    return runpy.run_path(str(ROOT / "jobs" / "distill.py"), run_name="distill_job")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(ray_session, job, tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    overrides = tiny_run_overrides(root)
+    assert job["main"]([str(ROOT / "configs" / "demo.yaml"), *overrides]) == 0
+    return root, overrides
+
+
+def test_run_writes_results_config_and_merged_model(tiny_run):
+    root, overrides = tiny_run
+    run_dir = root / "demo"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert set(results["scores"]) == {"sentiment", "paraphrase", "similarity"}
+    for task, s in results["scores"].items():
+        assert len(s["primary"]["members"]) == 2  # K = 2 teachers each
+        assert np.isfinite(s["primary"]["student"])
+    # Tiny encoder has 4 layers; paraphrase: L=3 -> depth 1, l=2; others depth 2, l=1.
+    assert results["layers"] == {"trunk": 2, "branches": {"sentiment": 1, "paraphrase": 2, "similarity": 1},
+                                 "encoder": 4}
+    assert results["overhead"] == pytest.approx((2 + 1 + 2 + 1) / (4 * 3))
+    assert "| sentiment | accuracy |" in (run_dir / "results.md").read_text()
+    # The saved config is exactly what ran.
+    saved = load_run_config(run_dir / "config.yaml")
+    assert saved == load_run_config(ROOT / "configs" / "demo.yaml", overrides)
+    manifest = read_manifest(results["model_dir"])
+    assert manifest["role"] == "merged" and manifest["tasks"]["sentiment"]["label_names"] == ["negative", "positive"]
+    assert {b["name"]: b["depth"] for b in manifest["branches"]} == {"sentiment": 2, "paraphrase": 1, "similarity": 2}
+
+
+def test_labels_cover_every_example_exactly_once(tiny_run):
+    root, _ = tiny_run
+    results = json.loads((root / "demo" / "results.json").read_text())
+    label_stages = [s for s in results["stages"] if s["name"] == "labels"]
+    assert len(label_stages) == 3
+    for stage in label_stages:
+        rows = read_labels(str(Path(stage["path"]) / "parquet"))
+        assert rows["id"].is_unique
+        assert sorted(rows["split"].value_counts().to_dict().items()) == [("dev", 400), ("train", 200)]
+        logits = rows["teacher_logits"].iloc[0]
+        assert len(logits) == 2  # K members, each with C outputs
+
+
+def test_merged_model_matches_each_students_artifact(tiny_run):
+    root, overrides = tiny_run
+    results = json.loads((root / "demo" / "results.json").read_text())
+    cfg = load_run_config(ROOT / "configs" / "demo.yaml", overrides)
+    source = resolve_encoder_path(cfg.encoder.name)
+    encoder = load_encoder(source, True, cfg.encoder.config_overrides, seed=cfg.seed)
+    merged, _ = load_model(results["model_dir"])
+    students_dir = Path(next(s["path"] for s in results["stages"] if s["name"] == "distill")) / "students"
+    tok = load_tokenizer(source)
+    texts, pairs = ["a fine film", "not good at all"], ["it was fine", "bad"]
+    for task in ("sentiment", "paraphrase"):
+        student, _ = load_model(students_dir / task, encoder=encoder)
+        p = None if task == "sentiment" else pairs
+        a = predict(merged, tok, texts, p, [task], max_length=32)[task]
+        b = predict(student, tok, texts, p, [task], max_length=32)[task]
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_rerun_reuses_every_stage(tiny_run, job, capsys):
+    root, overrides = tiny_run
+    assert job["main"]([str(ROOT / "configs" / "demo.yaml"), *overrides]) == 0
+    results = json.loads((root / "demo" / "results.json").read_text())
+    assert all(s["cached"] for s in results["stages"]), results["stages"]
+    assert "inputs unchanged" in capsys.readouterr().out
+
+
+def test_bad_override_fails_fast_with_the_key(job, capsys, tmp_path):
+    code = job["main"]([str(ROOT / "configs" / "demo.yaml"), f"storage_root={tmp_path}", "distill.alpha=2"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "distill.alpha" in err and "(from command line)" in err and "less than or equal to 1" in err

@@ -1,0 +1,53 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from kdlib.losses import ensemble_target, kd_classification_loss, kd_regression_loss
+
+
+def _softmax(x):
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def test_kd_classification_loss_against_hand_computation():
+    s = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 2.0]])
+    t = torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
+    y = torch.tensor([0, 2])
+    T, alpha = 2.0, 0.3
+    kl = 0.0
+    for si, ti in zip(s.numpy(), t.numpy()):
+        p, q = _softmax(ti / T), _softmax(si / T)
+        kl += float((p * np.log(p / q)).sum())
+    kl = kl / 2 * T * T
+    ce = -np.mean([math.log(_softmax(s[i].numpy())[y[i]]) for i in range(2)])
+    expected = alpha * kl + (1 - alpha) * ce
+    assert kd_classification_loss(s, t, y, T, alpha).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_missing_gold_labels_skip_the_hard_term_only():
+    s, t = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    with_one = kd_classification_loss(s, t, torch.tensor([0, -1]), 1.0, 0.5)
+    soft = kd_classification_loss(s, t, None, 1.0, 1.0)
+    ce0 = -math.log(_softmax(np.array([1.0, 0.0]))[0])
+    assert with_one.item() == pytest.approx(0.5 * soft.item() + 0.5 * ce0, rel=1e-5)
+
+
+def test_kd_regression_loss_against_hand_computation():
+    s, t, y = torch.tensor([[1.0], [2.0], [3.0]]), torch.tensor([1.5, 2.0, 2.0]), torch.tensor([1.0, float("nan"), 4.0])
+    soft = np.mean([0.25, 0.0, 1.0])
+    hard = np.mean([0.0, 1.0])  # the NaN label is skipped
+    assert kd_regression_loss(s, t, y, 0.4).item() == pytest.approx(0.4 * soft + 0.6 * hard, rel=1e-6)
+
+
+def test_ensemble_targets():
+    logits = torch.tensor([[[2.0, 0.0], [0.0, 2.0], [1.0, 1.0]]])  # (1, K=3, C=2)
+    torch.testing.assert_close(ensemble_target(logits, "mean_logits"), torch.tensor([[1.0, 1.0]]))
+    T = 2.0
+    probs = np.mean([_softmax(row / T) for row in logits[0].numpy()], axis=0)  # MT-DNN KD eq. 3
+    got = torch.softmax(ensemble_target(logits, "mean_probs", T) / T, -1)
+    np.testing.assert_allclose(got.numpy()[0], probs, rtol=1e-6)
+    with pytest.raises(ValueError, match="unknown ensemble"):
+        ensemble_target(logits, "median")
