@@ -1,0 +1,60 @@
+"""Every shipped config validates; the schema's error messages point at file, line and key."""
+
+from pathlib import Path
+
+import pytest
+
+from kdlib.config import load_run_config
+from kdlib.errors import ConfigError
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_config_validates(path):
+    cfg = load_run_config(path)
+    assert cfg.tasks
+    first_line = path.read_text().splitlines()[0]
+    assert first_line.startswith("#"), "a config starts with a comment naming what it runs"
+
+
+def test_there_are_configs():
+    assert {"demo.yaml", "glue_mini.yaml"} <= {p.name for p in CONFIGS}
+
+
+def test_glue_mini_data_dir_override(tmp_path):
+    cfg = load_run_config(Path("configs/glue_mini.yaml"), [f"data_dir={tmp_path}"])
+    assert cfg.task_path("mrpc", "dev") == str(tmp_path / "mrpc/dev.tsv")
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_wrong_kind_names_line_key_value_and_choices(tmp_path):
+    p = _write(tmp_path, "tasks:\n  t:\n    kind: clasification\n    format: demo\n    train: sentiment\n"
+                         "    dev: sentiment\n")
+    with pytest.raises(ConfigError) as e:
+        load_run_config(p)
+    msg = str(e.value)
+    assert "bad.yaml, line 3" in msg and "tasks.t.kind" in msg and "'clasification'" in msg
+    assert "'classification' or 'regression'" in msg
+
+
+def test_unknown_key_lists_allowed_keys(tmp_path):
+    p = _write(tmp_path, "tasks:\n  t: {kind: regression, format: demo, train: similarity, dev: similarity}\n"
+                         "distill:\n  epoch: 3\n")
+    with pytest.raises(ConfigError, match=r"line 4: distill.epoch.*allowed keys:.*epochs"):
+        load_run_config(p)
+
+
+def test_cross_field_rules(tmp_path):
+    base = "tasks:\n  t: {kind: regression, format: tsv, train: a.tsv, dev: b.tsv%s}\n"
+    with pytest.raises(ConfigError, match="data_dir is not set"):
+        load_run_config(_write(tmp_path, base % ""))
+    with pytest.raises(ConfigError, match="metric 'accuracy' does not fit kind 'regression'"):
+        load_run_config(_write(tmp_path, base % ", metric: accuracy"), ["data_dir=/x"])
+    with pytest.raises(ConfigError, match="must not exceed fine_tune_layers"):
+        load_run_config(_write(tmp_path, base % ", fine_tune_layers: 1, branch_layers: 2"), ["data_dir=/x"])
