@@ -3,9 +3,9 @@
 Three small tasks shaped like GLUE ones (sentiment like SST-2, paraphrase like MRPC,
 similarity like STS-B) so the whole pipeline runs without downloading anything. They are
 built to be learnable by a small pretrained encoder but not by a trivial rule: sentiment
-has negations and contrasts, paraphrase negatives differ from their first sentence by a
-single fact while positives are reworded, and similarity sentences share words across
-different attribute values.
+has negations and contrasts, both classes of paraphrase pairs are reworded alike and
+negatives also change one fact, and similarity sentences use synonyms for shared
+attributes and share words across different ones.
 """
 
 from __future__ import annotations
@@ -164,8 +164,10 @@ def _clause(rng: np.random.Generator, positive: bool) -> str:
 def _make_sentiment(rng: np.random.Generator, target: int) -> dict:
     positive = target == 1
     shape = rng.random()
+    closer = ""
     if shape < 0.5:
         body = _clause(rng, positive)
+        closer = _pick(rng, _CLOSERS)  # only here: two clauses and a closer run too long
     elif shape < 0.8:
         # The clause after "but" (or the main clause after "although") decides.
         first = _clause(rng, not positive if rng.random() < 0.8 else positive)
@@ -173,7 +175,7 @@ def _make_sentiment(rng: np.random.Generator, target: int) -> dict:
         body = f"{first}, but {last}" if rng.random() < 0.6 else f"although {first}, {last}"
     else:
         body = f"{_clause(rng, positive)} and {_clause(rng, positive)}"
-    text = _sentence(_pick(rng, _OPENERS) + body) + "." + _pick(rng, _CLOSERS)
+    text = _sentence(_pick(rng, _OPENERS) + body) + "." + closer
     return {"sentence": text, "label": "positive" if positive else "negative"}
 
 
@@ -304,17 +306,18 @@ def _restated(rng: np.random.Generator, first: tuple[_Event, _Wording], event: _
     against "three") so that what changes in a negative stands out from a rewording
     to a small encoder trained on 800 pairs.
     """
-    first_event, wording = first
+    first_event, first_wording = first
+    wording = first_wording
     if rng.random() < 0.6:
         wording = replace(wording, template=_other(rng, range(len(_TEMPLATES)), wording.template))
     changeable = [slot for slot in ("verb", "place", "day") if any(
-        w != _slot_word(first_event, first[1], slot) for w in _slot_words(event, wording, slot))]
-    chosen = rng.permutation(changeable)[:synonyms] if changeable else []
+        w != _slot_word(first_event, first_wording, slot) for w in _slot_words(event, wording, slot))]
+    chosen = [str(slot) for slot in rng.permutation(changeable)[:synonyms]] if changeable else []
     for slot in chosen:
-        old = _slot_word(first_event, first[1], slot)
-        words = _slot_words(event, wording, str(slot))
+        old = _slot_word(first_event, first_wording, slot)
+        words = _slot_words(event, wording, slot)
         index = _pick(rng, [i for i, w in enumerate(words) if w != old])
-        wording = replace(wording, **{str(slot): index})
+        wording = replace(wording, **{slot: index})
     return wording
 
 
@@ -404,9 +407,9 @@ def _with_article(words: str) -> str:
     return ("an " if words[0] in "aeiou" else "a ") + words
 
 
-def _say(rng: np.random.Generator, attribute: int, value: tuple[int, ...]) -> str:
-    """One wording of an attribute value, synonyms picked at random."""
-    words = [_pick(rng, parts[i]) for parts, i in zip(_ATTRIBUTES[attribute], value)]
+def _say(attribute: int, value: tuple[int, ...], synonyms: tuple[int, ...]) -> str:
+    """The wording of an attribute value with the given synonym of each part."""
+    words = [parts[i][j] for parts, i, j in zip(_ATTRIBUTES[attribute], value, synonyms)]
     if attribute in (0, 2):  # subject, thing: "an old man", "a red ball"
         return _with_article(" ".join(w for w in words if w))
     if attribute == 3:  # place: "in a busy park"
@@ -417,28 +420,54 @@ def _say(rng: np.random.Generator, attribute: int, value: tuple[int, ...]) -> st
     return words[0]
 
 
+def _synonyms(rng: np.random.Generator, attribute: int, value: tuple[int, ...],
+              unlike: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """Random synonym choices for `value`; mostly other words than `unlike` where a part
+    has several, so a shared attribute often shares no words."""
+    choices = []
+    for k, (parts, i) in enumerate(zip(_ATTRIBUTES[attribute], value)):
+        count = len(parts[i])
+        if unlike is not None and count > 1 and rng.random() < 0.6:
+            choices.append(_other(rng, range(count), unlike[k]))
+        else:
+            choices.append(int(rng.integers(count)))
+    return tuple(choices)
+
+
+def _random_value(rng: np.random.Generator, attribute: int) -> tuple[int, ...]:
+    return tuple(int(rng.integers(len(p))) for p in _ATTRIBUTES[attribute])
+
+
 def _other_value(rng: np.random.Generator, attribute: int, value: tuple[int, ...]) -> tuple[int, ...]:
-    """A different value, half the time one that differs in one part only (so it shares words
-    with `value`)."""
+    """A different value, a quarter of the time one that differs in one part only (so it
+    shares words with `value`)."""
     parts = _ATTRIBUTES[attribute]
-    if len(parts) > 1 and rng.random() < 0.5:
+    if len(parts) > 1 and rng.random() < 0.25:
         k = int(rng.integers(len(parts)))
         return value[:k] + (_other(rng, range(len(parts[k])), value[k]),) + value[k + 1:]
-    return _other(rng, [tuple(int(rng.integers(len(p))) for p in parts) for _ in range(8)], value)
+    other = value
+    while other == value:
+        other = _random_value(rng, attribute)
+    return other
 
 
-def _render_scene(rng: np.random.Generator, scene: list[tuple[int, ...]]) -> str:
-    s, a, o, p, t = (_say(rng, k, value) for k, value in enumerate(scene))
+def _render_scene(rng: np.random.Generator, phrases: list[str]) -> str:
+    s, a, o, p, t = phrases
     return _sentence(_pick(rng, _SCENE_TEMPLATES).format(s=s, a=a, o=o, p=p, t=t))
 
 
 def _make_similarity(rng: np.random.Generator, shared: int) -> dict:
-    first = [tuple(int(rng.integers(len(p))) for p in parts) for parts in _ATTRIBUTES]
+    attributes = range(len(_ATTRIBUTES))
+    first = [_random_value(rng, k) for k in attributes]
     same = set(rng.choice(len(_ATTRIBUTES), size=shared, replace=False).tolist())
-    second = [first[k] if k in same else _other_value(rng, k, first[k]) for k in range(len(first))]
+    second = [first[k] if k in same else _other_value(rng, k, first[k]) for k in attributes]
+    first_words = [_synonyms(rng, k, first[k]) for k in attributes]
+    second_words = [_synonyms(rng, k, second[k], first_words[k] if k in same else None)
+                    for k in attributes]
     # Like human STS ratings: the attribute share, plus a little disagreement.
     score = 5.0 * shared / len(_ATTRIBUTES) + rng.normal(0.0, 0.25)
-    return {"sentence1": _render_scene(rng, first), "sentence2": _render_scene(rng, second),
+    return {"sentence1": _render_scene(rng, [_say(k, first[k], first_words[k]) for k in attributes]),
+            "sentence2": _render_scene(rng, [_say(k, second[k], second_words[k]) for k in attributes]),
             "score": round(float(np.clip(score, 0.0, 5.0)), 3)}
 
 

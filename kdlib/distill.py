@@ -20,7 +20,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 from ray.data.extensions import TensorArray
-from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from kdlib.artifact import load_model
@@ -71,14 +71,15 @@ def train_loop_per_worker(config: dict) -> None:
 
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config["lr"], weight_decay=config["weight_decay"])
-    start_epoch, step = 0, 0
+    start_epoch, step, starts = 0, 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             meta = load_train_state(d, student, optimizer)
-        start_epoch, step = meta["epoch"], meta["step"]
+        start_epoch, step, starts = meta["epoch"], meta["step"], meta["starts"]
         if rank == 0:
             print(f"[distill] resuming from checkpoint after epoch {start_epoch} (step {step})", flush=True)
+    starts = starts + [start_epoch]  # the epoch each attempt started from: [0, 2] = resumed after epoch 2
     # This worker's rows of every task, materialised once (token ids and K x C logits per row), and
     # their frozen trunk states computed once: only the branches train, so the trunk never changes.
     data, feats = {}, {}
@@ -125,12 +126,12 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0 and (i + 1) % config["log_every"] == 0:
                 print(f"[distill] epoch {epoch + 1}/{config['epochs']} step {i + 1}/{len(schedule)} "
                       f"{task} loss {loss.item():.4f}", flush=True)
-        metrics = {"epoch": epoch + 1, "step": step, "seconds": round(time.perf_counter() - epoch_start, 2),
+        metrics = {"epoch": epoch + 1, "step": step, "start_epoch": start_epoch, "seconds": round(time.perf_counter() - epoch_start, 2),
                    **{f"loss/{t}": float(np.mean(v)) if v else float("nan") for t, v in losses.items()}}
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                save_train_state(tmp, student, optimizer, {"epoch": epoch + 1, "step": step})
+                save_train_state(tmp, student, optimizer, {"epoch": epoch + 1, "step": step, "starts": starts})
                 ckpt = Checkpoint.from_directory(tmp)
                 print(f"[distill] epoch {epoch + 1} done in {metrics['seconds']}s: "
                       + ", ".join(f"{t} {metrics[f'loss/{t}']:.4f}" for t in tasks), flush=True)
@@ -165,7 +166,8 @@ def run_distillation(*, datasets: dict[str, ray.data.Dataset], loop_config: dict
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=False,
                                      resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=storage_path,
-                             failure_config=FailureConfig(max_failures=max_failures)),
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets=datasets,
     )
     return trainer.fit()

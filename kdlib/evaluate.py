@@ -34,7 +34,8 @@ def score_task(*, kind: str, metric: str, labels: np.ndarray, teacher_logits: np
         "ensemble": ens,
         "student": student,
         "primary": {"members": [m[metric] for m in members], "ensemble": ens[metric], "student": student[metric],
-                    "retained_pct": 100.0 * student[metric] / ens[metric] if ens[metric] else float("nan")},
+                    # A share of a score at or below 0 (a chance-level correlation) means nothing.
+                    "retained_pct": 100.0 * student[metric] / ens[metric] if ens[metric] > 0 else float("nan")},
     }
 
 

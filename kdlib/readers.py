@@ -70,6 +70,7 @@ def read_split(*, task: str, split: str, path: str, format: str, text_column: st
         DataError: The data is missing, malformed or does not match the task.
         ConfigError: ``format``, ``kind`` or ``labels`` is invalid.
     """
+    path = os.fspath(path)  # a pathlib.Path works too, and errors show it as text
     if kind not in KINDS:
         raise ConfigError(f"task {task!r}: unknown kind {kind!r}; expected one of {list(KINDS)}")
     if labels is not None:
@@ -245,7 +246,9 @@ def _check_text(values: pd.Series, column: str, fail: _Fail) -> pd.Series:
     if missing.any():
         row, more = _first(missing)
         raise fail(f"missing text{more}", row, column)
-    not_str = np.fromiter((not isinstance(v, str) for v in values), bool, len(values))
+    # infer_dtype scans in C; the per-value look only runs to find the culprit.
+    not_str = (np.zeros(len(values), dtype=bool) if pd.api.types.infer_dtype(values, skipna=True) == "string"
+               else np.fromiter((not isinstance(v, str) for v in values), bool, len(values)))
     if not_str.any():
         row, more = _first(not_str)
         bad = values.iloc[row]
@@ -267,10 +270,14 @@ def _label_strings(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     if pd.api.types.is_bool_dtype(values.dtype) or pd.api.types.is_integer_dtype(values.dtype):
         missing = values.isna().to_numpy(dtype=bool)
         return values.astype(object).map(str).to_numpy(dtype=object), missing
+    if pd.api.types.infer_dtype(values, skipna=True) == "string":  # tsv/csv: the fast path
+        stripped = values.astype(object).str.strip()
+        missing = (stripped.isna() | (stripped == "")).to_numpy(dtype=bool)
+        return stripped.to_numpy(dtype=object), missing
     strings = np.empty(len(values), dtype=object)
     missing = np.zeros(len(values), dtype=bool)
     for i, v in enumerate(values.to_numpy(dtype=object)):
-        if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA:
+        if v is None or v is pd.NA or (isinstance(v, (float, np.floating)) and np.isnan(v)):
             missing[i] = True
         elif isinstance(v, str):
             strings[i] = v.strip()
@@ -330,8 +337,12 @@ def _regression_targets(values: pd.Series, column: str, fail: _Fail) -> pd.Serie
 def _example_ids(task: str, split: str, text: pd.Series, pair: pd.Series | None) -> list[str]:
     """Ids stable under reordering: a hash of the inputs and the occurrence number of
     identical inputs, so duplicated rows still get distinct ids."""
-    pair_text = pair if pair is not None else pd.Series([""] * len(text), dtype=object)
-    keys = pd.DataFrame({"t": text.to_numpy(dtype=object), "p": pair_text.to_numpy(dtype=object)})
-    occurrence = keys.groupby(["t", "p"], sort=False).cumcount().to_numpy()
-    return [hashlib.sha1(f"{task}\x1f{split}\x1f{t}\x1f{p}\x1f{k}".encode()).hexdigest()[:16]
-            for t, p, k in zip(keys["t"], keys["p"], occurrence)]
+    pairs = pair.to_numpy(dtype=object) if pair is not None else [""] * len(text)
+    seen: dict[str, int] = {}
+    ids = []
+    for t, p in zip(text.to_numpy(dtype=object), pairs):
+        key = f"{task}\x1f{split}\x1f{t}\x1f{p}"
+        k = seen.get(key, 0)
+        seen[key] = k + 1
+        ids.append(hashlib.sha1(f"{key}\x1f{k}".encode()).hexdigest()[:16])
+    return ids

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import runpy
+import time
 from pathlib import Path
 
 import numpy as np
@@ -100,3 +101,65 @@ def test_bad_override_fails_fast_with_the_key(job, capsys, tmp_path):
     assert code == 2
     err = capsys.readouterr().err
     assert "distill.alpha" in err and "(from command line)" in err and "less than or equal to 1" in err
+
+
+def test_killed_train_worker_resumes_from_last_checkpoint(tiny_run, job, ray_session):
+    """SIGKILL one Ray Train worker after its first checkpoints: the run restarts its workers from that
+    checkpoint (FailureConfig), not from epoch 0, and finishes."""
+    import glob
+    import os
+    import signal
+    import threading
+
+    root, overrides = tiny_run
+    cfg = load_run_config(ROOT / "configs" / "demo.yaml", overrides + ["distill.epochs=25", "distill.max_failures=1"])
+    pattern = str(root / "cache" / "distill" / "*" / "ray_train" / "distill" / "checkpoint_2*")
+    before, killed = set(glob.glob(pattern)), []
+
+    def kill_a_worker_after_two_checkpoints():
+        # Two new checkpoints on disk: the first is surely registered with the controller by now.
+        deadline = time.time() + 600
+        while time.time() < deadline and not killed:
+            if len(set(glob.glob(pattern)) - before) >= 2:
+                workers = _pids_titled("ray::RayTrainWorker")
+                if workers:
+                    os.kill(workers[0], signal.SIGKILL)
+                    killed.append(workers[0])
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_a_worker_after_two_checkpoints, daemon=True)
+    killer.start()
+    tasks = job["load_tasks"](cfg)
+    source = resolve_encoder_path(cfg.encoder.name)
+    from kdlib.encoder import encoder_fingerprint
+    from kdlib.stages import StageCache
+
+    enc = {"name": cfg.encoder.name, "source": source,
+           "fingerprint": encoder_fingerprint(source, True, cfg.encoder.config_overrides, cfg.seed)}
+    cache = StageCache(root)
+    teacher_dirs = job["train_teachers"](cfg, tasks, enc, cache)
+    label_dirs = job["label_tasks"](cfg, tasks, teacher_dirs, enc, cache)
+    assert all(r.cached for r in cache.records)  # teachers and labels reused from the first run
+    students = Path(job["distill_students"](cfg, tasks, teacher_dirs, label_dirs, enc, cache))
+    killer.join(timeout=5)
+    assert killed, "no worker was killed: the run ended before its first checkpoint"
+    last = sorted(glob.glob(str(students.parent / "ray_train" / "distill" / "checkpoint_2*")))[-1]
+    meta = json.loads((Path(last) / "train_state.json").read_text())
+    assert meta["epoch"] == 25
+    assert meta["starts"][0] == 0 and len(meta["starts"]) == 2 and meta["starts"][1] >= 1, meta
+    for task in tasks:
+        assert (students / task / "weights.safetensors").exists()
+
+
+def _pids_titled(prefix: str) -> list[int]:
+    """Processes whose title (Ray renames its workers `ray::<Actor>...`) starts with `prefix`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            except OSError:
+                continue
+            if title.startswith(prefix):
+                pids.append(int(entry.name))
+    return sorted(pids)
