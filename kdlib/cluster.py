@@ -20,6 +20,7 @@ def init_ray(address: str | None, num_cpus: int | None, log=print) -> None:
         ray.init(address=target, log_to_driver=True)
         log(f"[ray] joined cluster at {target}: {ray.cluster_resources().get('CPU', 0):g} CPUs")
     else:
-        # "local": always a fresh embedded Ray, never a stale cluster recorded in /tmp/ray.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        # "local": always a fresh embedded Ray, never a stale cluster recorded in /tmp/ray. The dashboard
+        # (on 127.0.0.1) stays on: Ray Train's placement-group cleaner polls the State API it serves.
+        ray.init(address="local", num_cpus=num_cpus, log_to_driver=True)
         log(f"[ray] started local Ray: {ray.cluster_resources().get('CPU', 0):g} CPUs")

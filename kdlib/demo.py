@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 DEMO_SPLITS = ("train", "dev")
-_SIZES = {"train": 800, "dev": 400}
+_SIZES = {"train": 600, "dev": 300}
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def generate(name: str, split: str, seed: int = 0) -> pd.DataFrame:
 
     Args:
         name: A key of ``DEMO_TASKS``.
-        split: ``train`` (800 rows) or ``dev`` (400 rows).
+        split: ``train`` (600 rows) or ``dev`` (300 rows).
         seed: Seed; the same seed gives the same rows.
 
     Returns:
@@ -304,7 +304,7 @@ def _restated(rng: np.random.Generator, first: tuple[_Event, _Wording], event: _
 
     The key facts keep their words (the object its synonym, the number its form: "3"
     against "three") so that what changes in a negative stands out from a rewording
-    to a small encoder trained on 800 pairs.
+    to a small encoder trained on 600 pairs.
     """
     first_event, first_wording = first
     wording = first_wording
@@ -326,7 +326,7 @@ def _changed_event(rng: np.random.Generator, event: _Event) -> _Event:
 
     The action is never the changed fact: verbs are where restatements use synonyms, and
     telling "cleaned"/"painted" from "cleaned"/"washed" is more than a small encoder
-    learns from 800 pairs.
+    learns from 600 pairs.
     """
     fact = _pick(rng, ("name", "obj", "number"))
     if fact == "name":

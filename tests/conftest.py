@@ -39,7 +39,7 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=2, log_to_driver=True)
     yield ray
     ray.shutdown()
 

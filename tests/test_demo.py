@@ -33,7 +33,7 @@ def test_same_seed_same_rows_other_seed_other_rows(name):
 @pytest.mark.parametrize("name", list(DEMO_TASKS))
 def test_sizes_and_columns(name):
     assert DEMO_SPLITS == ("train", "dev")
-    for split, size in (("train", 800), ("dev", 400)):
+    for split, size in (("train", 600), ("dev", 300)):
         frame = _split(name, split)
         assert list(frame.columns) == COLUMNS[name]
         assert len(frame) == size
@@ -69,9 +69,9 @@ def test_train_and_dev_share_no_inputs(name):
 def test_dev_comes_from_its_own_random_stream(name, monkeypatch):
     dev = _split(name, "dev")
     # Not train's stream carried on (train restarted is excluded by the no-overlap test):
-    # a 1200-row train's last 400 rows are not dev.
-    monkeypatch.setitem(demo._SIZES, "train", 1200)
-    longer_train = generate(name, "train").iloc[800:].reset_index(drop=True)
+    # a 900-row train's last 300 rows are not dev.
+    monkeypatch.setitem(demo._SIZES, "train", 900)
+    longer_train = generate(name, "train").iloc[600:].reset_index(drop=True)
     assert not longer_train.equals(dev)
 
 
@@ -128,7 +128,7 @@ def test_read_split_reads_each_demo_task(name):
                                  label_column=spec.label_column, kind=spec.kind,
                                  labels=list(spec.labels) if spec.labels else None)
     raw = _split(name, "dev")
-    assert len(examples) == 400 and examples["id"].is_unique
+    assert len(examples) == 300 and examples["id"].is_unique
     assert list(examples["text"]) == list(raw[spec.text_column])
     if spec.kind == "classification":
         assert names == list(spec.labels)

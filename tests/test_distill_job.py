@@ -65,7 +65,7 @@ def test_labels_cover_every_example_exactly_once(tiny_run):
     for stage in label_stages:
         rows = read_labels(str(Path(stage["path"]) / "parquet"))
         assert rows["id"].is_unique
-        assert sorted(rows["split"].value_counts().to_dict().items()) == [("dev", 400), ("train", 200)]
+        assert sorted(rows["split"].value_counts().to_dict().items()) == [("dev", 300), ("train", 200)]
         logits = rows["teacher_logits"].iloc[0]
         assert len(logits) == 2  # K members, each with C outputs
 
