@@ -104,7 +104,7 @@ def test_bad_override_fails_fast_with_the_key(job, capsys, tmp_path):
 
 
 def test_killed_train_worker_resumes_from_last_checkpoint(tiny_run, job, ray_session):
-    """SIGKILL one Ray Train worker after its first checkpoints: the run restarts its workers from that
+    """SIGKILL one Ray Train worker once a checkpoint is registered: the run restarts its workers from that
     checkpoint (FailureConfig), not from epoch 0, and finishes."""
     import glob
     import os
@@ -113,21 +113,31 @@ def test_killed_train_worker_resumes_from_last_checkpoint(tiny_run, job, ray_ses
 
     root, overrides = tiny_run
     cfg = load_run_config(ROOT / "configs" / "demo.yaml", overrides + ["distill.epochs=25", "distill.max_failures=1"])
-    pattern = str(root / "cache" / "distill" / "*" / "ray_train" / "distill" / "checkpoint_2*")
-    before, killed = set(glob.glob(pattern)), []
+    snapshots = str(root / "cache" / "distill" / "*" / "ray_train" / "distill" / "checkpoint_manager_snapshot.json")
+    before, killed = set(glob.glob(snapshots)), []
 
-    def kill_a_worker_after_two_checkpoints():
-        # Two new checkpoints on disk: the first is surely registered with the controller by now.
+    def registered_checkpoint() -> bool:
+        # The controller writes this snapshot once it has registered a reported checkpoint; killing a
+        # worker before that would rightly restart from scratch.
+        for path in set(glob.glob(snapshots)) - before:
+            try:
+                if json.loads(Path(path).read_text()).get("latest_checkpoint_result"):
+                    return True
+            except (OSError, ValueError):  # being written
+                pass
+        return False
+
+    def kill_a_worker_after_a_registered_checkpoint():
         deadline = time.time() + 600
         while time.time() < deadline and not killed:
-            if len(set(glob.glob(pattern)) - before) >= 2:
+            if registered_checkpoint():
                 workers = _pids_titled("ray::RayTrainWorker")
                 if workers:
                     os.kill(workers[0], signal.SIGKILL)
                     killed.append(workers[0])
             time.sleep(0.2)
 
-    killer = threading.Thread(target=kill_a_worker_after_two_checkpoints, daemon=True)
+    killer = threading.Thread(target=kill_a_worker_after_a_registered_checkpoint, daemon=True)
     killer.start()
     tasks = job["load_tasks"](cfg)
     source = resolve_encoder_path(cfg.encoder.name)

@@ -57,8 +57,12 @@ def test_submitted_job_runs_the_pipeline(head_node, tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "token"}  # local clusters start with token auth on
     cmd = [ray_bin, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
            "python", "jobs/distill.py", *tiny_run_overrides(store), "distill.epochs=1", "run_name=submitted"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    out = done.stdout + done.stderr
+    for _ in range(12):  # the job agent may come up a little after the dashboard answers
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        out = done.stdout + done.stderr
+        if "No available agent" not in out:
+            break
+        time.sleep(5)
     assert done.returncode == 0, out[-4000:]
     assert "succeeded" in out and "| sentiment | accuracy |" in out
     results = json.loads((store / "submitted" / "results.json").read_text())
