@@ -44,10 +44,11 @@ def test_run_writes_results_config_and_merged_model(tiny_run):
     for task, s in results["scores"].items():
         assert len(s["primary"]["members"]) == 2  # K = 2 teachers each
         assert np.isfinite(s["primary"]["student"])
-    # Tiny encoder has 4 layers; paraphrase: L=3 -> depth 1, l=2; others depth 2, l=1.
-    assert results["layers"] == {"trunk": 2, "branches": {"sentiment": 1, "paraphrase": 2, "similarity": 1},
+    # Tiny encoder has 4 layers; sentiment L=2, l=2 and similarity L=2, l=1 branch at depth 2;
+    # paraphrase L=3 -> depth 1, l=2.
+    assert results["layers"] == {"trunk": 2, "branches": {"sentiment": 2, "paraphrase": 2, "similarity": 1},
                                  "encoder": 4}
-    assert results["overhead"] == pytest.approx((2 + 1 + 2 + 1) / (4 * 3))
+    assert results["overhead"] == pytest.approx((2 + 2 + 2 + 1) / (4 * 3))
     assert "| sentiment | accuracy |" in (run_dir / "results.md").read_text()
     # The saved config is exactly what ran.
     saved = load_run_config(run_dir / "config.yaml")
