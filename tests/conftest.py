@@ -39,7 +39,9 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, log_to_driver=True)
+        # No dashboard: tests/test_job_submit.py starts its own head node, and two dashboards (with their
+        # agents) on one machine left that head without a job agent.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
     yield ray
     ray.shutdown()
 

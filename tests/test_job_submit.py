@@ -18,7 +18,7 @@ from conftest import tiny_run_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
-GCS_PORT, DASHBOARD_PORT = 6399, 8299
+GCS_PORT, DASHBOARD_PORT, AGENT_PORT = 6399, 8299, 52399
 
 
 @pytest.fixture
@@ -30,7 +30,8 @@ def head_node(tmp_path):
     # leaving any other Ray on this machine (the test session's) alone.
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={GCS_PORT}",
                              "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={DASHBOARD_PORT}", "--num-cpus=2", "--include-dashboard=true"],
+                             f"--dashboard-port={DASHBOARD_PORT}", f"--dashboard-agent-listen-port={AGENT_PORT}",
+                             "--num-cpus=2", "--include-dashboard=true"],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{DASHBOARD_PORT}"
     deadline = time.time() + 120
