@@ -112,7 +112,6 @@ def distill_students(cfg: RunConfig, tasks: dict[str, TaskData], teacher_dirs: d
                      label_dirs: dict[str, str], enc: dict, cache: StageCache) -> str:
     """Ray Train distils all tasks' students together; each task's student is saved as its own artifact."""
     d = cfg.distill
-    encoder = load_encoder(enc["source"], cfg.encoder.random_init, cfg.encoder.config_overrides, seed=cfg.seed)
     tokenizer = load_tokenizer(enc["source"])
     task_cfg = {}
     for name, data in tasks.items():

@@ -8,9 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
-import torch
 
 from conftest import tiny_run_overrides
 from kdlib.artifact import load_model, read_manifest
