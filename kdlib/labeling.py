@@ -19,9 +19,11 @@ import torch
 
 from kdlib.artifact import load_model
 from kdlib.encoder import load_encoder, load_tokenizer
+from kdlib.readers import EXAMPLE_COLUMNS as READER_COLUMNS
 from kdlib.tokenize import tokenize
 
-EXAMPLE_COLUMNS = ["id", "task", "split", "text", "text_pair", "label", "source"]
+# The readers' example columns plus the split the row belongs to (kdlib.tasks adds it).
+EXAMPLE_COLUMNS = [*READER_COLUMNS[:2], "split", *READER_COLUMNS[2:]]
 
 
 class EnsembleLabeler:

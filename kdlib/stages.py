@@ -73,6 +73,7 @@ class StageCache:
         log(f"[{stage}] running -> {out}")
         start = time.perf_counter()
         fn(out)
-        self.finish(stage, fp, time.perf_counter() - start)
-        log(f"[{stage}] done in {time.perf_counter() - start:.1f}s")
+        seconds = time.perf_counter() - start
+        self.finish(stage, fp, seconds)
+        log(f"[{stage}] done in {seconds:.1f}s")
         return out
