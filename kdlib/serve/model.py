@@ -1,0 +1,215 @@
+"""The merged multi-task model as a server holds it: verified load, optional int8, mixed-task batches.
+
+One batch may hold requests for different tasks. The shared trunk runs once for all of its rows
+(flexible-multitask-bert-serving, sec. 3.3): a row leaves the trunk as soon as every branch it asked for
+has run, and each branch runs only on the rows that asked for it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdlib.artifact import MANIFEST, WEIGHTS, ArtifactError, load_model
+from kdlib.branched import BranchedModel, attention_bias
+from kdlib.encoder import load_tokenizer, resolve_encoder_path
+from kdlib.serve.quantize import quantize_int8
+from kdlib.tokenize import tokenize
+
+QUANTIZE_MODES = ("none", "int8")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One request's work: N inputs, the tasks to run on every one of them."""
+
+    texts: list[str]
+    pairs: list[str | None]
+    tasks: tuple[str, ...]
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A model artifact folder, or a run folder whose `results.json` names one (jobs/distill.py writes it)."""
+    folder = Path(path).expanduser()
+    if (folder / MANIFEST).exists():
+        return folder.resolve()
+    results = folder / "results.json"
+    if results.exists():
+        return resolve_model_dir(json.loads(results.read_text())["model_dir"])
+    raise ArtifactError(f"{path}: neither a model artifact ({MANIFEST}) nor a run folder (results.json)")
+
+
+def tokenizer_source(manifest: dict, override: str | None = None) -> str:
+    """Where the artifact's tokenizer lives: the override, the recorded encoder folder, or its name."""
+    if override:
+        return override
+    encoder = manifest.get("encoder")
+    if not encoder:
+        raise ArtifactError("the manifest records no encoder; pass tokenizer_path")
+    if Path(encoder["source"]).is_dir():
+        return encoder["source"]
+    # Built on another machine: the offline package or the hub name gives the same tokenizer.
+    return resolve_encoder_path(encoder["name"])
+
+
+class ServedModel:
+    """A loaded artifact ready to answer requests. Immutable once built; a new version is a new object."""
+
+    def __init__(self, model: BranchedModel, manifest: dict, tokenizer, *, model_dir: str, quantize: str):
+        if "max_length" not in manifest:
+            raise ArtifactError(f"{model_dir}: the manifest has no max_length (not a merged model artifact)")
+        self.model, self.manifest, self.tokenizer = model, manifest, tokenizer
+        self.model_dir, self.quantize = model_dir, quantize
+        self.max_length = int(manifest["max_length"])
+        # The weights' checksum names the version: any branch added, replaced or removed changes it.
+        self.version = f"sha256:{manifest['files'][WEIGHTS][:12]}" + ("+int8" if quantize == "int8" else "")
+        self.tasks: dict[str, dict] = {}
+        for name, spec in model.specs.items():
+            facts = manifest["tasks"].get(name, {})
+            labels = facts.get("label_names") or [str(i) for i in range(spec.num_outputs)]
+            self.tasks[name] = {"kind": spec.kind, "label_names": [str(x) for x in labels] if spec.kind ==
+                                "classification" else None, "metric": facts.get("metric"),
+                                "depth": spec.depth, "layers": spec.layers}
+
+    @classmethod
+    def load(cls, model_dir: str | Path, quantize: str = "none", tokenizer_path: str | None = None) -> "ServedModel":
+        """Load and verify (SHA-256 of the safetensors weights against the manifest; ArtifactError if altered)."""
+        if quantize not in QUANTIZE_MODES:
+            raise ValueError(f"quantize={quantize!r}: must be one of {QUANTIZE_MODES}")
+        folder = resolve_model_dir(model_dir)
+        model, manifest = load_model(folder)
+        if quantize == "int8":
+            model = quantize_int8(model)
+        return cls(model, manifest, load_tokenizer(tokenizer_source(manifest, tokenizer_path)),
+                   model_dir=str(folder), quantize=quantize)
+
+    def describe(self) -> dict:
+        return {"model_version": self.version, "model_dir": self.model_dir, "quantize": self.quantize,
+                "max_length": self.max_length, "trunk_depth": self.model.trunk_depth, "tasks": self.tasks}
+
+    def encode(self, texts: list[str], pairs: list[str | None]) -> dict[str, torch.Tensor]:
+        """Tokenize rows with and without a text pair (tokenized apart) into one right-padded batch."""
+        groups = [[i for i, p in enumerate(pairs) if p is None], [i for i, p in enumerate(pairs) if p is not None]]
+        parts = []
+        for rows, with_pair in zip(groups, (False, True)):
+            if rows:
+                enc = tokenize(self.tokenizer, [texts[i] for i in rows],
+                               [pairs[i] for i in rows] if with_pair else None, max_length=self.max_length)
+                parts.append((rows, enc))
+        t = max(enc["input_ids"].shape[1] for _, enc in parts)
+        out = {k: np.zeros((len(texts), t), dtype=np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
+        out["input_ids"][:] = self.tokenizer.pad_token_id
+        for rows, enc in parts:
+            for k, v in enc.items():
+                out[k][rows, : v.shape[1]] = v
+        return {k: torch.from_numpy(v) for k, v in out.items()}
+
+    @torch.no_grad()
+    def run(self, texts: list[str], pairs: list[str | None], row_tasks: list[tuple[str, ...]]
+            ) -> list[dict[str, np.ndarray]]:
+        """Outputs of each row's tasks; the trunk runs once for all rows, only as deep as each row needs.
+
+        Args:
+            texts, pairs: N inputs (a None pair: a single text).
+            row_tasks: for each row, the branches to run on it.
+        Returns:
+            per row {task: (C,) float32 logits, or (1,) regression prediction}.
+        """
+        model = self.model
+        enc = self.encode(texts, pairs)
+        mask = enc["attention_mask"]  # (N, T)
+        need = torch.tensor([max(model.specs[t].depth for t in ts) for ts in row_tasks])  # (N,)
+        rows = torch.arange(len(texts))  # original index of each row still in the trunk
+        h = model.embeddings(input_ids=enc["input_ids"], token_type_ids=enc["token_type_ids"])  # (N, T, H)
+        out: list[dict[str, np.ndarray]] = [{} for _ in texts]
+        top = int(need.max())
+        for depth in range(top + 1):
+            for task in sorted({t for r in rows.tolist() for t in row_tasks[r] if model.specs[t].depth == depth}):
+                sel = [i for i, r in enumerate(rows.tolist()) if task in row_tasks[r]]
+                y = model.branch_forward(task, h[sel], mask[sel]).float().numpy()  # (b, C)
+                for i, row in zip(sel, y):
+                    out[int(rows[i])][task] = row
+            if depth < top:
+                keep = need[rows] > depth
+                if not bool(keep.all()):
+                    h, mask, rows = h[keep], mask[keep], rows[keep]
+                    t = int(mask.sum(1).max())  # right padding: drop columns no remaining row uses
+                    h, mask = h[:, :t], mask[:, :t]
+                h = model.trunk[depth](h, attention_mask=attention_bias(mask))
+                h = h[0] if isinstance(h, tuple) else h  # BertLayer: tensor (transformers 5), tuple (4.x)
+        return out
+
+    def answer(self, task: str, y: np.ndarray) -> dict:
+        """One task's output as the API gives it: label and class probabilities, or a score."""
+        info = self.tasks[task]
+        if info["kind"] == "regression":
+            return {"score": float(y[0])}
+        p = np.exp(y - y.max())
+        p = p / p.sum()
+        return {"label": info["label_names"][int(np.argmax(y))],
+                "probabilities": {name: float(v) for name, v in zip(info["label_names"], p)}}
+
+    def infer(self, jobs: list[Job]) -> list[list[dict] | list[str]]:
+        """Answer a batch of jobs in one trunk pass.
+
+        Returns:
+            per job: a list (one per input) of {task: answer}, or, for a job naming tasks this version
+            does not have (a live update removed them after the request was checked), the missing names.
+        """
+        results: list = [None] * len(jobs)
+        texts, pairs, row_tasks, owner = [], [], [], []
+        for j, job in enumerate(jobs):
+            missing = [t for t in job.tasks if t not in self.tasks]
+            if missing:
+                results[j] = missing
+                continue
+            texts += job.texts
+            pairs += job.pairs
+            row_tasks += [job.tasks] * len(job.texts)
+            owner += [j] * len(job.texts)
+        if texts:
+            outputs = self.run(texts, pairs, row_tasks)
+            for j, job in enumerate(jobs):
+                if results[j] is None:
+                    results[j] = []
+            for j, row_out in zip(owner, outputs):
+                results[j].append({t: self.answer(t, row_out[t]) for t in jobs[j].tasks})
+        return results
+
+
+class ModelSlot:
+    """The model version a replica serves. An update swaps in a new one only once it has loaded and
+    verified; until then, and if it fails, requests keep getting the current one."""
+
+    def __init__(self, tokenizer_path: str | None = None):
+        self.tokenizer_path = tokenizer_path
+        self.current: ServedModel | None = None
+        self.config: dict | None = None
+        self.last_error: str | None = None
+        self._lock = threading.Lock()  # one update at a time; readers never wait on it
+
+    def update(self, model_dir: str, quantize: str) -> str:
+        """Load `model_dir` and make it current.
+
+        Returns:
+            "loaded"; "unchanged" (already serving exactly this); or "refused" when the new artifact fails
+            to load, the current model staying in service. Raises when there is no current model to keep.
+        """
+        config = {"model_dir": str(model_dir), "quantize": quantize}
+        with self._lock:
+            if config == self.config and self.current is not None:
+                return "unchanged"
+            try:
+                new = ServedModel.load(model_dir, quantize, self.tokenizer_path)
+            except Exception as e:  # noqa: BLE001 - any failure keeps the old model serving
+                self.last_error = f"{type(e).__name__}: {e}"
+                if self.current is None:
+                    raise
+                return "refused"
+            self.current, self.config, self.last_error = new, config, None  # one reference swap
+            return "loaded"
