@@ -1,0 +1,203 @@
+"""Search each task's fine-tuning depth L and distilled branch layers l with Ray Tune; merge the chosen branches.
+
+Standalone (starts an embedded local Ray; configs/tune/demo.yaml by default):
+    python jobs/tune_depth.py
+    python jobs/tune_depth.py configs/tune/glue_mini.yaml data_dir=$PWD/../shared/data/glue-mini
+On a running cluster:
+    RAY_AUTH_MODE=token ray job submit --working-dir . -- python jobs/tune_depth.py storage_root=$PWD/runs
+
+flexible-multitask-bert-serving sec. 3-4: per task, teachers fine-tune the top L in [N_min, N_max] layers,
+students keep l <= l_max of them, and one model serves every task on a shared frozen trunk. Per task one
+Tuner (OptunaSearch + ASHA) runs trials on cached trunk states and cached teachers (kdlib/tune/caches.py);
+then a rule picks (L, l) per task -- threshold c (sec. 4.2, Table 5) or an exact layer budget B -- and the
+chosen branches are merged. Everything lands in <storage_root>/<run_name>/tune/: table.csv, results.json,
+summary.md, tasks.png, curve.png, model/. Rerunning with the same storage resumes the sweeps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import ray
+from transformers import BertConfig
+
+from kdlib.cluster import init_ray
+from kdlib.config_loading import dump_config
+from kdlib.encoder import encoder_fingerprint, load_encoder, load_tokenizer, resolve_encoder_path
+from kdlib.errors import ConfigError, KdlibError
+from kdlib.tasks import TaskData, load_task
+from kdlib.tune.config import TuneRunConfig, check_feasible, load_tune_config
+from kdlib.tune.costs import layer_passes
+from kdlib.tune.merged import max_output_difference, merge_choice, save_merged
+from kdlib.tune.report import plot_curve, plot_tasks, summary_markdown
+from kdlib.tune.search import candidates, run_task_search
+from kdlib.tune.selection import budget_select, curve, threshold_select
+from kdlib.tune.trial import full_fine_tuning_score
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tune" / "demo.yaml"
+
+
+def parse_args(argv: list[str] | None) -> tuple[str, list[str]]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("args", nargs="*", help="[CONFIG.yaml] [key.path=value ...]")
+    args = p.parse_args(argv).args
+    config = args[0] if args and "=" not in args[0] else str(DEFAULT_CONFIG)
+    return config, [a for a in args if "=" in a]
+
+
+def encoder_layers(cfg: TuneRunConfig, source: str) -> int:
+    e = cfg.encoder
+    return BertConfig.from_pretrained(source, **(e.config_overrides if e.random_init else {})).num_hidden_layers
+
+
+def load_tasks(cfg: TuneRunConfig) -> dict[str, TaskData]:
+    return {name: load_task(name=name, kind=t.kind, format=t.format, train_path=cfg.task_path(name, "train"),
+                            dev_path=cfg.task_path(name, "dev"), text_column=t.text_column,
+                            text_pair_column=t.text_pair_column, label_column=t.label_column, labels=t.labels,
+                            metric=t.metric, hub_config=t.hub_config, max_train_examples=t.max_train_examples)
+            for name, t in cfg.tasks.items()}
+
+
+def task_settings(cfg: TuneRunConfig, data: TaskData, enc: dict, root: Path, run_dir: Path) -> dict:
+    """Everything a trial of this task needs, as plain data (Ray Tune ships it once via with_parameters)."""
+    t = cfg.tasks[data.name]
+    cols = ["id", "text", "text_pair", "label"]
+    return {"task": data.name, "kind": data.kind, "metric": data.metric, "label_names": data.label_names,
+            "digest": data.digest, "train": data.train[cols], "dev": data.dev[cols],
+            "encoder": {**enc, "random_init": cfg.encoder.random_init, "config_overrides": cfg.encoder.config_overrides,
+                        "pooling": cfg.encoder.pooling, "max_length": cfg.encoder.max_length},
+            "teachers": cfg.teachers.model_dump(exclude={"cpus_per_task"}), "student": cfg.student.model_dump(),
+            "aggregation": t.resolved_aggregation, "wrong_teacher_weight": t.wrong_teacher_weight, "seed": cfg.seed,
+            "storage_root": str(root), "run_dir": str(run_dir), "caches": cfg.search.caches,
+            "inject_failures": list(cfg.search.inject_failures), "torch_threads": cfg.search.torch_threads}
+
+
+def run(cfg: TuneRunConfig, config_path: str = "") -> dict:
+    """The whole search: sweeps, selection, merge, report. Returns results.json's content."""
+    started = time.perf_counter()
+    root = Path(cfg.storage_root).expanduser().resolve()
+    out_dir = root / cfg.run_name / "tune"
+    source = resolve_encoder_path(cfg.encoder.name, cfg.encoder.path)
+    n_layers = encoder_layers(cfg, source)
+    check_feasible(cfg, n_layers)  # before any data is read or Ray starts
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out_dir / "config.yaml")
+    print(f"[tune] {cfg.run_name}: config {config_path} -> {out_dir}")
+    enc = {"name": cfg.encoder.name, "source": source,
+           "fingerprint": encoder_fingerprint(source, cfg.encoder.random_init, cfg.encoder.config_overrides, cfg.seed)}
+    tasks = load_tasks(cfg)
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    settings = {n: task_settings(cfg, d, enc, root, out_dir) for n, d in tasks.items()}
+
+    s = cfg.search
+    sweep_started = time.perf_counter()
+    tables = []
+    for name in tasks:
+        tables.append(run_task_search(
+            task=name, settings=settings[name], storage_path=str(out_dir / "ray"), min_L=s.min_fine_tune_layers,
+            max_L=s.max_fine_tune_layers, max_l=s.max_branch_layers, num_samples=s.num_samples,
+            max_concurrent_trials=s.max_concurrent_trials, cpus_per_trial=s.cpus_per_trial, sampler=s.sampler,
+            epochs=cfg.student.epochs, grace_period=cfg.scheduler.grace_period,
+            reduction_factor=cfg.scheduler.reduction_factor, max_failures=s.max_failures, seed=cfg.seed))
+    table = pd.concat(tables, ignore_index=True)
+    table.to_csv(out_dir / "table.csv", index=False)
+    sweep_seconds = time.perf_counter() - sweep_started
+    reference = None
+    if cfg.reference.full_fine_tuning:  # after the sweeps, so their wall time is theirs alone
+        remote = ray.remote(num_cpus=s.cpus_per_trial)(full_fine_tuning_score)
+        refs = {n: remote.remote(settings[n], n_layers) for n in tasks}
+        reference = {n: float(ray.get(ref)) for n, ref in refs.items()}
+        print(f"[tune] full fine-tuning reference: {reference}")
+
+    cands = candidates(table, s.include_teacher)
+    missing = sorted(set(tasks) - {c.task for c in cands})
+    if missing:
+        raise KdlibError(f"no successful trial for tasks {missing}; see {out_dir / 'table.csv'}")
+    by_threshold = threshold_select(cands, cfg.selection.threshold)
+    budget = cfg.selection.budget or by_threshold.total_layers(n_layers)
+    by_budget = budget_select(cands, budget, n_layers)
+    if cfg.selection.rule == "budget" and by_budget is None:
+        raise ConfigError(f"selection.budget={budget}: no combination of the tried branches fits "
+                          f"(see {out_dir / 'table.csv'})")
+    chosen, other = (by_budget, by_threshold) if cfg.selection.rule == "budget" else (by_threshold, by_budget)
+
+    encoder = load_encoder(source, cfg.encoder.random_init, cfg.encoder.config_overrides, seed=cfg.seed)
+    merged, singles = merge_choice(encoder, chosen.choice, cfg.encoder.pooling)
+    texts = {n: (d.dev["text"].tolist(), None if d.dev["text_pair"].iloc[0] is None else d.dev["text_pair"].tolist())
+             for n, d in tasks.items()}
+    diffs = max_output_difference(merged, singles, load_tokenizer(source), texts, cfg.encoder.max_length)
+    model_dir = save_merged(merged, out_dir / "model",
+                            tasks={n: {"kind": d.kind, "label_names": d.label_names, "metric": d.metric}
+                                   for n, d in tasks.items()},
+                            extra={"encoder": enc, "max_length": cfg.encoder.max_length,
+                                   "selection": {"rule": chosen.rule, "setting": chosen.setting}})
+
+    points = curve(cands, n_layers, cfg.selection.sweep_thresholds, cfg.selection.sweep_budgets)
+    ref_avg = sum(reference.values()) / len(reference) if reference else None
+    for p in points:
+        p["share_of_full_ft"] = 100 * p["average"] / ref_avg if ref_avg else None
+    summary = {"rule": chosen.rule, "setting": chosen.setting, "average": chosen.average(),
+               "overhead": chosen.overhead(n_layers), "total_layers": chosen.total_layers(n_layers),
+               "share_of_full_ft": 100 * chosen.average() / ref_avg if ref_avg else None}
+    plot_tasks(cands, out_dir / "tasks.png")
+    plot_curve(points, summary, ref_avg, out_dir / "curve.png")
+    rows = {n: (len(d.train), len(d.dev)) for n, d in tasks.items()}
+    cost = {c: layer_passes(table, encoder_layers=n_layers, rows=rows, members=cfg.teachers.members,
+                            teacher_epochs=cfg.teachers.epochs, cached=c) for c in (True, False)}
+    results = {"run_name": cfg.run_name, "encoder_layers": n_layers, "chosen": summary,
+               "choice": {t: c.to_dict() for t, c in chosen.choice.items()}, "reasons": chosen.reasons,
+               "other_rule": None if other is None else {
+                   "rule": other.rule, "setting": other.setting, "average": other.average(),
+                   "overhead": other.overhead(n_layers), "choice": {t: [c.L, c.l, c.source] for t, c in other.choice.items()}},
+               "full_fine_tuning": reference, "max_output_difference": diffs, "curve": points,
+               "trials": len(table), "failed_trials": table[table["status"] == "error"][["task", "L", "l", "error"]]
+               .to_dict("records"), "layer_passes": {"cached": cost[True], "uncached": cost[False],
+                                                    "theoretical_speedup": cost[False] / max(1, cost[True])},
+               "sweep_seconds": round(sweep_seconds, 1), "seconds": round(time.perf_counter() - started, 1),
+               "model_dir": str(model_dir), "out_dir": str(out_dir)}
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    (out_dir / "summary.md").write_text(summary_markdown(
+        run_name=cfg.run_name, chosen=chosen, other=other, encoder_layers=n_layers, reference=reference,
+        table=table, diffs=diffs, seconds=results["seconds"]))
+    return results
+
+
+def benchmark(config: str, overrides: list[str], storage_root: str) -> dict:
+    """For jobs/benchmark.py: the sweep with caches and without, from empty storage each, in one run.
+
+    Returns {"cached": results, "uncached": results, "wall_speedup", "theoretical_speedup"}; each results
+    holds the merged model's share of full fine-tuning and overhead for every c and B tried ("curve").
+    """
+    out = {}
+    for cached in (True, False):
+        cfg = load_tune_config(config, overrides + [f"storage_root={Path(storage_root) / ('cached' if cached else 'uncached')}",
+                                                    f"search.caches={str(cached).lower()}"]
+                               + ([] if cached else ["reference.full_fine_tuning=false"]))
+        started = time.perf_counter()
+        out["cached" if cached else "uncached"] = dict(run(cfg, config), wall_seconds=time.perf_counter() - started)
+    c, u = out["cached"], out["uncached"]
+    out["wall_speedup"] = u["sweep_seconds"] / c["sweep_seconds"]
+    out["theoretical_speedup"] = c["layer_passes"]["theoretical_speedup"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    config_path, overrides = parse_args(argv)
+    try:
+        cfg = load_tune_config(config_path, overrides)
+        results = run(cfg, config_path)
+    except KdlibError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(Path(results["out_dir"], "summary.md").read_text())
+    print(f"results: {results['out_dir']}/results.json ({results['seconds']}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""One Ray Tune sweep per task over (L, l): OptunaSearch proposes, ASHA stops weak trials early.
+
+A sweep lives in `<storage_path>/<task>/`; rerunning with the same storage restores it
+(`Tuner.can_restore` / `Tuner.restore`): finished trials are kept, unfinished ones rerun, and a rerun
+trial whose student is already in the cache only replays its stored scores. A failing trial is
+recorded (`ResultGrid.errors`) and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+from kdlib.tune.selection import Candidate
+from kdlib.tune.trial import run_trial
+
+TABLE_COLUMNS = ["task", "L", "l", "status", "score", "epochs", "stopped_early", "cached", "teacher_score",
+                 "teacher_best_member", "depth", "computed_teacher", "computed_trunk_states", "seconds",
+                 "student_dir", "teacher_branch_dir", "error", "trial_id"]
+
+
+@dataclass(frozen=True)
+class DepthSpace:
+    """Optuna define-by-run space: L in [N_min, N_max], then l in [1, min(l_max, L)] (a branch is cut from L).
+
+    A module-level class, not a closure: Tune pickles the searcher into its experiment state for resume.
+    """
+
+    min_L: int
+    max_L: int
+    max_l: int
+
+    def __call__(self, trial) -> None:
+        L = trial.suggest_int("L", self.min_L, self.max_L)
+        trial.suggest_int("l", 1, min(self.max_l, L))
+
+
+def run_task_search(*, task: str, settings: dict, storage_path: str, min_L: int, max_L: int, max_l: int,
+                    num_samples: int, max_concurrent_trials: int, cpus_per_trial: float, sampler: str,
+                    epochs: int, grace_period: int, reduction_factor: float, max_failures: int, seed: int,
+                    log=print) -> pd.DataFrame:
+    """Run (or resume) the sweep of one task; returns one row per trial (TABLE_COLUMNS)."""
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings), {"cpu": cpus_per_trial})
+    path = Path(storage_path) / task
+    if tune.Tuner.can_restore(str(path)) and not any(path.glob("experiment_state-*.json")):
+        # A driver that died before Tune saved its first state left only the Tuner: nothing to resume.
+        shutil.rmtree(path)
+    if tune.Tuner.can_restore(str(path)):
+        log(f"[tune:{task}] resuming the sweep in {path}")
+        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        # metric/mode go to the searcher and scheduler themselves: a define-by-run OptunaSearch is not
+        # handed TuneConfig's.
+        warnings.filterwarnings("ignore", message="BruteForceSampler is experimental")
+        samplers = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
+                    "brute_force": lambda: optuna.samplers.BruteForceSampler(seed=seed)}
+        search = OptunaSearch(space=DepthSpace(min_L, max_L, max_l), metric="score", mode="max", sampler=samplers[sampler]())
+        scheduler = ASHAScheduler(time_attr="training_iteration", metric="score", mode="max", max_t=epochs, grace_period=grace_period,
+                                  reduction_factor=reduction_factor)
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler,
+                                        num_samples=num_samples, max_concurrent_trials=max_concurrent_trials),
+            run_config=tune.RunConfig(storage_path=str(storage_path), name=task, verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=max_failures)),
+        )
+        log(f"[tune:{task}] {num_samples} trials over L in [{min_L}, {max_L}], l in [1, {max_l}] -> {path}")
+    grid = tuner.fit()
+    rows = [result_row(task, r, epochs) for r in grid]
+    for err in grid.errors:
+        log(f"[tune:{task}] a trial failed (reported, the sweep went on): {_first_line(err)}")
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+
+
+def result_row(task: str, result, epochs: int) -> dict:
+    m, cfg = result.metrics or {}, result.config or {}
+    failed = result.error is not None
+    done = int(m.get("epoch", 0))
+    return {"task": task, "L": int(cfg.get("L", m.get("L", -1))), "l": int(cfg.get("l", m.get("l", -1))),
+            "status": "error" if failed else "ok", "score": m.get("score", math.nan), "epochs": done,
+            "stopped_early": (not failed) and done < epochs, "cached": m.get("cached"),
+            "teacher_score": m.get("teacher_score", math.nan), "teacher_best_member": m.get("teacher_best_member", math.nan),
+            "depth": m.get("depth"), "computed_teacher": m.get("computed_teacher"),
+            "computed_trunk_states": m.get("computed_trunk_states"), "seconds": m.get("seconds"),
+            "student_dir": m.get("student_dir"), "teacher_branch_dir": m.get("teacher_branch_dir"),
+            "error": _first_line(result.error) if failed else None, "trial_id": m.get("trial_id")}
+
+
+def _first_line(err) -> str:
+    text = str(err).strip().splitlines()
+    hit = [t for t in text if "injected failure" in t or "Error" in t]
+    return (hit[-1] if hit else (text[-1] if text else repr(err)))[:300]
+
+
+def candidates(table: pd.DataFrame, include_teacher: bool) -> list[Candidate]:
+    """Branches the selection may use: each distinct (L, l) student that reported a score (its best
+    report if repeated), plus (include_teacher) each tried L's best member undistilled as l = L."""
+    ok = table[(table["status"] == "ok") & table["score"].notna() & table["teacher_score"].notna()]
+    out = []
+    for (task, L, l), g in ok.groupby(["task", "L", "l"]):
+        r = g.sort_values("score", ascending=False).iloc[0]
+        out.append(Candidate(task, int(L), int(l), float(r["score"]), float(r["teacher_score"]), "student",
+                             r["student_dir"]))
+    if include_teacher:
+        for (task, L), g in ok.groupby(["task", "L"]):
+            r = g.iloc[0]
+            out.append(Candidate(task, int(L), int(L), float(r["teacher_best_member"]), float(r["teacher_score"]),
+                                 "teacher", r["teacher_branch_dir"]))
+    return out

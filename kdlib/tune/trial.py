@@ -1,0 +1,270 @@
+"""One search trial: (task, L, l) -> a student branch of l layers distilled from the (task, L) teacher.
+
+What a trial needs is cached (kdlib.tune.caches): the teacher ensemble that fine-tuned the top L layers
+(kdlib.teachers.train_ensemble, trained by the first trial that needs it), the frozen trunk's states at
+depth N - L for train and dev, and the teacher's logits on them. So a trial trains only its l layers and
+head (Hinton KD against the ensemble, flexible-multitask-bert-serving sec. 3.2, initialised from the best
+member's bottommost l fine-tuned layers) and scores dev after every epoch: one `tune.report` per epoch,
+which is what ASHA stops on.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from kdlib.artifact import load_model, save_model
+from kdlib.branched import BranchedModel, member_name
+from kdlib.encoder import load_encoder, load_tokenizer
+from kdlib.evaluate import ensemble_outputs, member_scores
+from kdlib.features import TrunkFeatures, length_grouped_batches
+from kdlib.losses import ensemble_target, kd_classification_loss, kd_regression_loss
+from kdlib.merge import build_student, single_task
+from kdlib.metrics import task_metrics
+from kdlib.stages import fingerprint
+from kdlib.teachers import train_ensemble
+from kdlib.tune import caches
+
+
+def teacher_fingerprint(s: dict, L: int, members: int | None = None) -> str:
+    """The teachers stage key of jobs/distill.py, so both jobs share one trained ensemble per (task, L, seed)."""
+    teachers = dict(s["teachers"], **({"members": members} if members is not None else {}))
+    return fingerprint("teachers", s["encoder"]["fingerprint"], s["digest"], L, teachers, s["encoder"]["pooling"],
+                       s["encoder"]["max_length"], s["seed"])
+
+
+def student_fingerprint(s: dict, L: int, l: int) -> str:
+    return fingerprint("tune-student", teacher_fingerprint(s, L), l, s["student"], s["aggregation"],
+                       s["wrong_teacher_weight"], s["seed"])
+
+
+def _encoder(s: dict):
+    e = s["encoder"]
+    return load_encoder(e["source"], e["random_init"], e["config_overrides"], seed=s["seed"])
+
+
+def ensure_teacher(s: dict, L: int, folder: Path, members: int | None = None) -> tuple[Path, bool]:
+    """The (task, L) ensemble artifact in `folder` (trained here unless done); (artifact dir, trained now)."""
+    t, e = s["teachers"], s["encoder"]
+
+    def build(out: Path) -> dict:
+        info = train_ensemble(task=s["task"], kind=s["kind"], label_names=s["label_names"], metric=s["metric"],
+                              train=s["train"], encoder_source=e["source"], random_init=e["random_init"],
+                              config_overrides=e["config_overrides"], pooling=e["pooling"],
+                              max_length=e["max_length"], fine_tune_layers=L,
+                              members=members or t["members"], epochs=t["epochs"], batch_size=t["batch_size"],
+                              lr=t["lr"], head_lr=t["head_lr"], weight_decay=t["weight_decay"], seed=s["seed"],
+                              out_dir=str(out / "ensemble"), log=lambda *_: None)
+        return {"task": s["task"], "L": L, "train_seconds": info["seconds"]}
+
+    out, trained = caches.once(folder, build, "teacher")
+    return out / "ensemble", trained
+
+
+def compute_states(s: dict, model: BranchedModel, depth: int, split: str) -> TrunkFeatures:
+    frame = s[split]
+    pairs = frame["text_pair"].tolist()
+    return TrunkFeatures.compute(model, load_tokenizer(s["encoder"]["source"]), frame["text"].tolist(),
+                                 pairs if pairs and pairs[0] is not None else [None], depth=depth,
+                                 max_length=s["encoder"]["max_length"])
+
+
+@torch.no_grad()
+def branch_outputs(model: BranchedModel, name: str, feats: TrunkFeatures, batch_size: int = 128) -> np.ndarray:
+    """(N, C) outputs of branch `name` on cached trunk states, in example order."""
+    model.eval()
+    order = np.argsort(feats.lengths, kind="stable")
+    out = [None] * len(feats)
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        h, mask = feats.batch(idx)
+        y = model.branch_forward(name, h, mask).float().numpy()
+        for row, j in enumerate(idx):
+            out[j] = y[row]
+    return np.stack(out)
+
+
+def labels_of(s: dict, split: str) -> np.ndarray:
+    return s[split]["label"].to_numpy()
+
+
+def teacher_outputs(s: dict, ensemble: BranchedModel, feats: dict[str, TrunkFeatures], L: int) -> dict:
+    """Every member's logits on train and dev (N, K, C), member and ensemble dev scores, the best member."""
+    members = s["teachers"]["members"]
+    logits = {sp: np.stack([branch_outputs(ensemble, member_name(s["task"], k), feats[sp]) for k in range(members)],
+                           axis=1) for sp in ("train", "dev")}
+    scores = member_scores(s["kind"], s["metric"], labels_of(s, "dev"), logits["dev"])
+    ens = task_metrics(s["kind"], ensemble_outputs(logits["dev"], s["kind"], s["aggregation"],
+                                                   s["student"]["temperature"]), labels_of(s, "dev"))[s["metric"]]
+    best = int(np.argmax(scores))
+    return {"logits": logits, "member_scores": scores, "ensemble_score": ens, "best_member": best}
+
+
+def save_teacher_outputs(out: Path, s: dict, encoder, ensemble: BranchedModel, info: dict, L: int) -> dict:
+    """Logits, scores, and the undistilled candidate (the best member as a branch named after the task)."""
+    save_file({sp: torch.from_numpy(v) for sp, v in info["logits"].items()}, str(out / "logits.safetensors"))
+    branch = build_student(encoder, {s["task"]: (ensemble, member_name(s["task"], info["best_member"]))},
+                           {s["task"]: L}, s["encoder"]["pooling"])
+    save_model(single_task(branch, s["task"]), out / "branch", include_trunk=False, tasks=_task_meta(s),
+               extra={"role": "tune_teacher_branch", "L": L, "l": L})
+    meta = {k: info[k] for k in ("member_scores", "ensemble_score", "best_member")}
+    (out / "scores.json").write_text(__import__("json").dumps(meta))
+    return meta
+
+
+def load_teacher_outputs(out: Path) -> dict:
+    import json
+
+    data = load_file(str(out / "logits.safetensors"))
+    return {"logits": {k: v.numpy() for k, v in data.items()}, **json.loads((out / "scores.json").read_text())}
+
+
+def _task_meta(s: dict) -> dict:
+    return {s["task"]: {"kind": s["kind"], "label_names": s["label_names"], "metric": s["metric"]}}
+
+
+def prepare(s: dict, L: int, scratch: Path | None) -> dict:
+    """Teacher, trunk states and teacher outputs for (task, L): from the caches, or into `scratch` without them.
+
+    Returns:
+        {"encoder", "ensemble", "feats", "teacher", "depth", "computed": {what this call computed}}.
+    """
+    root = Path(s["storage_root"]) / "cache"
+    encoder = _encoder(s)
+    depth = encoder.config.num_hidden_layers - L
+    tfp = teacher_fingerprint(s, L)
+    teacher_dir, trained = ensure_teacher(s, L, (scratch or root / "teachers") / tfp)
+    ensemble, _ = load_model(teacher_dir, encoder=encoder)
+    states_dir = (scratch or root / "trunk_states" / s["task"]) / fingerprint(
+        "trunk-states", s["encoder"]["fingerprint"], s["digest"], depth, s["encoder"]["max_length"])
+    feats, computed = caches.trunk_states(states_dir, lambda split: compute_states(s, ensemble, depth, split))
+    out_dir = (scratch or root / "tune_teacher_outputs") / f"{tfp}-outputs"
+    _, labeled = caches.once(out_dir, lambda out: save_teacher_outputs(out, s, encoder, ensemble,
+                                                                         teacher_outputs(s, ensemble, feats, L), L),
+                             "teacher_outputs")
+    return {"encoder": encoder, "ensemble": ensemble, "feats": feats, "teacher": load_teacher_outputs(out_dir),
+            "teacher_dir": str(out_dir), "depth": depth,
+            "computed": {"teacher": trained, "trunk_states": computed, "teacher_outputs": labeled}}
+
+
+def distill_student(s: dict, prep: dict, L: int, l: int, out: Path, report) -> list[float]:
+    """Train the l-layer branch on cached states against the teacher ensemble; `report(epoch, score)` per epoch.
+
+    The student after each epoch is saved to `out/student` before its score is reported, so a trial that
+    ASHA stops leaves the artifact its last reported score belongs to.
+    """
+    task, st = s["task"], s["student"]
+    feats, teacher = prep["feats"], prep["teacher"]
+    student = build_student(prep["encoder"], {task: (prep["ensemble"], member_name(task, teacher["best_member"]))},
+                            {task: l}, s["encoder"]["pooling"])
+    kind = s["kind"]
+    y = torch.tensor(labels_of(s, "train"), dtype=torch.long if kind == "classification" else torch.float32)
+    target = ensemble_target(torch.from_numpy(teacher["logits"]["train"]), s["aggregation"], st["temperature"],
+                             labels=y if kind == "classification" else None,
+                             wrong_weight=s["wrong_teacher_weight"])  # (N, C)
+    branch = student.branches[task]
+    optim = torch.optim.AdamW(branch.parameters(), lr=st["lr"], weight_decay=st["weight_decay"])
+    steps = st["epochs"] * int(np.ceil(len(feats["train"]) / st["batch_size"]))
+    warm = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda i: min((i + 1) / warm, max(0.0, (steps - i) / max(1, steps - warm))))
+    rng, scores = np.random.default_rng(s["seed"]), []
+    torch.manual_seed(s["seed"])
+    for epoch in range(st["epochs"]):
+        branch.train()
+        for idx in length_grouped_batches(feats["train"].lengths, st["batch_size"], rng):
+            h, mask = feats["train"].batch(idx)  # (B, T, H), (B, T)
+            pred = student.branch_forward(task, h, mask)  # (B, C)
+            if kind == "classification":
+                loss = kd_classification_loss(pred, target[idx], y[idx], st["temperature"], st["alpha"])
+            else:
+                loss = kd_regression_loss(pred, target[idx], y[idx], st["alpha"])
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(branch.parameters(), 1.0)
+            optim.step()
+            sched.step()
+        score = task_metrics(kind, branch_outputs(student, task, feats["dev"]), labels_of(s, "dev"))[s["metric"]]
+        scores.append(score)
+        save_model(single_task(student, task), out / "student", include_trunk=False, tasks=_task_meta(s),
+                   extra={"role": "tune_student", "L": L, "l": l, "epochs_done": epoch + 1, "scores": scores})
+        report(epoch, score)
+    return scores
+
+
+def run_trial(config: dict, settings: dict) -> None:
+    """Ray Tune function trainable: `config` holds the sampled L and l; `settings` everything else (plain data)."""
+    from ray import tune
+
+    s = settings
+    torch.set_num_threads(s["torch_threads"])
+    task, L, l = s["task"], int(config["L"]), int(config["l"])
+    if f"{task}:{L}:{l}" in s["inject_failures"]:
+        raise RuntimeError(f"injected failure (search.inject_failures) in trial {task} L={L} l={l}")
+    root = Path(s["storage_root"]) / "cache"
+    scratch = None if s["caches"] else Path(tempfile.mkdtemp(dir=_mkdir(Path(s["run_dir"]) / "nocache"),
+                                                             prefix=f"{task}-L{L}-l{l}-{uuid.uuid4().hex[:6]}-"))
+    student_dir = (scratch or root / "tune_students") / student_fingerprint(s, L, l)
+    started = time.perf_counter()
+    base = {"L": L, "l": l, "branch_layers": l, "fine_tune_layers": L, "student_dir": str(student_dir / "student")}
+
+    if caches.is_done(student_dir):  # the same (L, l) finished before (a duplicate sample, or a resumed sweep)
+        _replay(student_dir, base, tune)
+        return
+    with caches.locked(student_dir):
+        if caches.is_done(student_dir):
+            _replay(student_dir, base, tune)
+            return
+        caches.clear_unfinished(student_dir)
+        prep = prepare(s, L, scratch)
+        t = prep["teacher"]
+        base.update(depth=prep["depth"], teacher_score=t["ensemble_score"], teacher_best_member=max(t["member_scores"]),
+                    teacher_branch_dir=str(Path(prep["teacher_dir"]) / "branch"),
+                    **{f"computed_{k}": v for k, v in prep["computed"].items()})
+
+        def report(epoch: int, score: float) -> None:
+            tune.report({**base, "score": score, "epoch": epoch + 1, "cached": False,
+                         "seconds": round(time.perf_counter() - started, 2)})
+
+        scores = distill_student(s, prep, L, l, student_dir, report)
+        caches.mark_done(student_dir, {"kind": "student", "task": task, "L": L, "l": l, "scores": scores,
+                                       "base": {k: v for k, v in base.items() if not k.startswith("computed_")}})
+
+
+def _replay(student_dir: Path, base: dict, tune) -> None:
+    import json
+
+    done = json.loads((student_dir / caches.DONE).read_text())
+    for epoch, score in enumerate(done["scores"]):
+        tune.report({**base, **done["base"], "score": score, "epoch": epoch + 1, "cached": True, "seconds": 0.0,
+                     "computed_teacher": False, "computed_trunk_states": False, "computed_teacher_outputs": False})
+
+
+def _mkdir(p: Path) -> str:
+    p.mkdir(parents=True, exist_ok=True)
+    return str(p)
+
+
+def full_fine_tuning_score(s: dict, encoder_layers: int) -> float:
+    """Dev score of one member fine-tuning all N layers: the reference the paper's shares are taken of.
+
+    The artifact is the teachers stage of a members = 1, L = N run, the same one jobs/benchmark.py's
+    baseline trains, so either job reuses the other's.
+    """
+    from kdlib.predict import predict
+
+    torch.set_num_threads(s["torch_threads"])
+    folder = Path(s["storage_root"]) / "cache" / "teachers" / teacher_fingerprint(s, encoder_layers, members=1)
+    artifact, _ = ensure_teacher(s, encoder_layers, folder, members=1)
+    model, _ = load_model(artifact, encoder=_encoder(s))
+    dev = s["dev"]
+    pairs = dev["text_pair"].tolist()
+    name = member_name(s["task"], 0)
+    out = predict(model, load_tokenizer(s["encoder"]["source"]), dev["text"].tolist(),
+                  None if not pairs or pairs[0] is None else pairs, [name], max_length=s["encoder"]["max_length"])[name]
+    return task_metrics(s["kind"], out, labels_of(s, "dev"))[s["metric"]]
