@@ -7,13 +7,17 @@ On a running cluster (`ray start --head`, then):
     RAY_AUTH_MODE=token ray job submit --working-dir . -- python jobs/distill.py storage_root=$PWD/runs
 
 Stages, each cached under <storage_root>/cache/<stage>/<fingerprint> so unchanged inputs are reused:
-  data -> teachers (Ray tasks) -> labels (Ray Data actor pool) -> distill (Ray Train)
+  data -> teachers (Ray tasks) -> labels (Ray Data actor pool -> soft-target store, resumable shards)
+  -> distill (Ray Train; with labeling.stream it consumes the training shards as they are labeled)
   -> merge (one safetensors artifact) -> evaluate (table in <storage_root>/<run_name>/).
+The soft-target store (<storage_root>/soft_targets/<task>/<key>/) is shared by every run with the same
+data, augmentation and teachers.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -27,11 +31,14 @@ from kdlib.branched import member_name
 from kdlib.cluster import init_ray
 from kdlib.config import RunConfig, load_run_config
 from kdlib.config_loading import dump_config
-from kdlib.distill import load_trained_student, run_distillation, soft_target_dataset
+from kdlib.distill import load_trained_student, run_distillation
 from kdlib.encoder import encoder_fingerprint, load_encoder, load_tokenizer, resolve_encoder_path
 from kdlib.errors import KdlibError
 from kdlib.evaluate import markdown_table, member_scores, score_task, summary_rows
-from kdlib.labeling import label_examples, read_labels, teacher_logits_array
+from kdlib.augment import file_digest, masked_copies, read_unlabeled
+from kdlib.errors import ConfigError
+from kdlib.labeling import ProgressReporter, labeling_dataset, pending, run_labeling
+from kdlib.soft_targets import SoftTargetStore, plan_shards, teacher_logits_array
 from kdlib.merge import merge, overhead, single_task
 from kdlib.predict import predict
 from kdlib.stages import StageCache, fingerprint
@@ -86,57 +93,130 @@ def train_teachers(cfg: RunConfig, tasks: dict[str, TaskData], enc: dict, cache:
     return dirs
 
 
-def label_tasks(cfg: RunConfig, tasks: dict[str, TaskData], teacher_dirs: dict[str, str], enc: dict,
-                cache: StageCache) -> dict[str, str]:
-    """Every train and dev example of every task gets all its teachers' logits (Parquet)."""
-    lab = cfg.labeling
-    dirs = {}
+def plan_labels(cfg: RunConfig, tasks: dict[str, TaskData], teacher_dirs: dict[str, str], enc: dict):
+    """Per task: the examples to label (dev, train, masked copies, unlabeled text), their content-addressed
+    store and its shard plan. Returns (stores, plan)."""
+    mask_token = load_tokenizer(enc["source"]).mask_token
+    stores, plan = {}, []
     for name, data in tasks.items():
-        fp = fingerprint("labels", Path(teacher_dirs[name]).parent.name, data.digest, cfg.encoder.max_length)
+        t = cfg.tasks[name]
+        parts = [data.dev, data.train,
+                 masked_copies(data.train, copies=t.augment.copies, p=t.augment.mask_prob, seed=cfg.seed,
+                               mask_token=mask_token)]
+        unlabeled = None
+        if t.unlabeled is not None:
+            path = cfg.task_path(name, "unlabeled")
+            parts.append(read_unlabeled(path, task=name, has_pair=t.text_pair_column is not None))
+            unlabeled = file_digest(path)
+        examples = pd.concat([p for p in parts if len(p)], ignore_index=True)
+        key = fingerprint("soft-targets", Path(teacher_dirs[name]).parent.name, data.digest,
+                          t.augment.model_dump(), unlabeled, cfg.seed, cfg.encoder.max_length, cfg.labeling.shard_size)
+        stores[name] = SoftTargetStore(cfg.storage_root, name, key)
+        plan += plan_shards(name, examples, cfg.labeling.shard_size)
+        counts = examples["source"].value_counts().to_dict()
+        print(f"[labels:{name}] {len(examples)} examples to label {counts} -> {stores[name].base}")
+    return stores, plan
 
-        def run(out: Path, name=name, data=data) -> None:
-            n = label_examples(pd.concat([data.train, data.dev], ignore_index=True),
-                               ensemble_dir=teacher_dirs[name], out_dir=str(out / "parquet"),
-                               encoder_source=enc["source"], random_init=cfg.encoder.random_init,
-                               config_overrides=cfg.encoder.config_overrides, seed=cfg.seed,
-                               max_length=cfg.encoder.max_length, num_actors=lab.num_actors,
-                               cpus_per_actor=lab.cpus_per_actor, torch_threads=lab.torch_threads,
-                               batch_size=lab.batch_size)
-            print(f"[labels:{name}] {n} examples labeled by {cfg.teachers.members} teachers")
 
-        dirs[name] = str(cache.run("labels", fp, run) / "parquet")
-    return dirs
+def labeling_settings(cfg: RunConfig, teacher_dirs: dict[str, str], enc: dict) -> dict:
+    lab = cfg.labeling
+    return dict(ensembles=teacher_dirs, encoder_source=enc["source"], random_init=cfg.encoder.random_init,
+                config_overrides=cfg.encoder.config_overrides, seed=cfg.seed, max_length=cfg.encoder.max_length,
+                num_actors=lab.num_actors, cpus_per_actor=lab.cpus_per_actor, torch_threads=lab.torch_threads,
+                batch_size=lab.batch_size)
+
+
+def label_tasks(cfg: RunConfig, stores: dict[str, SoftTargetStore], plan, teacher_dirs: dict[str, str], enc: dict,
+                cache: StageCache, splits=("dev", "train")) -> None:
+    """Fill the soft-target stores: label every planned shard of `splits` that is not committed yet.
+
+    Complete stores (a manifest written by any earlier run with the same inputs) are reused as they are.
+    """
+    todo = {name for name, store in stores.items() if not store.is_complete()}
+    for name in stores.keys() - todo:
+        _record(cache, stores[name], cached=True, seconds=0.0)
+    if not todo:
+        return
+    stats = run_labeling([(s, ex) for s, ex in plan if s.split in splits and s.task in todo], stores=stores,
+                         progress_seconds=cfg.labeling.progress_seconds, **labeling_settings(cfg, teacher_dirs, enc))
+    if set(splits) == {"dev", "train"}:
+        finish_labels(cfg, stores, plan, teacher_dirs, cache, stats["seconds"])
+
+
+def _record(cache: StageCache, store: SoftTargetStore, *, cached: bool, seconds: float) -> None:
+    if not any(r.name == "labels" and r.fingerprint == store.key for r in cache.records):
+        if cached:
+            print(f"[labels:{store.task}] inputs unchanged, reusing {store.base}")
+        cache.record("labels", store.key, store.base, cached=cached, seconds=seconds)
+
+
+def finish_labels(cfg: RunConfig, stores: dict[str, SoftTargetStore], plan, teacher_dirs: dict[str, str],
+                  cache: StageCache, seconds: float) -> None:
+    """Verify every shard of every store and write the manifests that make the stores readable."""
+    for name, store in stores.items():
+        if store.is_complete():
+            continue
+        t = cfg.tasks[name]
+        manifest = store.finalize([s for s, _ in plan if s.task == name], {
+            "teachers": {"dir": teacher_dirs[name], "fingerprint": Path(teacher_dirs[name]).parent.name,
+                         "members": cfg.teachers.members},
+            "augment": t.augment.model_dump(), "unlabeled": t.unlabeled, "max_length": cfg.encoder.max_length})
+        _record(cache, store, cached=False, seconds=seconds)
+        print(f"[labels:{name}] {manifest['rows']} examples in the store {manifest['rows_by_split']}")
 
 
 def distill_students(cfg: RunConfig, tasks: dict[str, TaskData], teacher_dirs: dict[str, str],
-                     label_dirs: dict[str, str], enc: dict, cache: StageCache) -> str:
-    """Ray Train distils all tasks' students together; each task's student is saved as its own artifact."""
+                     stores: dict[str, SoftTargetStore], plan, enc: dict, cache: StageCache) -> str:
+    """Ray Train distils all tasks' students together; each task's student is saved as its own artifact.
+
+    The training rows come from the soft-target stores, or with `labeling.stream` straight from the
+    labeling actors while they label (and commit) the training shards.
+    """
     d = cfg.distill
-    tokenizer = load_tokenizer(enc["source"])
     task_cfg = {}
     for name, data in tasks.items():
         # The student branch starts from the ensemble member with the best dev score.
-        dev = read_labels(label_dirs[name], split="dev")
+        store = stores[name]
+        dev = (store.read(split="dev") if store.is_complete()
+               else store.read_committed([sh for sh, _ in plan if sh.task == name and sh.split == "dev"]))
         members = member_scores(data.kind, data.metric, dev["label"].to_numpy(), teacher_logits_array(dev))
         best = max(range(len(members)), key=members.__getitem__)
+        t = cfg.tasks[name]
         task_cfg[name] = {"kind": data.kind, "ensemble_dir": teacher_dirs[name], "init_member": member_name(name, best),
-                          "branch_layers": cfg.tasks[name].branch_layers}
+                          "branch_layers": t.branch_layers, "aggregation": t.resolved_aggregation,
+                          "wrong_teacher_weight": t.wrong_teacher_weight}
     loop_config = {"tasks": task_cfg, "encoder_source": enc["source"], "random_init": cfg.encoder.random_init,
                    "config_overrides": cfg.encoder.config_overrides, "pooling": cfg.encoder.pooling,
-                   "seed": cfg.seed, "log_every": 20, **d.model_dump(include={
-                       "epochs", "batch_size", "lr", "weight_decay", "temperature", "alpha", "ensemble",
-                       "torch_threads"})}
-    fp = fingerprint("students", [Path(p).parent.name for p in label_dirs.values()],
+                   "max_length": cfg.encoder.max_length, "seed": cfg.seed, "log_every": 20,
+                   **d.model_dump(include={"epochs", "batch_size", "lr", "weight_decay", "temperature", "alpha",
+                                           "torch_threads"})}
+    fp = fingerprint("students", {n: s.key for n, s in stores.items()},
                      {k: v for k, v in loop_config.items() if k != "tasks"},
                      {t: {k: v for k, v in c.items() if k != "ensemble_dir"} for t, c in task_cfg.items()})
 
     def run(out: Path) -> None:
-        datasets = {name: soft_target_dataset(read_labels(label_dirs[name], split="train"), tokenizer,
-                                              kind=tasks[name].kind, max_length=cfg.encoder.max_length)
-                    for name in tasks}
-        result = run_distillation(datasets=datasets, loop_config=loop_config, num_workers=d.num_workers,
-                                  cpus_per_worker=d.cpus_per_worker, max_failures=d.max_failures,
-                                  storage_path=str(out / "ray_train"), name="distill")
+        streaming = cfg.labeling.stream and not all(s.is_complete() for s in stores.values())
+        if streaming:
+            check_stream_fits(cfg)
+            train_plan = [(s, ex) for s, ex in plan if s.split == "train"]
+            print(f"[distill] streaming {sum(s.rows for s, _ in train_plan)} training rows from the labeling "
+                  f"actors into Ray Train (committed shards are read back, not relabeled)")
+            datasets = {"stream": labeling_dataset(train_plan, stores=stores, emit_rows=True,
+                                                   **labeling_settings(cfg, teacher_dirs, enc))}
+            progress = ProgressReporter(stores, total=sum(s.rows for s, _ in pending(train_plan, stores)),
+                                        every=cfg.labeling.progress_seconds)
+        else:
+            datasets = {name: store.dataset(split="train") for name, store in stores.items()}
+            progress = contextlib.nullcontext()
+        started = time.perf_counter()
+        with progress:
+            result = run_distillation(datasets=datasets, loop_config=loop_config, num_workers=d.num_workers,
+                                      cpus_per_worker=d.cpus_per_worker, max_failures=d.max_failures,
+                                      storage_path=str(out / "ray_train"), name="distill")
+        if streaming:
+            finish_labels(cfg, stores, plan, teacher_dirs, cache, time.perf_counter() - started)
+        (out / "rows_seen.json").write_text(json.dumps({k: v for k, v in result.metrics.items()
+                                                        if k.split("/")[0] in ("rows", "duplicates", "ids")}))
         student, _ = load_trained_student(result.checkpoint, loop_config)
         for name, data in tasks.items():
             save_model(single_task(student, name), out / "students" / name, include_trunk=False,
@@ -144,6 +224,17 @@ def distill_students(cfg: RunConfig, tasks: dict[str, TaskData], teacher_dirs: d
                        extra={"role": "student", "encoder": enc})
 
     return str(cache.run("distill", fp, run) / "students")
+
+
+def check_stream_fits(cfg: RunConfig) -> None:
+    """Streaming runs the labeling actors and the train workers at once: their CPUs must fit together."""
+    lab, d = cfg.labeling, cfg.distill
+    need = lab.num_actors * lab.cpus_per_actor + d.num_workers * d.cpus_per_worker
+    have = ray.cluster_resources().get("CPU", 0)
+    if need > have:
+        raise ConfigError(f"labeling.stream=true runs {lab.num_actors} labeling actors x {lab.cpus_per_actor} CPU "
+                          f"and {d.num_workers} train workers x {d.cpus_per_worker} CPU at once ({need:g} CPUs) but "
+                          f"the cluster has {have:g}; lower labeling.cpus_per_actor / distill.cpus_per_worker")
 
 
 def merge_students(cfg: RunConfig, tasks: dict[str, TaskData], students_dir: str, enc: dict,
@@ -163,20 +254,20 @@ def merge_students(cfg: RunConfig, tasks: dict[str, TaskData], students_dir: str
     return str(cache.run("merge", fp, run) / "model")
 
 
-def evaluate(cfg: RunConfig, tasks: dict[str, TaskData], label_dirs: dict[str, str], model_dir: str,
+def evaluate(cfg: RunConfig, tasks: dict[str, TaskData], stores: dict[str, SoftTargetStore], model_dir: str,
              enc: dict) -> dict:
     """Dev scores of each teacher member, the ensemble and the merged student, plus the overhead."""
     model, manifest = load_model(model_dir)
     tokenizer = load_tokenizer(enc["source"])
     scores = {}
     for name, data in tasks.items():
-        dev = read_labels(label_dirs[name], split="dev")
+        dev = stores[name].read(split="dev")
         pairs = dev["text_pair"].tolist()
         outputs = predict(model, tokenizer, dev["text"].tolist(), None if pairs[0] is None else pairs, [name],
                           max_length=cfg.encoder.max_length)[name]
         scores[name] = score_task(kind=data.kind, metric=data.metric, labels=dev["label"].to_numpy(),
                                   teacher_logits=teacher_logits_array(dev), student_outputs=outputs,
-                                  ensemble=cfg.distill.ensemble, temperature=cfg.distill.temperature)
+                                  ensemble=cfg.tasks[name].resolved_aggregation, temperature=cfg.distill.temperature)
     n_layers = manifest["encoder_config"]["num_hidden_layers"]
     layout = [(b["depth"], b["layers"]) for b in manifest["branches"]]
     return {"scores": scores, "overhead": overhead(layout, n_layers),
@@ -205,10 +296,15 @@ def main(argv: list[str] | None = None) -> int:
         for name, t in tasks.items():
             print(f"[data:{name}] {t.kind}, {len(t.train)} train / {len(t.dev)} dev, labels {t.label_names or '-'}")
         teacher_dirs = train_teachers(cfg, tasks, enc, cache)
-        label_dirs = label_tasks(cfg, tasks, teacher_dirs, enc, cache)
-        students_dir = distill_students(cfg, tasks, teacher_dirs, label_dirs, enc, cache)
+        stores, plan = plan_labels(cfg, tasks, teacher_dirs, enc)
+        # Streaming: only dev is labeled up front (it picks each student's initial member); the training
+        # shards are labeled while Ray Train consumes them.
+        label_tasks(cfg, stores, plan, teacher_dirs, enc, cache, splits=("dev",) if cfg.labeling.stream else ("dev", "train"))
+        students_dir = distill_students(cfg, tasks, teacher_dirs, stores, plan, enc, cache)
+        if cfg.labeling.stream:  # what streaming left (nothing, unless the distill stage was cached): label, seal
+            label_tasks(cfg, stores, plan, teacher_dirs, enc, cache)
         model_dir = merge_students(cfg, tasks, students_dir, enc, cache)
-        results = evaluate(cfg, tasks, label_dirs, model_dir, enc)
+        results = evaluate(cfg, tasks, stores, model_dir, enc)
     except KdlibError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import ray
+import ray.data
 
 
 def init_ray(address: str | None, num_cpus: int | None, log=print) -> None:
@@ -13,6 +14,9 @@ def init_ray(address: str | None, num_cpus: int | None, log=print) -> None:
     `ray job submit` sets RAY_ADDRESS for the driver, so the same job script runs on a cluster and
     standalone without code changes.
     """
+    # Long stages print their own progress lines (examples done, rate, ETA); Ray Data's per-operator bars
+    # would repeat them from every actor into the job log.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
         return
     target = address or os.environ.get("RAY_ADDRESS")

@@ -29,6 +29,13 @@ class EncoderConfig(_Strict):
     pooling: Literal["mean", "cls"] = "mean"
 
 
+class AugmentConfig(_Strict):
+    """Masking augmentation (MKD sec. 6.2): `copies` masked copies of each training example."""
+
+    copies: int = Field(0, ge=0)  # N; MKD used 40 for small sets (STS-B, MRPC), 10 for larger ones
+    mask_prob: float = Field(0.1, ge=0, le=1)  # each word becomes the mask token with this probability
+
+
 class TaskConfig(_Strict):
     """One task: where its data is, which columns hold what, and its depths in the branched model."""
 
@@ -45,6 +52,16 @@ class TaskConfig(_Strict):
     max_train_examples: int | None = Field(None, gt=0)  # first N rows of train (quick benchmarks)
     fine_tune_layers: int = Field(2, ge=1)  # L: teacher trains the top L encoder layers
     branch_layers: int = Field(1, ge=1)  # l: student branch layers, initialised from the teacher's
+    # How the K teachers' stored logits become one target at training time. None: mean_logits for
+    # classification, mean for regression. weighted: ROaD weighted KD (needs gold labels).
+    aggregation: Literal["mean_logits", "mean_probs", "weighted", "mean"] | None = None
+    wrong_teacher_weight: float = Field(0.5, gt=0, lt=1)  # W of weighted KD
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    unlabeled: str | None = None  # plain text file (relative to data_dir), one example per line; pairs: tab
+
+    @property
+    def resolved_aggregation(self) -> str:
+        return self.aggregation or ("mean_logits" if self.kind == "classification" else "mean")
 
     @model_validator(mode="after")
     def _metric_fits_kind(self) -> "TaskConfig":
@@ -52,6 +69,9 @@ class TaskConfig(_Strict):
         allowed = cls_metrics if self.kind == "classification" else reg_metrics
         if self.metric is not None and self.metric not in allowed:
             raise ValueError(f"metric {self.metric!r} does not fit kind {self.kind!r}; allowed: {sorted(allowed)}")
+        if (self.aggregation == "mean") != (self.kind == "regression") and self.aggregation is not None:
+            allowed = ["mean"] if self.kind == "regression" else ["mean_logits", "mean_probs", "weighted"]
+            raise ValueError(f"aggregation {self.aggregation!r} does not fit kind {self.kind!r}; allowed: {allowed}")
         if self.branch_layers > self.fine_tune_layers:
             raise ValueError(f"branch_layers ({self.branch_layers}) must not exceed fine_tune_layers "
                              f"({self.fine_tune_layers}): the branch is cut from the teacher's fine-tuned layers")
@@ -71,16 +91,21 @@ class TeacherConfig(_Strict):
 
 
 class LabelingConfig(_Strict):
-    """Teacher ensembles in a Ray Data actor pool writing every member's logits to Parquet."""
+    """Teacher ensembles in a Ray Data actor pool filling the soft-target store, shard by shard."""
 
-    num_actors: int = Field(2, ge=1)
-    cpus_per_actor: float = Field(0.8, gt=0)  # < 1 leaves room for Ray Data's read tasks on small machines
-    torch_threads: int = Field(1, ge=1)
-    batch_size: int = Field(64, ge=1)
+    num_actors: int = Field(2, ge=1)  # each hosts every task's ensemble on one shared encoder
+    cpus_per_actor: float = Field(0.8, gt=0)  # < 1 leaves room for Ray Data's own tasks on small machines
+    torch_threads: int = Field(1, ge=1)  # per actor; num_actors x torch_threads ~ the cores to use
+    batch_size: int = Field(64, ge=1)  # examples per forward pass (sorted by length within a shard)
+    shard_size: int = Field(512, ge=1)  # examples per committed shard: the unit of retry and resume
+    stream: bool = False  # true: Ray Train consumes training shards while they are labeled
+    progress_seconds: float = Field(10.0, gt=0)  # how often labeling prints done / rate / ETA
 
 
 class DistillConfig(_Strict):
-    """Multi-task student training on Ray Train: KL with temperature against the ensemble + hard loss."""
+    """Multi-task student training on Ray Train: KL with temperature against the ensemble + hard loss.
+
+    Each task's `aggregation` decides how its teachers' logits combine into the target."""
 
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(0.9, gt=0)
@@ -91,7 +116,6 @@ class DistillConfig(_Strict):
     weight_decay: float = Field(0.01, ge=0)
     temperature: float = Field(2.0, gt=0)
     alpha: float = Field(0.5, ge=0, le=1)  # weight of the KD term; 1 - alpha on the hard-label loss
-    ensemble: Literal["mean_logits", "mean_probs"] = "mean_logits"
     max_failures: int = Field(2, ge=0)
 
 
@@ -119,18 +143,19 @@ class RunConfig(_Strict):
         for name in self.tasks:
             if not name.replace("_", "").replace("-", "").isalnum():
                 raise ValueError(f"task name {name!r}: use letters, digits, '-' and '_' only")
-        needs_dir = [n for n, t in self.tasks.items() if t.format in ("tsv", "csv", "jsonl", "parquet")
-                     and not (Path(t.train).is_absolute() and Path(t.dev).is_absolute())]
+        needs_dir = [n for n, t in self.tasks.items() if (t.format in ("tsv", "csv", "jsonl", "parquet")
+                     and not (Path(t.train).is_absolute() and Path(t.dev).is_absolute()))
+                     or (t.unlabeled is not None and not Path(t.unlabeled).is_absolute())]
         if needs_dir and self.data_dir is None:
             raise ValueError(f"data_dir is not set but tasks {needs_dir} read relative paths; "
                              "set data_dir in the config or as data_dir=PATH on the command line")
         return self
 
-    def task_path(self, task: str, split: Literal["train", "dev"]) -> str:
+    def task_path(self, task: str, split: Literal["train", "dev", "unlabeled"]) -> str:
         """Where a task split's data is: data_dir joined for file formats, as given otherwise."""
         t = self.tasks[task]
         raw = getattr(t, split)
-        if t.format in ("hub", "demo") or Path(raw).is_absolute():
+        if (t.format in ("hub", "demo") and split != "unlabeled") or Path(raw).is_absolute():
             return raw
         return str(Path(self.data_dir).expanduser() / raw)
 

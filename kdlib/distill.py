@@ -1,17 +1,21 @@
 """Multi-task student distillation on Ray Train (TorchTrainer, CPU, gloo).
 
-Every task's soft-target rows are a Ray Dataset, split evenly across workers. Each worker builds the
-student (frozen shared trunk, one branch per task initialised from the teacher), and every step trains
-one task's batch: the schedule (MT-DNN Algorithm 1: all tasks' mini-batches merged and shuffled each
-epoch) is drawn from a seed shared by all workers, so every replica updates the same branch in the
-same step. The frozen trunk's states are computed once per worker and reused by every epoch. Loss: KL with temperature against the ensemble plus the hard-label loss (losses.py).
-A checkpoint is written every epoch; a restarted worker group resumes from the last one.
+The soft-target rows come as Ray Datasets: one per task read from the soft-target store, or one stream
+straight from the labeling actors while they label. Ray Train splits them across workers; each worker
+builds the student (frozen shared trunk, one branch per task initialised from the teacher), runs the
+trunk once over its rows as they arrive, and then trains: every step takes one task's batch, the
+schedule (MT-DNN Algorithm 1: all tasks' mini-batches merged and shuffled each epoch) drawn from a
+seed shared by all workers, so every replica updates the same branch in the same step. Loss: KL with
+temperature against the task's aggregated teachers plus the hard-label loss (losses.py). A checkpoint
+is written every epoch; a restarted worker group resumes from the last one.
 """
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -19,41 +23,70 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
-from ray.data.extensions import TensorArray
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from kdlib.artifact import load_model
-from kdlib.labeling import split_frame
-from kdlib.encoder import load_encoder
+from kdlib.encoder import load_encoder, load_tokenizer
+from kdlib.features import TrunkFeatures, length_grouped_batches
 from kdlib.losses import ensemble_target, kd_classification_loss, kd_regression_loss
 from kdlib.merge import build_student
-from kdlib.features import TrunkFeatures, length_grouped_batches
-from kdlib.tokenize import INPUT_KEYS, tokenize
+from kdlib.soft_targets import ids_digest
 from kdlib.train_state import load_train_state, save_train_state
 
 
-def soft_target_dataset(rows: pd.DataFrame, tokenizer, *, kind: str, max_length: int,
-                        n_blocks: int = 8) -> ray.data.Dataset:
-    """Labeled rows (text, text_pair, label, teacher_logits) -> a Ray Dataset of fixed-shape tensors.
+@dataclass
+class TaskRows:
+    """One task's training rows on one worker: frozen trunk states plus targets, in arrival order."""
 
-    Columns: input_ids, attention_mask, token_type_ids (N, max_length) int64; label (N,) float32,
-    NaN where there is no gold label (classification ids are stored as floats and cast back);
-    teacher_logits (N, K, C) float32.
+    ids: list = field(default_factory=list)
+    states: list = field(default_factory=list)  # (T_i, H) trunk states at the task's branch depth
+    labels: list = field(default_factory=list)  # float, NaN where there is no gold label
+    logits: list = field(default_factory=list)  # (K, C) every teacher's logits
+
+    def tensors(self) -> tuple[TrunkFeatures, torch.Tensor, torch.Tensor]:
+        return (TrunkFeatures(self.states), torch.tensor(self.labels, dtype=torch.float32),
+                torch.from_numpy(np.stack(self.logits)) if self.logits else torch.zeros(0, 1, 1))
+
+
+def ingest(rows_iter, student, tokenizer, data: dict[str, TaskRows], *, max_length: int) -> None:
+    """Consume this worker's share of the soft-target rows (streamed from labeling or read from the store).
+
+    Each arriving batch is tokenized and run through the frozen trunk right away, so this work overlaps
+    with labeling when the rows are streamed. Rows are appended to `data[task]`.
     """
-    pairs = rows["text_pair"].tolist()
-    enc = tokenize(tokenizer, rows["text"].tolist(), None if pairs[0] is None else pairs,
-                   max_length=max_length, pad_to_max=True)
-    logits = np.asarray([np.stack([np.asarray(m, np.float32) for m in r]) for r in rows["teacher_logits"]])
-    label = pd.to_numeric(rows["label"], errors="coerce").to_numpy(np.float32)
-    frame = pd.DataFrame({**{k: TensorArray(v) for k, v in enc.items()},
-                          "label": label, "teacher_logits": TensorArray(logits)})
-    parts = split_frame(frame, n_blocks)
-    return ray.data.from_pandas(parts)
+    for batch in rows_iter.iter_batches(batch_size=256, batch_format="pandas"):
+        for task, part in batch.groupby("task", sort=False):
+            if task not in data:
+                raise ValueError(f"soft-target rows of task {task!r}, which this run does not train")
+            pairs = part["text_pair"].tolist()
+            feats = TrunkFeatures.compute(student, tokenizer, part["text"].tolist(), pairs,
+                                          depth=student.specs[task].depth, max_length=max_length)
+            d = data[task]
+            d.ids += part["id"].tolist()
+            d.states += feats.states
+            d.labels += pd.to_numeric(part["label"], errors="coerce").astype("float64").tolist()
+            d.logits += [np.stack([np.asarray(m, np.float32) for m in row]) for row in part["teacher_logits"]]
+
+
+def rows_seen(data: dict[str, TaskRows], world: int) -> dict[str, float | str]:
+    """Rows and a digest of the sorted ids each task trained on, over all workers (the same on every rank)."""
+    local = {t: d.ids for t, d in data.items()}
+    gathered = [local]
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, local)
+    out = {}
+    for task in data:
+        ids = [i for g in gathered for i in g[task]]
+        out[f"rows/{task}"] = len(ids)
+        out[f"duplicates/{task}"] = len(ids) - len(set(ids))
+        out[f"ids/{task}"] = ids_digest(sorted(ids))
+    return out
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train worker: build the student, load this worker's shards, train with per-epoch checkpoints."""
+    """Ray Train worker: build the student, ingest this worker's rows, train with per-epoch checkpoints."""
     torch.set_num_threads(config["torch_threads"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -80,53 +113,51 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             print(f"[distill] resuming from checkpoint after epoch {start_epoch} (step {step})", flush=True)
     starts = starts + [start_epoch]  # the epoch each attempt started from: [0, 2] = resumed after epoch 2
-    # This worker's rows of every task, materialised once (token ids and K x C logits per row), and
-    # their frozen trunk states computed once: only the branches train, so the trunk never changes.
-    data, feats = {}, {}
-    for task in tasks:
-        batches = list(ray.train.get_dataset_shard(task).iter_torch_batches(batch_size=4096))
-        data[task] = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
-        feats[task] = TrunkFeatures.from_inputs(student, {k: data[task][k] for k in INPUT_KEYS},
-                                                depth=student.specs[task].depth)
-    # Every worker must run the same number of steps per task; even splits make this hold, check it.
-    counts = torch.tensor([len(data[t]["label"]) for t in tasks], dtype=torch.long)
+    # This worker's rows of every task, ingested once; only the branches train, so the trunk states
+    # computed on arrival serve every epoch.
+    ingest_start = time.perf_counter()
+    tokenizer = load_tokenizer(config["encoder_source"])
+    rows = {t: TaskRows() for t in tasks}
+    for name in config["datasets"]:
+        ingest(ray.train.get_dataset_shard(name), student, tokenizer, rows, max_length=config["max_length"])
+    seen = rows_seen(rows, world)
+    data = {t: rows[t].tensors() for t in tasks}
+    if rank == 0:
+        print(f"[distill] ingested {sum(int(seen[f'rows/{t}']) for t in tasks)} rows in "
+              f"{time.perf_counter() - ingest_start:.1f}s", flush=True)
+    # Workers may hold different numbers of a task's rows: each takes as many batches as the largest
+    # share needs (its own batches a little smaller), so all follow one schedule and use every row.
+    counts = torch.tensor([len(data[t][0]) for t in tasks], dtype=torch.long)
     if world > 1:
-        lowest = counts.clone()
-        dist.all_reduce(lowest, op=dist.ReduceOp.MIN)
-        counts = lowest
+        dist.all_reduce(counts, op=dist.ReduceOp.MAX)
     bs = config["batch_size"]
+    n_batches = {t: math.ceil(int(n) / bs) for t, n in zip(tasks, counts)}
 
     for epoch in range(start_epoch, config["epochs"]):
         epoch_start = time.perf_counter()
         shared = np.random.default_rng([config["seed"], epoch])  # same on every worker
         local = np.random.default_rng([config["seed"], epoch, rank])
-        batches = {t: length_grouped_batches(feats[t].lengths[: int(n)], bs, local) for t, n in zip(tasks, counts)}
-        schedule = [t for t in tasks for _ in batches[t]]
+        batches = {t: length_grouped_batches(data[t][0].lengths, bs, local, n_batches=n_batches[t]) for t in tasks}
+        schedule = [t for t in tasks for _ in range(n_batches[t])]
         shared.shuffle(schedule)
         losses: dict[str, list[float]] = {t: [] for t in tasks}
         student.train()
         for i, task in enumerate(schedule):
             idx = batches[task].pop()
-            h, mask = feats[task].batch(idx)
-            out = student.branch_forward(task, h, mask)
-            target, labels = data[task]["teacher_logits"][idx], data[task]["label"][idx]
-            if tasks[task]["kind"] == "classification":
-                target = ensemble_target(target, config["ensemble"], config["temperature"])
-                labels = torch.nan_to_num(labels, nan=-1).long()
-                loss = kd_classification_loss(out, target, labels, config["temperature"], config["alpha"])
-            else:
-                loss = kd_regression_loss(out, target.mean(1), labels, config["alpha"])  # ensemble mean
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            average_gradients(student.branches[task].parameters(), world)
+            if len(idx):
+                loss = task_loss(student, task, tasks[task], data[task], idx, config)
+                loss.backward()
+                losses[task].append(loss.item())
+            average_gradients(list(student.branches[task].parameters()), world, weight=len(idx))
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
             step += 1
-            losses[task].append(loss.item())
-            if rank == 0 and (i + 1) % config["log_every"] == 0:
+            if rank == 0 and (i + 1) % config["log_every"] == 0 and losses[task]:
                 print(f"[distill] epoch {epoch + 1}/{config['epochs']} step {i + 1}/{len(schedule)} "
-                      f"{task} loss {loss.item():.4f}", flush=True)
-        metrics = {"epoch": epoch + 1, "step": step, "start_epoch": start_epoch, "seconds": round(time.perf_counter() - epoch_start, 2),
+                      f"{task} loss {losses[task][-1]:.4f}", flush=True)
+        metrics = {"epoch": epoch + 1, "step": step, "start_epoch": start_epoch,
+                   "seconds": round(time.perf_counter() - epoch_start, 2), **seen,
                    **{f"loss/{t}": float(np.mean(v)) if v else float("nan") for t, v in losses.items()}}
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
@@ -138,31 +169,54 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=ckpt)
 
 
-def average_gradients(params, world: int) -> None:
-    """All-reduce (mean) the gradients of `params` across workers in one flat buffer.
+def task_loss(student, task: str, spec: dict, data, idx, config: dict) -> torch.Tensor:
+    """The distillation loss of one mini-batch of one task, its teachers aggregated as the task says."""
+    feats, labels, logits = data
+    h, mask = feats.batch(idx)
+    out = student.branch_forward(task, h, mask)
+    target, y = logits[idx], labels[idx]
+    if spec["kind"] == "classification":
+        y = torch.nan_to_num(y, nan=-1).long()
+        target = ensemble_target(target, spec["aggregation"], config["temperature"], labels=y,
+                                 wrong_weight=spec["wrong_teacher_weight"])
+        return kd_classification_loss(out, target, y, config["temperature"], config["alpha"])
+    return kd_regression_loss(out, ensemble_target(target, "mean"), y, config["alpha"])
+
+
+def average_gradients(params, world: int, weight: float = 1.0) -> None:
+    """All-reduce the gradients of `params` across workers in one flat buffer, weighted by batch size.
 
     Plain DDP would need every step to go through its forward; here a step runs one task's branch on
     cached trunk states, so the averaging is done explicitly. All workers follow the same schedule,
-    so they reduce the same parameters in the same order.
+    so they reduce the same parameters in the same order. Each worker's gradient (of its batch's
+    mean loss) counts by its batch size `weight`, so the result is the gradient of the global batch's
+    mean loss; a worker with an empty batch contributes zeros and weight 0.
     """
-    grads = [p.grad for p in params if p.grad is not None]
-    if world == 1 or not grads:
+    if world == 1:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) * weight for g in grads] + [torch.tensor([float(weight)])])
     dist.all_reduce(flat)
-    flat /= world
+    total = float(flat[-1])
+    if total > 0:
+        flat /= total
     offset = 0
-    for g in grads:
-        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+    for p, g in zip(params, grads):
+        p.grad = flat[offset: offset + g.numel()].view_as(g).clone()
         offset += g.numel()
 
 
 def run_distillation(*, datasets: dict[str, ray.data.Dataset], loop_config: dict, num_workers: int,
                      cpus_per_worker: float, max_failures: int, storage_path: str, name: str):
-    """Run the TorchTrainer; returns Ray Train's Result (its checkpoint holds the trained branches)."""
+    """Run the TorchTrainer; returns Ray Train's Result (its checkpoint holds the trained branches).
+
+    datasets: soft-target rows of any tasks (each split evenly across the workers): one per task when
+    read from the store, so every worker gets an equal share of each task; one stream when labeling
+    feeds training directly.
+    """
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config={**loop_config, "datasets": sorted(datasets)},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=False,
                                      resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=storage_path,

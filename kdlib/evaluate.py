@@ -11,8 +11,11 @@ import torch
 
 
 def ensemble_outputs(teacher_logits: np.ndarray, kind: str, method: str, temperature: float) -> np.ndarray:
-    """(N, K, C) member outputs -> (N, C) ensemble outputs (regression: mean prediction)."""
-    if kind == "regression":
+    """(N, K, C) member outputs -> (N, C) ensemble outputs (regression: mean prediction).
+
+    "weighted" is a training target that needs gold labels; as a predictor it is the logit average.
+    """
+    if kind == "regression" or method == "weighted":
         return teacher_logits.mean(1)
     return ensemble_target(torch.from_numpy(teacher_logits), method, temperature).numpy()
 

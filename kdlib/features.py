@@ -7,6 +7,8 @@ what makes training K teachers cost about K x L/N of a full fine-tuning.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -14,12 +16,24 @@ from kdlib.branched import BranchedModel
 from kdlib.tokenize import tokenize
 
 
-def length_grouped_batches(lengths, batch_size: int, rng: np.random.Generator, group: int = 32) -> list[np.ndarray]:
+def length_grouped_batches(lengths, batch_size: int, rng: np.random.Generator, group: int = 32,
+                           n_batches: int | None = None) -> list[np.ndarray]:
     """Shuffled mini-batches of similar lengths, so little compute goes to padding.
 
     Indices are shuffled, cut into groups of `group` batches, sorted by length inside each group,
     batched, and the batches shuffled: random like plain shuffling across epochs, but tight padding.
+    n_batches: return exactly this many batches (at least ceil(N / batch_size)): batches shrink to
+    ceil(N / n_batches) rows and empty ones pad the list, so workers with unequal shares can follow
+    one schedule.
     """
+    if n_batches is not None:
+        if n_batches * batch_size < len(lengths):
+            raise ValueError(f"{len(lengths)} rows do not fit {n_batches} batches of {batch_size}")
+        batch_size = max(1, math.ceil(len(lengths) / max(1, n_batches)))
+        batches = length_grouped_batches(lengths, batch_size, rng, group) if len(lengths) else []
+        batches += [np.zeros(0, dtype=np.int64)] * (n_batches - len(batches))
+        rng.shuffle(batches)
+        return batches
     order = rng.permutation(len(lengths))
     lengths = np.asarray(lengths)
     batches = []

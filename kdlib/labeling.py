@@ -1,102 +1,201 @@
-"""Teacher labeling: Ray Data actors host a task's ensemble and write every member's logits to Parquet.
+"""Teacher labeling: a Ray Data actor pool hosts the teacher ensembles and fills the soft-target store.
 
-Each actor loads the encoder and the ensemble once (`__init__`), then for each batch runs the shared
-frozen trunk once and every member's branch on top of it (`__call__`). Output rows are the input
-example plus `teacher_logits`: a K x C nested list (K members, C classes; C = 1 for regression), so
-the ensemble's aggregation can change later without relabeling.
+Each actor loads the encoder once and every task's ensemble on it (`ShardLabeler.__init__`). One
+input row is one planned shard; the actor runs the shared frozen trunk once per mini-batch and every
+member's own top layers on it, commits the shard to the store (soft_targets.py), and emits either the
+labeled rows (streaming them into training) or a one-row summary. A shard that is already committed is
+read back instead of relabeled, so a retried task (Ray Data restarts dead actors and retries their
+tasks), a rerun after an interruption and a re-executed stream all see each example exactly once.
 """
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
+import threading
+import time
+from dataclasses import asdict
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import ray
 import torch
 
 from kdlib.artifact import load_model
 from kdlib.encoder import load_encoder, load_tokenizer
-from kdlib.readers import EXAMPLE_COLUMNS as READER_COLUMNS
+from kdlib.soft_targets import STORE_COLUMNS, Shard, SoftTargetStore
 from kdlib.tokenize import tokenize
 
-# The readers' example columns plus the split the row belongs to (kdlib.tasks adds it).
-EXAMPLE_COLUMNS = [*READER_COLUMNS[:2], "split", *READER_COLUMNS[2:]]
+SHARD_FIELDS = list(Shard.__dataclass_fields__)
+EXAMPLE_LISTS = {"ids": "id", "texts": "text", "pairs": "text_pair", "labels": "label", "sources": "source"}
 
 
-class EnsembleLabeler:
-    """Stateful Ray Data UDF: a task's teacher ensemble on one shared trunk."""
+class ShardLabeler:
+    """Stateful Ray Data UDF: all tasks' teacher ensembles on one shared encoder."""
 
-    def __init__(self, *, ensemble_dir: str, encoder_source: str, random_init: bool, config_overrides: dict,
-                 seed: int, max_length: int, torch_threads: int):
+    def __init__(self, *, ensembles: dict[str, str], stores: dict[str, tuple[str, str]], encoder_source: str,
+                 random_init: bool, config_overrides: dict, seed: int, max_length: int, torch_threads: int,
+                 batch_size: int, emit_rows: bool):
         torch.set_num_threads(torch_threads)
         encoder = load_encoder(encoder_source, random_init, config_overrides, seed=seed)
-        self.model, manifest = load_model(ensemble_dir, encoder=encoder)
-        self.names = [b["name"] for b in manifest["branches"]]
+        self.models, self.members = {}, {}
+        for task, folder in ensembles.items():  # every ensemble wraps the same encoder modules
+            self.models[task], manifest = load_model(folder, encoder=encoder)
+            self.members[task] = [b["name"] for b in manifest["branches"]]
+        self.stores = {task: SoftTargetStore(root, task, key) for task, (root, key) in stores.items()}
         self.tokenizer = load_tokenizer(encoder_source)
-        self.max_length = max_length
+        self.max_length, self.batch_size, self.emit_rows = max_length, batch_size, emit_rows
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        out = []
+        for _, row in batch.iterrows():
+            shard = Shard(**{f: (int(row[f]) if f in ("index", "rows") else row[f]) for f in SHARD_FIELDS})
+            store = self.stores[shard.task]
+            record = store.commit_record(shard)
+            if record is not None:  # committed by an earlier attempt: read, do not relabel
+                frame = store.read_shard(shard, record["sha256"]) if self.emit_rows else None
+            else:
+                examples = pd.DataFrame({col: list(row[key]) for key, col in EXAMPLE_LISTS.items()})
+                examples.insert(1, "task", shard.task)
+                examples.insert(2, "split", shard.split)
+                frame = self.label(shard.task, examples)
+                store.commit(shard, frame)
+            if self.emit_rows:
+                out.append(frame[STORE_COLUMNS])
+            else:
+                out.append(pd.DataFrame([{**asdict(shard), "relabeled": record is None}]))
+        return pd.concat(out, ignore_index=True)
 
     @torch.no_grad()
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        pairs = batch["text_pair"]
-        enc = tokenize(self.tokenizer, batch["text"], None if pairs[0] is None else pairs, max_length=self.max_length)
-        enc = {k: torch.from_numpy(v) for k, v in enc.items()}
-        out = self.model(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"], names=self.names)
-        logits = torch.stack([out[n] for n in self.names], dim=1).numpy()  # (B, K, C)
-        nested = np.empty(len(logits), dtype=object)
-        nested[:] = [row.tolist() for row in logits]
-        return {**batch, "teacher_logits": nested}
+    def label(self, task: str, examples: pd.DataFrame) -> pd.DataFrame:
+        """Every member's logits for every example; mini-batches of similar length, original order kept."""
+        model, names = self.models[task], self.members[task]
+        texts, pairs = examples["text"].tolist(), examples["text_pair"].tolist()
+        has_pairs = pairs[0] is not None
+        lengths = [len(ids) for ids in self.tokenizer(texts, pairs if has_pairs else None, truncation=True,
+                                                         max_length=self.max_length)["input_ids"]]
+        order = np.argsort(lengths, kind="stable")
+        logits = [None] * len(texts)
+        for s in range(0, len(order), self.batch_size):
+            idx = order[s:s + self.batch_size]
+            enc = tokenize(self.tokenizer, [texts[i] for i in idx], [pairs[i] for i in idx] if has_pairs else None,
+                           max_length=self.max_length)
+            enc = {k: torch.from_numpy(v) for k, v in enc.items()}
+            out = model(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"], names=names)
+            block = torch.stack([out[n] for n in names], dim=1).float().numpy()  # (B, K, C)
+            for j, i in enumerate(idx):
+                logits[i] = block[j]
+        frame = examples.copy()
+        frame["teacher_logits"] = [x.tolist() for x in logits]
+        return frame
 
 
-def label_examples(examples: pd.DataFrame, *, ensemble_dir: str, out_dir: str, encoder_source: str,
-                   random_init: bool, config_overrides: dict, seed: int, max_length: int, num_actors: int,
-                   cpus_per_actor: float, torch_threads: int, batch_size: int) -> int:
-    """Label every example with every ensemble member's logits; Parquet files land in `out_dir`.
+def shard_rows(plan: list[tuple[Shard, pd.DataFrame]]) -> pd.DataFrame:
+    """One row per shard: its identity and its examples as list columns (the labeling dataset's input)."""
+    rows = []
+    for shard, examples in plan:
+        row = asdict(shard)
+        for key, col in EXAMPLE_LISTS.items():
+            values = examples[col].tolist()
+            row[key] = [float(v) for v in values] if col == "label" else values
+        rows.append(row)
+    return pd.DataFrame(rows)
 
-    Returns the number of rows written, after checking that each input id appears exactly once.
+
+def labeling_dataset(plan: list[tuple[Shard, pd.DataFrame]], *, ensembles: dict[str, str],
+                     stores: dict[str, SoftTargetStore], encoder_source: str, random_init: bool,
+                     config_overrides: dict, seed: int, max_length: int, num_actors: int, cpus_per_actor: float,
+                     torch_threads: int, batch_size: int, emit_rows: bool) -> ray.data.Dataset:
+    """A lazy Ray Dataset whose execution labels and commits every shard of `plan`.
+
+    One block per shard, so shards are spread over the actor pool and a retried task redoes one shard.
+    emit_rows: the labeled rows (to stream into training), else one summary row per shard.
     """
-    examples = examples[EXAMPLE_COLUMNS]
-    # Several blocks, so that every actor of the pool gets work.
-    n_blocks = max(num_actors * 2, math.ceil(len(examples) / (batch_size * 4)))
-    parts = split_frame(examples, n_blocks)
-    ds = ray.data.from_pandas(parts)
-    ds = ds.map_batches(
-        EnsembleLabeler,
-        fn_constructor_kwargs=dict(ensemble_dir=ensemble_dir, encoder_source=encoder_source,
-                                   random_init=random_init, config_overrides=config_overrides, seed=seed,
-                                   max_length=max_length, torch_threads=torch_threads),
+    frame = shard_rows(plan)
+    ds = ray.data.from_pandas([frame.iloc[i:i + 1] for i in range(len(frame))])
+    return ds.map_batches(
+        ShardLabeler,
+        fn_constructor_kwargs=dict(
+            ensembles=ensembles, stores={t: (s.root, s.key) for t, s in stores.items()},
+            encoder_source=encoder_source, random_init=random_init, config_overrides=config_overrides, seed=seed,
+            max_length=max_length, torch_threads=torch_threads, batch_size=batch_size, emit_rows=emit_rows),
         compute=ray.data.ActorPoolStrategy(size=num_actors),
         num_cpus=cpus_per_actor,
-        batch_size=batch_size,
-        batch_format="numpy",
+        batch_size=1,
+        batch_format="pandas",
     )
-    ds.write_parquet(out_dir)
-    written = read_labels(out_dir, columns=["id"])["id"]
-    expected = set(examples["id"])
-    if len(written) != len(expected) or set(written) != expected:
-        raise RuntimeError(f"labeling wrote {len(written)} rows for {len(expected)} examples "
-                           f"({len(set(written) - expected)} unexpected, {len(expected - set(written))} missing)")
-    return len(written)
 
 
-def split_frame(frame: pd.DataFrame, n_blocks: int) -> list[pd.DataFrame]:
-    """Cut a DataFrame into up to n_blocks contiguous, non-empty pieces (Ray Data blocks)."""
-    size = max(1, math.ceil(len(frame) / max(1, n_blocks)))
-    return [frame.iloc[s:s + size] for s in range(0, len(frame), size)]
+def pending(plan: list[tuple[Shard, pd.DataFrame]], stores: dict[str, SoftTargetStore]):
+    """The shards of `plan` that have no valid commit yet."""
+    return [(s, ex) for s, ex in plan if stores[s.task].commit_record(s) is None]
 
 
-def read_labels(folder: str, columns: list[str] | None = None, split: str | None = None) -> pd.DataFrame:
-    """Read a labels folder back (optionally one split), in id order within each split as written."""
-    table = pq.read_table(str(Path(folder)), columns=columns)
-    df = table.to_pandas()
-    if split is not None:
-        df = df[df["split"] == split].reset_index(drop=True)
-    return df
+def run_labeling(plan, *, stores: dict[str, SoftTargetStore], progress_seconds: float = 10.0, log=print,
+                 on_shard=None, **dataset_kwargs) -> dict:
+    """Label the shards of `plan` that are not committed yet; blocks until all are committed.
+
+    on_shard(summary_row) is called as each shard's summary arrives (tests interrupt the driver there).
+    Returns {"planned", "already_committed", "labeled", "read_back", "rows", "seconds"}.
+    """
+    todo = pending(plan, stores)
+    stats = {"planned": len(plan), "already_committed": len(plan) - len(todo), "labeled": 0, "read_back": 0,
+             "rows": sum(s.rows for s, _ in todo), "seconds": 0.0}
+    log(f"[labels] {len(plan)} shards planned, {stats['already_committed']} already in the store, "
+        f"labeling {len(todo)} ({stats['rows']} examples)")
+    if not todo:
+        return stats
+    started = time.perf_counter()
+    ds = labeling_dataset(todo, stores=stores, emit_rows=False, **dataset_kwargs)
+    with ProgressReporter(stores, total=stats["rows"], every=progress_seconds, log=log):
+        for summary in ds.iter_rows():
+            stats["labeled" if summary["relabeled"] else "read_back"] += 1
+            if on_shard is not None:
+                on_shard(summary)
+    stats["seconds"] = round(time.perf_counter() - started, 2)
+    return stats
 
 
-def teacher_logits_array(df: pd.DataFrame) -> np.ndarray:
-    """The nested `teacher_logits` column as a float32 array of shape (N, K, C)."""
-    return np.asarray([np.asarray([np.asarray(m, dtype=np.float32) for m in row]) for row in df["teacher_logits"]],
-                      dtype=np.float32)
+class ProgressReporter:
+    """Prints examples done, rate and ETA every `every` seconds, counted from the store's commit records.
+
+    Works the same whether the driver consumes the labeling stream or Ray Train workers do.
+    """
+
+    def __init__(self, stores: dict[str, SoftTargetStore], *, total: int, every: float, log=print):
+        self.stores, self.total, self.every, self.log = stores, total, every, log
+        self._finished = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="labeling-progress")
+
+    def __enter__(self):
+        self._base = self._done()
+        self._start = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=5)
+        if exc[0] is None and not self._finished:
+            self.report()
+
+    def _done(self) -> int:
+        return sum(s.committed_rows() for s in self.stores.values())
+
+    def report(self) -> int:
+        done = min(self.total, self._done() - self._base)
+        elapsed = time.perf_counter() - self._start
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        eta_text = f"{eta:.0f}s" if np.isfinite(eta) else "?"
+        self.log(f"[labels] {done}/{self.total} examples ({100 * done / max(1, self.total):.1f}%), "
+                 f"{rate:.1f} ex/s, elapsed {elapsed:.0f}s, ETA {eta_text}")
+        return done
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                if self.report() >= self.total:
+                    self._finished = True
+                    return
+            except Exception as e:  # a progress line must never break labeling
+                self.log(f"[labels] progress unavailable: {e}")

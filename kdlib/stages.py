@@ -60,6 +60,10 @@ class StageCache:
                                             **(info or {})}))
         self.records.append(StageRecord(stage, fp, str(out), False, round(seconds, 2)))
 
+    def record(self, stage: str, fp: str, path: str, *, cached: bool, seconds: float) -> None:
+        """Record a stage whose output lives elsewhere (the soft-target store) in the run summary."""
+        self.records.append(StageRecord(stage, fp, str(path), cached, round(seconds, 2)))
+
     def reuse(self, stage: str, fp: str) -> None:
         self.records.append(StageRecord(stage, fp, str(self.path(stage, fp)), True, 0.0))
 

@@ -8,13 +8,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from conftest import tiny_run_overrides
 from kdlib.artifact import load_model, read_manifest
 from kdlib.config import load_run_config
 from kdlib.encoder import load_encoder, load_tokenizer, resolve_encoder_path
-from kdlib.labeling import read_labels
+from kdlib.soft_targets import SoftTargetStore, ids_digest
 from kdlib.predict import predict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,14 +60,19 @@ def test_run_writes_results_config_and_merged_model(tiny_run):
 def test_labels_cover_every_example_exactly_once(tiny_run):
     root, _ = tiny_run
     results = json.loads((root / "demo" / "results.json").read_text())
-    label_stages = [s for s in results["stages"] if s["name"] == "labels"]
-    assert len(label_stages) == 3
-    for stage in label_stages:
-        rows = read_labels(str(Path(stage["path"]) / "parquet"))
+    label_stages = {Path(s["path"]).parent.name: s for s in results["stages"] if s["name"] == "labels"}
+    assert set(label_stages) == {"sentiment", "paraphrase", "similarity"}
+    for task, stage in label_stages.items():
+        store = SoftTargetStore(str(root), task, stage["fingerprint"])
+        rows = store.read()
         assert rows["id"].is_unique
-        assert sorted(rows["split"].value_counts().to_dict().items()) == [("dev", 300), ("train", 200)]
-        logits = rows["teacher_logits"].iloc[0]
-        assert len(logits) == 2  # K members, each with C outputs
+        # sentiment: 2 masked copies of each of its 200 training rows, teacher targets only.
+        augmented = 400 if task == "sentiment" else 0
+        assert rows["split"].value_counts().to_dict() == {"dev": 300, "train": 200 + augmented}
+        assert (rows["source"] == "augmented").sum() == augmented
+        assert rows.loc[rows["source"] == "augmented", "label"].isna().all()
+        assert rows.loc[rows["source"] == "original", "label"].notna().all()
+        assert len(rows["teacher_logits"].iloc[0]) == 2  # K members, each with C outputs
 
 
 def test_merged_model_matches_each_students_artifact(tiny_run):
@@ -147,9 +153,10 @@ def test_killed_train_worker_resumes_from_last_checkpoint(tiny_run, job, ray_ses
            "fingerprint": encoder_fingerprint(source, True, cfg.encoder.config_overrides, cfg.seed)}
     cache = StageCache(root)
     teacher_dirs = job["train_teachers"](cfg, tasks, enc, cache)
-    label_dirs = job["label_tasks"](cfg, tasks, teacher_dirs, enc, cache)
+    stores, plan = job["plan_labels"](cfg, tasks, teacher_dirs, enc)
+    job["label_tasks"](cfg, stores, plan, teacher_dirs, enc, cache)
     assert all(r.cached for r in cache.records)  # teachers and labels reused from the first run
-    students = Path(job["distill_students"](cfg, tasks, teacher_dirs, label_dirs, enc, cache))
+    students = Path(job["distill_students"](cfg, tasks, teacher_dirs, stores, plan, enc, cache))
     killer.join(timeout=5)
     assert killed, "no worker was killed: the run ended before its first checkpoint"
     last = sorted(glob.glob(str(students.parent / "ray_train" / "distill" / "checkpoint_2*")))[-1]
@@ -158,6 +165,38 @@ def test_killed_train_worker_resumes_from_last_checkpoint(tiny_run, job, ray_ses
     assert meta["starts"][0] == 0 and len(meta["starts"]) == 2 and meta["starts"][1] >= 1, meta
     for task in tasks:
         assert (students / task / "weights.safetensors").exists()
+
+
+def test_streamed_run_sees_the_same_rows_as_a_store_read_run(tiny_run, job):
+    """labeling.stream: Ray Train consumes the training shards while they are labeled and committed; its
+    workers see exactly the rows a run reading the finished store sees, and the store ends up the same.
+    Last in this module: it replaces the first run's store and students."""
+    import shutil
+
+    root, overrides = tiny_run
+    first = json.loads((root / "demo" / "results.json").read_text())
+    read_run = Path(next(s["path"] for s in first["stages"] if s["name"] == "distill"))
+    stored = {Path(s["path"]).parent.name: SoftTargetStore(str(root), Path(s["path"]).parent.name, s["fingerprint"]).read()
+              for s in first["stages"] if s["name"] == "labels"}
+    read_seen = json.loads((read_run / "rows_seen.json").read_text())
+    shutil.rmtree(root / "soft_targets")
+    shutil.rmtree(read_run)  # so that distillation runs again, now streamed
+    assert job["main"]([str(ROOT / "configs" / "demo.yaml"), *overrides, "run_name=streamed", "labeling.stream=true",
+                        "labeling.num_actors=1"]) == 0
+    streamed = json.loads((root / "streamed" / "results.json").read_text())
+    stream_run = Path(next(s["path"] for s in streamed["stages"] if s["name"] == "distill"))
+    assert stream_run == read_run  # same inputs, same fingerprint: a later run reuses either
+    seen = json.loads((stream_run / "rows_seen.json").read_text())
+    assert seen == read_seen
+    for task, rows in stored.items():
+        train_ids = sorted(rows.loc[rows["split"] == "train", "id"])
+        assert seen[f"rows/{task}"] == len(train_ids) and seen[f"duplicates/{task}"] == 0
+        assert seen[f"ids/{task}"] == ids_digest(train_ids)
+    for s in streamed["stages"]:
+        if s["name"] == "labels":
+            task = Path(s["path"]).parent.name
+            again = SoftTargetStore(str(root), task, s["fingerprint"]).read()
+            pd.testing.assert_frame_equal(again, stored[task])  # the streamed run committed the same store
 
 
 def _pids_titled(prefix: str) -> list[int]:

@@ -49,5 +49,35 @@ def test_ensemble_targets():
     probs = np.mean([_softmax(row / T) for row in logits[0].numpy()], axis=0)  # MT-DNN KD eq. 3
     got = torch.softmax(ensemble_target(logits, "mean_probs", T) / T, -1)
     np.testing.assert_allclose(got.numpy()[0], probs, rtol=1e-6)
-    with pytest.raises(ValueError, match="unknown ensemble"):
+    with pytest.raises(ValueError, match="unknown aggregation"):
         ensemble_target(logits, "median")
+
+
+def test_weighted_kd_against_hand_computation():
+    """ROaD sec. 2.3: K = 3 teachers, gold class 0; teachers 1 and 2 right, teacher 3 wrong (W = 0.4).
+    Wrong weight 0.4; right weights (3 - 0.4) / 2 = 1.3 each; target = (1.3 z1 + 1.3 z2 + 0.4 z3) / 3."""
+    z = torch.tensor([[[2.0, 0.0], [1.0, 0.5], [-1.0, 3.0]]])  # (B=1, K=3, C=2)
+    y = torch.tensor([0])
+    expected = (1.3 * z[0, 0] + 1.3 * z[0, 1] + 0.4 * z[0, 2]) / 3
+    out = ensemble_target(z, "weighted", labels=y, wrong_weight=0.4)
+    torch.testing.assert_close(out[0], expected)
+    # The weights sum to K: a constant logit c for every teacher stays c (the average's range is kept).
+    const = torch.full((1, 3, 2), 5.0)
+    const[0, 2] = torch.tensor([5.0, 6.0])  # teacher 3 predicts class 1: wrong
+    assert ensemble_target(const, "weighted", labels=y, wrong_weight=0.4)[0, 0].item() == pytest.approx(5.0)
+
+
+def test_weighted_kd_falls_back_to_the_mean_without_a_split_verdict():
+    """All right, all wrong, or no gold label (-1: augmented rows): the plain logit average."""
+    z = torch.tensor([[[2.0, 0.0], [1.0, 0.5]], [[0.0, 2.0], [0.0, 1.0]], [[2.0, 0.0], [0.0, 1.0]]])
+    y = torch.tensor([0, 0, -1])
+    torch.testing.assert_close(ensemble_target(z, "weighted", labels=y, wrong_weight=0.2), z.mean(1))
+    with pytest.raises(ValueError, match="gold labels"):
+        ensemble_target(z, "weighted")
+
+
+def test_regression_aggregation_is_the_mean_prediction():
+    z = torch.tensor([[[1.0], [2.0], [4.5]]])
+    assert ensemble_target(z, "mean")[0, 0].item() == pytest.approx(2.5)
+    with pytest.raises(ValueError, match="allowed"):
+        ensemble_target(z, "median")
