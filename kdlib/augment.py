@@ -1,0 +1,87 @@
+"""More input for the teachers to label: masked copies of the training set and plain unlabeled text.
+
+Masking augmentation follows MKD (mkd-multitask-distillation.txt, sec. 6.2, after Tang et al. 2019):
+each word of a sentence is replaced by the mask token with probability p (0.1), and N copies are made
+per example (MKD: 40 for small sets such as STS-B and MRPC, 10 for larger ones). Augmented and
+unlabeled rows carry no gold label (NaN): they are trained on teacher targets only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from kdlib.errors import DataError
+from kdlib.readers import EXAMPLE_COLUMNS
+
+
+def mask_words(text: str, p: float, rng: np.random.Generator, mask_token: str) -> str:
+    """Replace each whitespace-separated word by `mask_token` with probability p."""
+    words = text.split()
+    hits = rng.random(len(words)) < p
+    return " ".join(mask_token if h else w for w, h in zip(words, hits))
+
+
+def masked_copies(train: pd.DataFrame, *, copies: int, p: float, seed: int, mask_token: str) -> pd.DataFrame:
+    """`copies` masked copies of every training example, deterministic in `seed`.
+
+    Both sentences of a pair are masked independently. Ids are `<original id>~m<k>`, labels NaN, source
+    "augmented", split "train".
+    """
+    if copies == 0 or train.empty:
+        return pd.DataFrame(columns=[*EXAMPLE_COLUMNS, "split"])
+    rng = np.random.default_rng([seed, 0x6D61736B])  # "mask"
+    has_pair = train["text_pair"].notna().any()
+    rows = {c: [] for c in ("id", "text", "text_pair")}
+    for k in range(copies):
+        for ex_id, text, pair in zip(train["id"], train["text"], train["text_pair"]):
+            rows["id"].append(f"{ex_id}~m{k}")
+            rows["text"].append(mask_words(text, p, rng, mask_token))
+            rows["text_pair"].append(mask_words(pair, p, rng, mask_token) if has_pair else None)
+    return _frame(rows, task=train["task"].iloc[0], source="augmented")
+
+
+def read_unlabeled(path: str, *, task: str, has_pair: bool) -> pd.DataFrame:
+    """Plain text, one example per line (UTF-8); for pair tasks the two sentences are split by a tab.
+
+    Blank lines are skipped. Ids hash the text and its occurrence number, like the readers' ids.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise DataError("unlabeled text file not found", path=path)
+    rows = {c: [] for c in ("id", "text", "text_pair")}
+    seen: dict[str, int] = {}
+    with file.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            line = line.rstrip("\n").rstrip("\r")
+            if not line.strip():
+                continue
+            fields = line.split("\t")
+            if len(fields) != (2 if has_pair else 1) or not all(s.strip() for s in fields):
+                want = "two tab-separated sentences" if has_pair else "one sentence without tabs"
+                raise DataError(f"expected {want}, got {len(fields)} field(s)", path=path, line=lineno)
+            text, pair = fields[0], (fields[1] if has_pair else None)
+            key = f"{task}\x1funlabeled\x1f{text}\x1f{pair}"
+            k = seen.get(key, 0)
+            seen[key] = k + 1
+            rows["id"].append(hashlib.sha1(f"{key}\x1f{k}".encode()).hexdigest()[:16])
+            rows["text"].append(text)
+            rows["text_pair"].append(pair)
+    if not rows["id"]:
+        raise DataError("no unlabeled examples (the file is empty)", path=path)
+    return _frame(rows, task=task, source="unlabeled")
+
+
+def file_digest(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def _frame(rows: dict, *, task: str, source: str) -> pd.DataFrame:
+    n = len(rows["id"])
+    return pd.DataFrame({
+        "id": rows["id"], "task": task, "text": rows["text"], "text_pair": rows["text_pair"],
+        "label": np.full(n, np.nan), "source": source, "split": "train",
+    })

@@ -1,0 +1,213 @@
+"""The soft-target store: every teacher's logits for every example of a task, in committed Parquet shards.
+
+Layout under the storage root (a local path or a pyarrow.fs URI):
+
+    soft_targets/<task>/<key>/shards/00007.parquet   one shard: examples + teacher_logits (K x C per row)
+    soft_targets/<task>/<key>/shards/00007.json      its commit record: rows, split, SHA-256, ids digest
+    soft_targets/<task>/<key>/manifest.json          written last: counts, checksums, teachers, settings
+
+`key` is content-addressed: it hashes the task data digest, the augmentation settings and the
+teachers' fingerprint, so different runs and Tune trials with the same inputs share one store. A shard
+counts once its Parquet file and then its commit record have been moved into place (each write is
+atomic), so an interrupted run resumes by labeling only the shards without a valid commit. Readers
+verify every shard's checksum against the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from kdlib import storage
+
+STORE_COLUMNS = ["id", "task", "split", "source", "text", "text_pair", "label", "teacher_logits"]
+SPLIT_ORDER = ("dev", "train")  # dev shards first: the student's initial member is chosen on dev
+
+SCHEMA = pa.schema([
+    ("id", pa.string()), ("task", pa.string()), ("split", pa.string()), ("source", pa.string()),
+    ("text", pa.string()), ("text_pair", pa.string()), ("label", pa.float64()),
+    ("teacher_logits", pa.list_(pa.list_(pa.float32()))),
+])
+
+
+class StoreError(RuntimeError):
+    """The store's files disagree with its manifest or commit records (corruption or a foreign write)."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One unit of labeling work: consecutive examples of one task and split."""
+
+    task: str
+    index: int
+    split: str
+    rows: int
+    ids_digest: str
+
+
+def ids_digest(ids) -> str:
+    return hashlib.sha256("\n".join(map(str, ids)).encode()).hexdigest()[:16]
+
+
+def plan_shards(task: str, examples: pd.DataFrame, shard_size: int) -> list[tuple[Shard, pd.DataFrame]]:
+    """Cut a task's examples into shards of at most `shard_size` rows, dev first, never mixing splits.
+
+    The plan depends only on the examples and `shard_size`, so a rerun plans the same shards.
+    """
+    if not examples["id"].is_unique:
+        dup = examples["id"][examples["id"].duplicated()].iloc[0]
+        raise ValueError(f"task {task!r}: example id {dup!r} occurs more than once")
+    plan, index = [], 0
+    for split in SPLIT_ORDER:
+        part = examples[examples["split"] == split]
+        for start in range(0, len(part), shard_size):
+            rows = part.iloc[start:start + shard_size].reset_index(drop=True)
+            plan.append((Shard(task, index, split, len(rows), ids_digest(rows["id"])), rows))
+            index += 1
+    return plan
+
+
+def to_table(frame: pd.DataFrame) -> pa.Table:
+    """Labeled rows -> an Arrow table with the store's schema (teacher_logits: K x C float32 per row)."""
+    logits = [[[float(v) for v in member] for member in row] for row in frame["teacher_logits"]]
+    cols = {c: frame[c].tolist() for c in STORE_COLUMNS if c not in ("label", "teacher_logits")}
+    label = pd.to_numeric(frame["label"], errors="coerce").astype("float64").tolist()
+    return pa.table({**cols, "label": label, "teacher_logits": logits}, schema=SCHEMA)
+
+
+class SoftTargetStore:
+    """One task's soft targets for one content key."""
+
+    def __init__(self, root: str, task: str, key: str):
+        self.root, self.task, self.key = root, task, key
+        self.fs, base = storage.filesystem(root)
+        self.base = storage.join(base, "soft_targets", task, key)
+        self.shards_dir = storage.join(self.base, "shards")
+        self.manifest_path = storage.join(self.base, "manifest.json")
+
+    def __repr__(self) -> str:
+        return f"SoftTargetStore({self.base!r})"
+
+    def shard_path(self, index: int) -> str:
+        return storage.join(self.shards_dir, f"{index:05d}.parquet")
+
+    def _commit_path(self, index: int) -> str:
+        return storage.join(self.shards_dir, f"{index:05d}.json")
+
+    # -- writing -------------------------------------------------------------------------------------
+    def commit(self, shard: Shard, frame: pd.DataFrame) -> dict:
+        """Write a labeled shard, then its commit record; both atomically. Idempotent for equal content."""
+        if len(frame) != shard.rows or ids_digest(frame["id"]) != shard.ids_digest:
+            raise StoreError(f"{self}: shard {shard.index} holds {len(frame)} rows whose ids do not match its "
+                             f"plan ({shard.rows} rows)")
+        buf = io.BytesIO()
+        pq.write_table(to_table(frame), buf)
+        data = buf.getvalue()
+        storage.write_atomic(self.fs, self.shard_path(shard.index), data)
+        record = {**asdict(shard), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        storage.write_json_atomic(self.fs, self._commit_path(shard.index), record)
+        return record
+
+    def commit_record(self, shard: Shard, *, verify: bool = True) -> dict | None:
+        """The shard's commit record if it is committed for exactly this plan (and its file matches)."""
+        path = self._commit_path(shard.index)
+        if not storage.exists(self.fs, path):
+            return None
+        record = storage.read_json(self.fs, path)
+        if {k: record.get(k) for k in asdict(shard)} != asdict(shard):
+            return None  # committed for another plan: relabel
+        if verify and hashlib.sha256(self._read_shard_bytes(shard.index)).hexdigest() != record["sha256"]:
+            return None
+        return record
+
+    def committed_rows(self) -> int:
+        """Rows in committed shards (cheap: reads commit records only). For progress reports."""
+        return sum(storage.read_json(self.fs, storage.join(self.shards_dir, n))["rows"]
+                   for n in storage.list_names(self.fs, self.shards_dir, ".json"))
+
+    def finalize(self, plan: list[Shard], info: dict) -> dict:
+        """Check that every planned shard is committed and intact, then write the manifest."""
+        records = []
+        for shard in plan:
+            record = self.commit_record(shard)
+            if record is None:
+                raise StoreError(f"{self}: shard {shard.index} ({shard.split}) is not committed")
+            records.append(record)
+        counts = {s: sum(r["rows"] for r in records if r["split"] == s) for s in SPLIT_ORDER}
+        manifest = {"task": self.task, "key": self.key, "rows": sum(counts.values()), "rows_by_split": counts,
+                    "shards": records, **info}
+        storage.write_json_atomic(self.fs, self.manifest_path, manifest)
+        return manifest
+
+    # -- reading -------------------------------------------------------------------------------------
+    def is_complete(self) -> bool:
+        return storage.exists(self.fs, self.manifest_path)
+
+    def manifest(self) -> dict:
+        if not self.is_complete():
+            raise StoreError(f"{self}: no manifest.json; labeling has not finished")
+        return storage.read_json(self.fs, self.manifest_path)
+
+    def _read_shard_bytes(self, index: int) -> bytes:
+        return storage.read_bytes(self.fs, self.shard_path(index))
+
+    def read_shard(self, shard: Shard, sha256: str) -> pd.DataFrame:
+        data = self._read_shard_bytes(shard.index)
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise StoreError(f"{self}: shard {shard.index} does not match its checksum")
+        return pq.read_table(io.BytesIO(data)).to_pandas()
+
+    def read(self, split: str | None = None) -> pd.DataFrame:
+        """All rows (or one split's), every shard verified against the manifest's checksum and count."""
+        frames = []
+        for r in self.manifest()["shards"]:
+            if split is not None and r["split"] != split:
+                continue
+            frame = self.read_shard(Shard(**{k: r[k] for k in ("task", "index", "split", "rows", "ids_digest")}),
+                                    r["sha256"])
+            if len(frame) != r["rows"]:
+                raise StoreError(f"{self}: shard {r['index']} has {len(frame)} rows, the manifest says {r['rows']}")
+            frames.append(frame)
+        if not frames:
+            return to_table(pd.DataFrame(columns=STORE_COLUMNS)).to_pandas()
+        return pd.concat(frames, ignore_index=True)
+
+    def read_committed(self, shards: list[Shard]) -> pd.DataFrame:
+        """Rows of planned shards before the manifest exists (each checked against its commit record)."""
+        frames = []
+        for shard in shards:
+            record = self.commit_record(shard, verify=False)
+            if record is None:
+                raise StoreError(f"{self}: shard {shard.index} ({shard.split}) is not committed")
+            frames.append(self.read_shard(shard, record["sha256"]))
+        return pd.concat(frames, ignore_index=True)
+
+    def shard_paths(self, split: str | None = None) -> list[str]:
+        """Paths (in this store's filesystem) of the manifest's shards, or of one split's."""
+        return [self.shard_path(r["index"]) for r in self.manifest()["shards"]
+                if split is None or r["split"] == split]
+
+    def verify(self) -> None:
+        """Check every shard's checksum against the manifest (raises StoreError)."""
+        for r in self.manifest()["shards"]:
+            if hashlib.sha256(self._read_shard_bytes(r["index"])).hexdigest() != r["sha256"]:
+                raise StoreError(f"{self}: shard {r['index']} does not match the manifest's checksum")
+
+    def dataset(self, split: str | None = None):
+        """The store's rows (or one split's) as a Ray Dataset, read in parallel from the verified shards."""
+        import ray.data
+
+        self.verify()
+        return ray.data.read_parquet(self.shard_paths(split), filesystem=self.fs, schema=SCHEMA)
+
+
+def teacher_logits_array(df: pd.DataFrame) -> np.ndarray:
+    """The nested `teacher_logits` column as a float32 array of shape (N, K, C)."""
+    return np.asarray([np.stack([np.asarray(m, dtype=np.float32) for m in row]) for row in df["teacher_logits"]],
+                      dtype=np.float32).reshape(len(df), -1, len(df["teacher_logits"].iloc[0][0]) if len(df) else 1)

@@ -1,0 +1,174 @@
+"""Labeling on real Ray Data actors: exact logits, exactly-once under a killed actor, resume after an interrupt."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from kdlib.artifact import save_model
+from kdlib.branched import BranchedModel, BranchSpec, member_name
+from kdlib.demo import generate
+from kdlib.encoder import load_encoder, load_tokenizer, resolve_encoder_path
+from kdlib.labeling import pending, run_labeling
+from kdlib.predict import predict
+from kdlib.soft_targets import SoftTargetStore, plan_shards, teacher_logits_array
+
+TINY = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2, "intermediate_size": 64}
+SOURCE = resolve_encoder_path("sentence-transformers/all-MiniLM-L6-v2")
+TASKS = {"sentiment": ("classification", 2, False), "similarity": ("regression", 1, True)}
+
+
+@pytest.fixture(scope="module")
+def ensembles(tmp_path_factory):
+    """K = 3 members per task sharing the bottom 2 of 4 layers (perturbed, so members differ)."""
+    root = tmp_path_factory.mktemp("ensembles")
+    encoder = load_encoder(SOURCE, True, TINY, seed=0)
+    dirs = {}
+    for t, (task, (kind, c, _)) in enumerate(TASKS.items()):
+        model = BranchedModel.from_encoder(encoder, [BranchSpec(member_name(task, k), kind, c, 2, 2) for k in range(3)])
+        g = torch.Generator().manual_seed(t)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.startswith("branches."):
+                    p.add_(0.05 * torch.randn(p.shape, generator=g))
+        dirs[task] = str(save_model(model.eval(), root / task, include_trunk=False))
+    return dirs
+
+
+def _examples(task: str, n: int) -> pd.DataFrame:
+    """Demo rows of a task: dev first (as planned), then train."""
+    frames = []
+    for split in ("dev", "train"):
+        f = generate(task, split).iloc[: n // 2].copy()
+        pair = "sentence2" if "sentence2" in f else None
+        frames.append(pd.DataFrame({"id": [f"{split}-{i}" for i in range(len(f))], "task": task, "split": split,
+                                    "source": "original", "text": f[pair.replace("2", "1") if pair else "sentence"],
+                                    "text_pair": f[pair] if pair else None, "label": np.nan}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _settings(ensembles, **over):
+    return {**dict(ensembles=ensembles, encoder_source=SOURCE, random_init=True, config_overrides=TINY, seed=0,
+                   max_length=32, num_actors=2, cpus_per_actor=0.5, torch_threads=1, batch_size=16), **over}
+
+
+def _plan(n=120, shard_size=20):
+    plan = []
+    for task in TASKS:
+        plan += plan_shards(task, _examples(task, n), shard_size)
+    return plan
+
+
+def test_stored_logits_equal_each_member_run_on_its_own(ray_session, ensembles, tmp_path):
+    """Every member's logits per example, from the shared-trunk actor, equal the member's own forward pass."""
+    stores = {t: SoftTargetStore(str(tmp_path), t, "k") for t in TASKS}
+    plan = _plan()
+    stats = run_labeling(plan, stores=stores, progress_seconds=1, **_settings(ensembles))
+    assert stats["labeled"] == len(plan) and stats["already_committed"] == 0
+    from kdlib.artifact import load_model
+
+    encoder = load_encoder(SOURCE, True, TINY, seed=0)
+    tok = load_tokenizer(SOURCE)
+    for task, (kind, c, has_pair) in TASKS.items():
+        store = stores[task]
+        store.finalize([s for s, _ in plan if s.task == task], {})
+        rows = store.read()
+        assert rows["id"].is_unique and len(rows) == 120
+        model, _ = load_model(ensembles[task], encoder=encoder)
+        got = teacher_logits_array(rows)  # (N, K, C)
+        assert got.shape == (120, 3, c)
+        for k in range(3):
+            want = predict(model, tok, rows["text"].tolist(), rows["text_pair"].tolist() if has_pair else None,
+                           [member_name(task, k)], max_length=32)[member_name(task, k)]
+            np.testing.assert_allclose(got[:, k], want, atol=1e-5)
+        assert not np.allclose(got[:, 0], got[:, 1])  # members really differ
+
+
+def test_killed_labeling_actor_loses_and_duplicates_nothing(ray_session, ensembles, tmp_path):
+    """SIGKILL a labeling actor once the first shard is committed: Ray Data restarts it and retries its
+    task; every shard is committed once and every id appears exactly once."""
+    stores = {t: SoftTargetStore(str(tmp_path), t, "k") for t in TASKS}
+    plan = _plan(n=200, shard_size=10)
+    killed = []
+
+    def kill_after_first_commit():
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            if any(list(Path(s.shards_dir).glob("*.json")) for s in stores.values() if Path(s.shards_dir).exists()):
+                actors = _pids_titled("ray::MapWorker(MapBatches(ShardLabeler))")
+                if actors:
+                    os.kill(actors[0], signal.SIGKILL)
+                    killed.append(actors[0])
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_after_first_commit, daemon=True)
+    killer.start()
+    stats = run_labeling(plan, stores=stores, progress_seconds=2, **_settings(ensembles))
+    killer.join(timeout=5)
+    assert killed, "no labeling actor was killed"
+    assert stats["labeled"] + stats["read_back"] == len(plan)
+    for task in TASKS:
+        manifest = stores[task].finalize([s for s, _ in plan if s.task == task], {})
+        rows = stores[task].read()
+        assert manifest["rows"] == len(rows) == 200
+        assert rows["id"].is_unique and set(rows["id"]) == set(_examples(task, 200)["id"])
+
+
+def test_interrupted_driver_resumes_with_only_the_missing_shards(ray_session, ensembles, tmp_path):
+    """Ctrl-C in the driver after the first shard: the rerun labels exactly the shards not committed
+    and leaves the committed ones untouched."""
+    stores = {t: SoftTargetStore(str(tmp_path), t, "k") for t in TASKS}
+    plan = _plan(n=160, shard_size=10)
+
+    def interrupt(summary):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_labeling(plan, stores=stores, on_shard=interrupt, **_settings(ensembles, num_actors=1))
+    snapshot = _settled_commits(stores)
+    assert 1 <= len(snapshot) < len(plan)
+    missing = pending(plan, stores)
+    assert len(missing) == len(plan) - len(snapshot)
+
+    stats = run_labeling(plan, stores=stores, **_settings(ensembles))
+    assert stats["already_committed"] == len(snapshot)
+    assert stats["labeled"] == len(missing) and stats["read_back"] == 0
+    for path, mtime in snapshot.items():
+        assert path.stat().st_mtime_ns == mtime, f"{path} was rewritten"
+    for task in TASKS:
+        stores[task].finalize([s for s, _ in plan if s.task == task], {})
+        rows = stores[task].read()
+        assert rows["id"].is_unique and len(rows) == 160
+
+
+def _settled_commits(stores) -> dict[Path, int]:
+    """Commit records once no in-flight task of the interrupted run is still committing."""
+    last, stable_since = None, time.time()
+    while time.time() - stable_since < 3:
+        now = {p: p.stat().st_mtime_ns for s in stores.values() if Path(s.shards_dir).exists()
+               for p in Path(s.shards_dir).glob("*.json")}
+        if now != last:
+            last, stable_since = now, time.time()
+        time.sleep(0.2)
+    return last
+
+
+def _pids_titled(prefix: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            except OSError:
+                continue
+            if title.startswith(prefix):
+                pids.append(int(entry.name))
+    return sorted(pids)

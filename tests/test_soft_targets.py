@@ -1,0 +1,140 @@
+"""The soft-target store and the augmentation that feeds it: plain files, no Ray."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kdlib.augment import mask_words, masked_copies, read_unlabeled
+from kdlib.errors import DataError
+from kdlib.soft_targets import SoftTargetStore, StoreError, plan_shards, teacher_logits_array
+
+
+def _examples(n_train=7, n_dev=3, task="t") -> pd.DataFrame:
+    rows = [{"id": f"{s}{i}", "task": task, "split": s, "source": "original", "text": f"word {i} here",
+             "text_pair": None, "label": float(i % 2)} for s, n in (("train", n_train), ("dev", n_dev))
+            for i in range(n)]
+    return pd.DataFrame(rows)
+
+
+def _labeled(examples: pd.DataFrame, k=2, c=2) -> pd.DataFrame:
+    frame = examples.copy()
+    # Member logits equal to the example's number, so rows can be traced through the store.
+    frame["teacher_logits"] = [np.full((k, c), int(i), dtype=np.float32).tolist()
+                               for i in frame["id"].str.replace(r"^\D+", "", regex=True)]
+    return frame
+
+
+def test_plan_puts_dev_first_never_mixes_splits_and_is_deterministic():
+    ex = _examples()
+    plan = plan_shards("t", ex, shard_size=3)
+    assert [(s.split, s.rows) for s, _ in plan] == [("dev", 3), ("train", 3), ("train", 3), ("train", 1)]
+    assert [s.index for s, _ in plan] == [0, 1, 2, 3]
+    assert [s for s, _ in plan_shards("t", ex, 3)] == [s for s, _ in plan]
+    with pytest.raises(ValueError, match="more than once"):
+        plan_shards("t", pd.concat([ex, ex.iloc[:1]]), 3)
+
+
+def test_commit_finalize_read_round_trip(tmp_path):
+    store = SoftTargetStore(str(tmp_path), "t", "k1")
+    plan = plan_shards("t", _examples(), shard_size=4)
+    for shard, ex in plan:
+        store.commit(shard, _labeled(ex))
+    manifest = store.finalize([s for s, _ in plan], {"teachers": "x"})
+    assert manifest["rows"] == 10 and manifest["rows_by_split"] == {"dev": 3, "train": 7}
+    assert json.loads((tmp_path / "soft_targets" / "t" / "k1" / "manifest.json").read_text())["teachers"] == "x"
+    train = store.read(split="train")
+    assert list(train["id"]) == [f"train{i}" for i in range(7)]
+    assert teacher_logits_array(train).shape == (7, 2, 2)
+    np.testing.assert_array_equal(teacher_logits_array(train)[:, 1, 0], np.arange(7))
+    assert np.isnan(store.read().query("split == 'dev'")["label"]).sum() == 0
+
+
+def test_commit_rejects_rows_that_are_not_the_planned_shard(tmp_path):
+    store = SoftTargetStore(str(tmp_path), "t", "k")
+    (shard, ex), *_ = plan_shards("t", _examples(), shard_size=4)
+    with pytest.raises(StoreError, match="do not match its plan"):
+        store.commit(shard, _labeled(ex.iloc[:-1]))
+    with pytest.raises(StoreError, match="do not match its plan"):
+        store.commit(shard, _labeled(ex.iloc[::-1]))
+
+
+def test_a_tampered_shard_is_not_counted_and_fails_reads(tmp_path):
+    store = SoftTargetStore(str(tmp_path), "t", "k")
+    plan = plan_shards("t", _examples(), shard_size=4)
+    for shard, ex in plan:
+        store.commit(shard, _labeled(ex))
+    store.finalize([s for s, _ in plan], {})
+    path = tmp_path / "soft_targets" / "t" / "k" / "shards" / "00001.parquet"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert store.commit_record(plan[1][0]) is None  # a resume would relabel it
+    assert store.commit_record(plan[0][0]) is not None
+    with pytest.raises(StoreError, match="checksum"):
+        store.read(split="train")
+    with pytest.raises(StoreError, match="checksum"):
+        store.verify()
+
+
+def test_a_shard_committed_for_another_plan_does_not_count(tmp_path):
+    store = SoftTargetStore(str(tmp_path), "t", "k")
+    (shard, ex), *_ = plan_shards("t", _examples(), shard_size=4)
+    store.commit(shard, _labeled(ex))
+    other, _ = plan_shards("t", _examples(n_dev=4), shard_size=4)[0]  # same index, other ids
+    assert other.index == shard.index and store.commit_record(other) is None
+    with pytest.raises(StoreError, match="not committed"):
+        store.finalize([other], {})
+
+
+def test_reading_an_unfinished_store_says_so(tmp_path):
+    with pytest.raises(StoreError, match="no manifest"):
+        SoftTargetStore(str(tmp_path), "t", "k").read()
+
+
+def test_mask_words_masks_about_p_of_the_words():
+    rng = np.random.default_rng(0)
+    text = " ".join(f"w{i}" for i in range(2000))
+    masked = mask_words(text, 0.1, rng, "[MASK]").split()
+    assert len(masked) == 2000
+    share = masked.count("[MASK]") / 2000
+    assert 0.08 < share < 0.12
+    assert all(m in ("[MASK]", f"w{i}") for i, m in enumerate(masked))
+    assert mask_words(text, 0.0, rng, "[MASK]") == text
+
+
+def test_masked_copies_carry_no_gold_label_and_stable_ids():
+    train = _examples(n_train=5, n_dev=0)
+    train["text_pair"] = [f"other {i} text" for i in range(5)]
+    aug = masked_copies(train, copies=3, p=0.5, seed=1, mask_token="[MASK]")
+    assert len(aug) == 15 and aug["id"].is_unique
+    assert set(aug["id"]) == {f"train{i}~m{k}" for i in range(5) for k in range(3)}
+    assert aug["label"].isna().all() and (aug["source"] == "augmented").all() and (aug["split"] == "train").all()
+    assert aug["text_pair"].notna().all()
+    assert aug["text"].str.contains(r"\[MASK\]").any() and aug["text_pair"].str.contains(r"\[MASK\]").any()
+    again = masked_copies(train, copies=3, p=0.5, seed=1, mask_token="[MASK]")
+    pd.testing.assert_frame_equal(aug, again)
+    assert not aug.equals(masked_copies(train, copies=3, p=0.5, seed=2, mask_token="[MASK]"))
+    assert masked_copies(train, copies=0, p=0.1, seed=1, mask_token="[MASK]").empty
+
+
+def test_unlabeled_text_files(tmp_path):
+    single = tmp_path / "single.txt"
+    single.write_text("a first sentence\n\nsecond one\na first sentence\n")
+    rows = read_unlabeled(str(single), task="t", has_pair=False)
+    assert list(rows["text"]) == ["a first sentence", "second one", "a first sentence"]
+    assert rows["id"].is_unique and rows["label"].isna().all() and (rows["source"] == "unlabeled").all()
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("left one\tright one\nleft two\tright two\n")
+    assert list(read_unlabeled(str(pairs), task="t", has_pair=True)["text_pair"]) == ["right one", "right two"]
+    bad = tmp_path / "bad.txt"
+    bad.write_text("left\tright\njust one\n")
+    with pytest.raises(DataError, match=r"bad.txt, line 2: expected two tab-separated sentences"):
+        read_unlabeled(str(bad), task="t", has_pair=True)
+    with pytest.raises(DataError, match="line 1: expected one sentence without tabs"):
+        read_unlabeled(str(pairs), task="t", has_pair=False)
+    with pytest.raises(DataError, match="not found"):
+        read_unlabeled(str(tmp_path / "missing.txt"), task="t", has_pair=False)
