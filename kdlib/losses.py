@@ -3,6 +3,10 @@
 KD for classification follows Hinton et al. (2015) as used in ROaD (sec. 2.2): the KL divergence
 between teacher and student distributions at temperature T (same T for both), scaled by T^2 so its
 gradients keep their size as T changes, mixed with the hard-label cross-entropy by alpha.
+
+`distillation_loss` is the one entry point the training loop calls; it selects among the papers'
+objectives: "kl" (ROaD sec. 2.2), "mse_logits" (MKD eq. 6), "soft_ce" (MT-DNN KD sec. 3) and "hard"
+(tasks without a teacher), with an optional teacher-annealing weight (`teacher_annealing_weight`).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import torch.nn.functional as F
 
 
 AGGREGATIONS = ("mean_logits", "mean_probs", "weighted", "mean")
+OBJECTIVES = ("kl", "mse_logits", "soft_ce", "hard")
 
 
 def ensemble_target(teacher_logits: torch.Tensor, method: str, temperature: float = 1.0,
@@ -98,6 +103,132 @@ def hard_loss(kind: str, outputs: torch.Tensor, labels: torch.Tensor) -> torch.T
     if kind == "classification":
         return F.cross_entropy(outputs, labels.long())
     return F.mse_loss(outputs.reshape(-1), labels.reshape(-1).to(outputs.dtype))
+
+
+def masked_hard_loss(kind: str, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Hard-label loss over the rows that have a gold label: cross-entropy or MSE.
+
+    Augmented and unlabeled rows carry no gold label (classification: -1 or NaN; regression: NaN); they
+    are left out of the mean. A batch with no labeled row gives 0 (still attached to `outputs`).
+
+    Args:
+        kind: "classification" or "regression".
+        outputs: (B, C) logits, or (B, 1) / (B,) predictions.
+        labels: (B,) class ids (int, or float with NaN) or regression targets (float, NaN = missing).
+    """
+    if kind == "classification":
+        y = _class_labels(labels)
+        return _masked_mean(F.cross_entropy(outputs, y.clamp_min(0), reduction="none"), y >= 0)
+    if kind == "regression":
+        s, y = outputs.reshape(-1), labels.reshape(-1).to(outputs.dtype)
+        return _masked_mean((s - torch.nan_to_num(y)) ** 2, ~torch.isnan(y))
+    raise ValueError(f"unknown kind {kind!r}; allowed: classification, regression")
+
+
+def mse_logits_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """MKD eq. 6: ||z_T - z_S||_2^2 per example (summed over classes), averaged over the batch.
+
+    Args:
+        student, teacher: (B, C) logits.
+    """
+    return ((teacher - student) ** 2).sum(-1).mean()
+
+
+def soft_cross_entropy(student: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    """MT-DNN KD eq. 4: -sum_c Q(c|X) log P(c|X), averaged over the batch.
+
+    Args:
+        student: (B, C) logits. target_probs: (B, C) soft targets Q (rows sum to 1), e.g. the ensemble's
+            mean class probabilities (eq. 3).
+    """
+    return -(target_probs * F.log_softmax(student, dim=-1)).sum(-1).mean()
+
+
+def teacher_annealing_weight(step: int, total_steps: int) -> float:
+    """Teacher annealing (Clark et al. 2019, compared in ROaD sec. 3.3): the hard-label weight lambda rises
+    linearly from 0 at the first step (pure distillation) to 1 at the last (pure hard labels).
+
+    Pass it as `distillation_loss(..., hard_weight=lambda)`. Args: step in [0, total_steps); total_steps >= 1
+    (a single step counts as the first: 0).
+    """
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    if not 0 <= step < total_steps:
+        raise ValueError(f"step {step} outside [0, {total_steps})")
+    return step / (total_steps - 1) if total_steps > 1 else 0.0
+
+
+def distillation_loss(objective: str, *, kind: str, student: torch.Tensor, teacher_logits: torch.Tensor | None,
+                      labels: torch.Tensor | None, temperature: float, alpha: float, aggregation: str,
+                      wrong_teacher_weight: float = 0.5, hard_weight: float | None = None) -> torch.Tensor:
+    """One task's loss on one mini-batch: soft_weight * soft + hard_weight * hard.
+
+    The weights are (alpha, 1 - alpha), or (1 - hard_weight, hard_weight) when teacher annealing passes
+    `hard_weight`. The hard term skips rows without a gold label; the soft term covers every row.
+
+    Objectives (classification):
+        "kl": ROaD sec. 2.2, T^2 * KL(softmax(target / T) || softmax(student / T)), the target being the
+            teachers aggregated by `aggregation` ("weighted": ROaD sec. 2.3 weighted KD).
+        "mse_logits": MKD eq. 6, squared distance between the student's and the aggregated teachers'
+            logits ("mean_logits" or "weighted"). MKD trains on it alone: alpha = 1.
+        "soft_ce": MT-DNN KD sec. 3, cross-entropy against the ensemble's probabilities (eq. 3-4; with
+            aggregation "mean_probs" these are the members' mean probabilities), at T = 1 as in the paper:
+            `temperature` is not used (with T it would equal "kl" up to a constant). MT-DNN KD averages it
+            with the hard loss: alpha = 0.5.
+        "hard": no teacher (MT-DNN KD trains some tasks this way): the hard loss alone, weight 1;
+            `teacher_logits` may be None and alpha / hard_weight are not used.
+    Regression: every teacher objective is MSE against the teachers' mean prediction mixed with the hard
+    MSE (aggregation must be "mean"); "hard" is the hard MSE alone.
+
+    Args:
+        student: (B, C) logits, or (B, 1) / (B,) regression predictions.
+        teacher_logits: (B, K, C) every teacher's logits (C = 1 for regression), or None for "hard".
+        labels: (B,) gold labels; -1 or NaN (classification) / NaN (regression) where a row has none;
+            None for no hard term.
+        temperature: T of "kl". alpha: weight of the soft term. aggregation: see `ensemble_target`.
+        wrong_teacher_weight: W of "weighted" aggregation. hard_weight: lambda of teacher annealing.
+    Returns:
+        A scalar tensor.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; allowed: {', '.join(OBJECTIVES)}")
+    if kind not in ("classification", "regression"):
+        raise ValueError(f"unknown kind {kind!r}; allowed: classification, regression")
+    if objective == "hard":
+        if labels is None:
+            raise ValueError('objective "hard" needs the gold labels')
+        return masked_hard_loss(kind, student, labels)
+    if teacher_logits is None:
+        raise ValueError(f'objective {objective!r} needs teacher logits; use "hard" for a task without a teacher')
+    if hard_weight is not None and not 0 <= hard_weight <= 1:
+        raise ValueError(f"hard_weight must be in [0, 1], got {hard_weight}")
+    soft_weight = alpha if hard_weight is None else 1 - hard_weight
+    if kind == "regression":
+        if aggregation != "mean":
+            raise ValueError(f"regression teachers aggregate by 'mean', not {aggregation!r}")
+        return kd_regression_loss(student, ensemble_target(teacher_logits, "mean"), labels, soft_weight)
+    y = _class_labels(labels) if labels is not None else None
+    if objective == "kl":
+        target = ensemble_target(teacher_logits, aggregation, temperature, labels=y, wrong_weight=wrong_teacher_weight)
+        return kd_classification_loss(student, target, y, temperature, soft_weight)
+    if objective == "mse_logits":
+        if aggregation not in ("mean_logits", "weighted"):
+            raise ValueError(f"mse_logits regresses on logits: aggregation must be mean_logits or weighted, "
+                             f"not {aggregation!r}")
+        target = ensemble_target(teacher_logits, aggregation, labels=y, wrong_weight=wrong_teacher_weight)
+        soft = mse_logits_loss(student, target)
+    else:  # soft_ce
+        target = ensemble_target(teacher_logits, aggregation, 1.0, labels=y, wrong_weight=wrong_teacher_weight)
+        soft = soft_cross_entropy(student, F.softmax(target, dim=-1))  # (B, C) probabilities
+    hard = masked_hard_loss(kind, student, y) if y is not None else student.new_zeros(())
+    return soft_weight * soft + (1 - soft_weight) * hard
+
+
+def _class_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Class ids as int64 with -1 for a missing label (float labels carry NaN there)."""
+    if labels.is_floating_point():
+        labels = torch.nan_to_num(labels, nan=-1.0)
+    return labels.long()
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
