@@ -154,7 +154,8 @@ def prepare(s: dict, L: int, scratch: Path | None) -> dict:
 
 
 def distill_student(s: dict, prep: dict, L: int, l: int, out: Path, report) -> list[float]:
-    """Train the l-layer branch on cached states against the teacher ensemble; `report(epoch, score)` per epoch.
+    """Train the l-layer branch on cached states against the teacher ensemble; `report(epoch, score, scores,
+    last)` after every epoch.
 
     The student after each epoch is saved to `out/student` before its score is reported, so a trial that
     ASHA stops leaves the artifact its last reported score belongs to.
@@ -193,7 +194,7 @@ def distill_student(s: dict, prep: dict, L: int, l: int, out: Path, report) -> l
         scores.append(score)
         save_model(single_task(student, task), out / "student", include_trunk=False, tasks=_task_meta(s),
                    extra={"role": "tune_student", "L": L, "l": l, "epochs_done": epoch + 1, "scores": scores})
-        report(epoch, score)
+        report(epoch, score, list(scores), epoch + 1 == st["epochs"])
     return scores
 
 
@@ -227,13 +228,14 @@ def run_trial(config: dict, settings: dict) -> None:
                     teacher_branch_dir=str(Path(prep["teacher_dir"]) / "branch"),
                     **{f"computed_{k}": v for k, v in prep["computed"].items()})
 
-        def report(epoch: int, score: float) -> None:
+        def report(epoch: int, score: float, scores: list[float], last: bool) -> None:
+            if last:  # before the report: Tune may end the trial at its final report (max_t reached)
+                caches.mark_done(student_dir, {"kind": "student", "task": task, "L": L, "l": l, "scores": scores,
+                                               "base": {k: v for k, v in base.items() if not k.startswith("computed_")}})
             tune.report({**base, "score": score, "epoch": epoch + 1, "cached": False,
                          "seconds": round(time.perf_counter() - started, 2)})
 
-        scores = distill_student(s, prep, L, l, student_dir, report)
-        caches.mark_done(student_dir, {"kind": "student", "task": task, "L": L, "l": l, "scores": scores,
-                                       "base": {k: v for k, v in base.items() if not k.startswith("computed_")}})
+        distill_student(s, prep, L, l, student_dir, report)
 
 
 def _replay(student_dir: Path, base: dict, tune) -> None:

@@ -1,0 +1,185 @@
+"""The real jobs/tune_depth.py on a tiny random encoder and trimmed demo data, under the session's 2-CPU Ray:
+sweep results and the failing trial, cache hits, the merged model against each task's own branch, the
+report, a rerun that resumes, a killed sweep that resumes, and the fail-fast messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import TINY_ENCODER
+from kdlib.artifact import load_model
+from kdlib.encoder import load_tokenizer, resolve_encoder_path
+from kdlib.tokenize import tokenize
+from kdlib.tune.caches import computed_entries
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+FAIL = "sentiment:3:2"
+
+
+def tiny_config(tmp_path: Path, tasks=("sentiment", "similarity")) -> str:
+    """configs/tune/demo.yaml with only `tasks`, written next to the test's storage."""
+    data = yaml.safe_load((ROOT / "configs" / "tune" / "demo.yaml").read_text())
+    data["tasks"] = {t: c for t, c in data["tasks"].items() if t in tasks}
+    path = tmp_path / "tune.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def tiny_overrides(root: Path, tasks=("sentiment", "similarity")) -> list[str]:
+    enc = ", ".join(f"{k}: {v}" for k, v in TINY_ENCODER.items())
+    return [f"storage_root={root}", "encoder.random_init=true", f"encoder.config_overrides={{{enc}}}",
+            "encoder.max_length=32", *[f"tasks.{t}.max_train_examples=80" for t in tasks],
+            "teachers.epochs=1", "student.epochs=2", "scheduler.grace_period=1", "search.sampler=brute_force",
+            "search.min_fine_tune_layers=2", "search.max_fine_tune_layers=3", "search.max_branch_layers=2",
+            "search.num_samples=5", "reference.full_fine_tuning=false"]
+
+
+@pytest.fixture(scope="module")
+def job():
+    return runpy.run_path(str(ROOT / "jobs" / "tune_depth.py"), run_name="tune_job")
+
+
+@pytest.fixture(scope="module")
+def sweep(ray_session, job, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tune")
+    config, overrides = tiny_config(root), tiny_overrides(root) + [f"search.inject_failures=['{FAIL}']"]
+    assert job["main"]([config, *overrides]) == 0
+    out = root / "tune_demo" / "tune"
+    return root, config, overrides, json.loads((out / "results.json").read_text()), out
+
+
+def test_every_task_has_a_table_and_the_failing_trial_is_reported(sweep):
+    root, _, _, results, out = sweep
+    import pandas as pd
+
+    table = pd.read_csv(out / "table.csv")
+    assert set(table["task"]) == {"sentiment", "similarity"}
+    # brute force over L in {2, 3} x l in {1, 2}: every pair tried per task (a 5th sample may repeat one)
+    for task, g in table.groupby("task"):
+        assert {(int(r.L), int(r.l)) for r in g.itertuples()} == {(2, 1), (2, 2), (3, 1), (3, 2)}
+    failed = table[table["status"] == "error"]
+    assert [(r.task, r.L, r.l) for r in failed.itertuples()] == [("sentiment", 3, 2)]
+    assert "injected failure" in failed["error"].iloc[0]
+    ok = table[table["status"] == "ok"]
+    assert ok["score"].notna().all() and (ok["epochs"] >= 1).all()
+    assert results["failed_trials"][0]["l"] == 2
+    assert "failed: sentiment L=3 l=2" in (out / "summary.md").read_text()
+
+
+def test_trunk_states_and_teachers_are_computed_once(sweep):
+    root, _, _, results, _ = sweep
+    states = computed_entries(root, "trunk_states")
+    # one computation per (task, depth): depths 2 (L=2) and 1 (L=3) for both tasks
+    assert len(states) == 4 and len({s["entry"] for s in states}) == 4
+    teachers = computed_entries(root, "teacher")
+    assert sorted((t["task"], t["L"]) for t in teachers) == [("sentiment", 2), ("sentiment", 3),
+                                                              ("similarity", 2), ("similarity", 3)]
+    students = computed_entries(root, "student")
+    assert len({s["entry"] for s in students}) == len(students)  # no (L, l) trained twice
+    assert len(students) >= 2  # at least the trials ASHA let finish
+    passes = results["layer_passes"]
+    assert passes["uncached"] > passes["cached"] > 0
+
+
+def test_merged_model_equals_each_tasks_branch(sweep):
+    root, config, overrides, results, out = sweep
+    assert max(results["max_output_difference"].values()) <= 1e-5
+    merged, manifest = load_model(results["model_dir"])
+    assert manifest["role"] == "merged"
+    n = results["encoder_layers"]
+    choice = results["choice"]
+    assert {b["name"]: (b["depth"], b["layers"]) for b in manifest["branches"]} == {
+        t: (n - c["L"], c["l"]) for t, c in choice.items()}
+    # Independently: each chosen branch's own artifact on the encoder vs the merged model, on fresh text.
+    from kdlib.encoder import load_encoder
+
+    enc = load_encoder(resolve_encoder_path("sentence-transformers/all-MiniLM-L6-v2"), True, TINY_ENCODER, seed=0)
+    tok = load_tokenizer(resolve_encoder_path("sentence-transformers/all-MiniLM-L6-v2"))
+    batch = {k: torch.from_numpy(v) for k, v in tokenize(tok, ["a fine film", "not good at all, sadly"],
+                                                         ["a film", "bad"], max_length=32).items()}
+    out_merged = merged(**batch)
+    for task, c in choice.items():
+        single, _ = load_model(c["path"], encoder=enc)
+        torch.testing.assert_close(out_merged[task], single(**batch)[task], atol=1e-5, rtol=0)
+    assert results["chosen"]["overhead"] == pytest.approx(
+        (max(n - c["L"] for c in choice.values()) + sum(c["l"] for c in choice.values())) / (n * len(choice)))
+
+
+def test_report_names_each_choice_and_plots(sweep):
+    _, _, _, results, out = sweep
+    summary = (out / "summary.md").read_text()
+    for task, c in results["choice"].items():
+        assert f"| {task} | {c['L']} | {c['l']} |" in summary
+        assert results["reasons"][task] in summary
+    assert "budget" in summary and "threshold" in summary
+    for png in ("tasks.png", "curve.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert {p["rule"] for p in results["curve"]} == {"threshold", "budget"}
+
+
+def test_rerun_with_the_same_storage_resumes_without_recomputing(sweep, job, capsys):
+    root, config, overrides, results, out = sweep
+    before = {k: len(computed_entries(root, k)) for k in ("trunk_states", "teacher", "student", "teacher_outputs")}
+    assert job["main"]([config, *overrides]) == 0
+    assert "resuming the sweep" in capsys.readouterr().out
+    after = {k: len(computed_entries(root, k)) for k in before}
+    assert after == before
+    again = json.loads((out / "results.json").read_text())
+    assert again["choice"] == results["choice"] and again["trials"] == results["trials"]
+
+
+def test_killed_sweep_resumes(ray_session, tmp_path, capsys):
+    """A driver killed mid-sweep: the rerun restores the Tune experiment, finishes it, and no finished
+    (L, l) student or cached trunk state is computed again."""
+    root = tmp_path / "store"
+    config, overrides = tiny_config(tmp_path, ("sentiment",)), tiny_overrides(root, ("sentiment",))
+    address = ray_session.get_runtime_context().gcs_address
+    code = ("import runpy, sys; job = runpy.run_path(sys.argv[1], run_name='tune_job'); "
+            "sys.exit(job['main'](sys.argv[2:]))")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(ROOT / "jobs" / "tune_depth.py"), config, *overrides,
+                             f"ray.address={address}"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 150
+    while time.time() < deadline and len(computed_entries(root, "student")) < 1 and proc.poll() is None:
+        time.sleep(0.5)
+    assert proc.poll() is None, "the sweep ended before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = {s["entry"] for s in computed_entries(root, "student")}
+    assert 1 <= len(done_before) < 4
+    time.sleep(2)  # the dead driver's trial actors are reaped by Ray
+
+    state_saved = any((root / "tune_demo" / "tune" / "ray" / "sentiment").glob("experiment_state-*.json"))
+    assert state_saved  # Tune saves its state when the sweep starts and as trials report
+    job = runpy.run_path(str(ROOT / "jobs" / "tune_depth.py"), run_name="tune_job")
+    assert job["main"]([config, *overrides]) == 0
+    assert "resuming the sweep" in capsys.readouterr().out
+    students = computed_entries(root, "student")
+    assert len({s["entry"] for s in students}) == len(students)  # none of the finished ones trained again
+    assert len(computed_entries(root, "trunk_states")) == 2  # depths 1 and 2, once each across both runs
+    results = json.loads((root / "tune_demo" / "tune" / "results.json").read_text())
+    assert results["choice"]["sentiment"]["l"] >= 1 and results["failed_trials"] == []
+
+
+@pytest.mark.parametrize("override, message", [
+    ("search.max_fine_tune_layers=5", "search.max_fine_tune_layers=5: the encoder has only 4 layers"),
+    ("selection.budget=1", "selection budget 1 is below one layer per task (2 tasks"),
+])
+def test_impossible_settings_fail_before_anything_runs(job, tmp_path, capsys, override, message):
+    root = tmp_path / "store"
+    assert job["main"]([tiny_config(tmp_path), *tiny_overrides(root), override]) == 2
+    assert message in capsys.readouterr().err
+    assert not (root / "cache").exists()  # nothing trained, nothing cached
