@@ -30,6 +30,7 @@ from kdlib.cluster import init_ray
 from kdlib.config_loading import dump_config
 from kdlib.encoder import encoder_fingerprint, load_encoder, load_tokenizer, resolve_encoder_path
 from kdlib.errors import ConfigError, KdlibError
+from kdlib.stages import fingerprint
 from kdlib.tasks import TaskData, load_task
 from kdlib.tune.config import TuneRunConfig, check_feasible, load_tune_config
 from kdlib.tune.costs import layer_passes
@@ -77,6 +78,16 @@ def task_settings(cfg: TuneRunConfig, data: TaskData, enc: dict, root: Path, run
             "inject_failures": list(cfg.search.inject_failures), "torch_threads": cfg.search.torch_threads}
 
 
+def sweep_key(cfg: TuneRunConfig, settings: dict) -> str:
+    """What a task's sweep explores: rerunning with the same key resumes it, any change starts a new one
+    (still reusing every cached teacher, trunk state and student that fits)."""
+    operational = {"train", "dev", "run_dir", "inject_failures", "torch_threads"}
+    return fingerprint({k: v for k, v in settings.items() if k not in operational},
+                       cfg.search.model_dump(include={"min_fine_tune_layers", "max_fine_tune_layers",
+                                                      "max_branch_layers", "num_samples", "sampler"}),
+                       cfg.scheduler.model_dump())[:8]
+
+
 def run(cfg: TuneRunConfig, config_path: str = "") -> dict:
     """The whole search: sweeps, selection, merge, report. Returns results.json's content."""
     started = time.perf_counter()
@@ -99,7 +110,8 @@ def run(cfg: TuneRunConfig, config_path: str = "") -> dict:
     tables = []
     for name in tasks:
         tables.append(run_task_search(
-            task=name, settings=settings[name], storage_path=str(out_dir / "ray"), min_L=s.min_fine_tune_layers,
+            task=name, sweep=f"{name}-{sweep_key(cfg, settings[name])}", settings=settings[name],
+            storage_path=str(out_dir / "ray"), min_L=s.min_fine_tune_layers,
             max_L=s.max_fine_tune_layers, max_l=s.max_branch_layers, num_samples=s.num_samples,
             max_concurrent_trials=s.max_concurrent_trials, cpus_per_trial=s.cpus_per_trial, sampler=s.sampler,
             epochs=cfg.student.epochs, grace_period=cfg.scheduler.grace_period,
@@ -163,7 +175,7 @@ def run(cfg: TuneRunConfig, config_path: str = "") -> dict:
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
     (out_dir / "summary.md").write_text(summary_markdown(
         run_name=cfg.run_name, chosen=chosen, other=other, encoder_layers=n_layers, reference=reference,
-        table=table, diffs=diffs, seconds=results["seconds"]))
+        table=table, diffs=diffs, seconds=results["seconds"], cands=cands))
     return results
 
 

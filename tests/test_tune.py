@@ -162,7 +162,7 @@ def test_killed_sweep_resumes(ray_session, tmp_path, capsys):
     assert 1 <= len(done_before) < 4
     time.sleep(2)  # the dead driver's trial actors are reaped by Ray
 
-    state_saved = any((root / "tune_demo" / "tune" / "ray" / "sentiment").glob("experiment_state-*.json"))
+    state_saved = any((root / "tune_demo" / "tune" / "ray").glob("sentiment-*/experiment_state-*.json"))
     assert state_saved  # Tune saves its state when the sweep starts and as trials report
     job = runpy.run_path(str(ROOT / "jobs" / "tune_depth.py"), run_name="tune_job")
     assert job["main"]([config, *overrides]) == 0
@@ -172,6 +172,19 @@ def test_killed_sweep_resumes(ray_session, tmp_path, capsys):
     assert len(computed_entries(root, "trunk_states")) == 2  # depths 1 and 2, once each across both runs
     results = json.loads((root / "tune_demo" / "tune" / "results.json").read_text())
     assert results["choice"]["sentiment"]["l"] >= 1 and results["failed_trials"] == []
+
+
+def test_benchmark_times_the_sweep_with_and_without_caches(ray_session, job, tmp_path):
+    config = tiny_config(tmp_path, ("sentiment",))
+    overrides = [o for o in tiny_overrides(tmp_path, ("sentiment",)) if not o.startswith("storage_root")]
+    out = job["benchmark"](config, overrides + ["search.num_samples=4"], str(tmp_path / "bench"))
+    cached, uncached = out["cached"], out["uncached"]
+    assert out["wall_speedup"] == pytest.approx(uncached["sweep_seconds"] / cached["sweep_seconds"])
+    assert out["theoretical_speedup"] > 1
+    # without caches every trial trains its own teacher; with them one per L
+    assert len(computed_entries(tmp_path / "bench" / "cached", "teacher")) == 2
+    assert computed_entries(tmp_path / "bench" / "uncached", "teacher") == []  # private, per-trial folders
+    assert cached["curve"] and uncached["curve"]
 
 
 @pytest.mark.parametrize("override, message", [

@@ -119,9 +119,11 @@ def test_curve_has_a_point_per_threshold_and_feasible_budget():
         assert budget_select(table5_candidates(), layers, 12).average() >= threshold_select(table5_candidates(), c).average() - 1e-9
 
 
-def test_demo_tune_config_validates():
-    cfg = load_tune_config(ROOT / "configs" / "tune" / "demo.yaml")
-    assert cfg.search.max_branch_layers <= 3 and cfg.selection.rule == "threshold"
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "tune").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_tune_config_validates_and_fits_minilm(path):
+    cfg = load_tune_config(path)
+    check_feasible(cfg, 6)  # MiniLM's 6 layers
+    assert cfg.search.max_branch_layers <= 3
 
 
 def test_bad_settings_name_file_line_and_key(tmp_path):

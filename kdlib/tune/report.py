@@ -58,9 +58,24 @@ def plot_curve(points: list[dict], chosen: dict, reference: float | None, path: 
     return path
 
 
+def score_grid(cands: list[Candidate], task: str) -> str:
+    """Markdown table of one task's scores: a row per L (its teacher first), a column per branch size l."""
+    mine = [c for c in cands if c.task == task]
+    ls = sorted({c.l for c in mine if c.source == "student"})
+    lines = [f"| {task}: L | teacher ensemble | teacher member (l = L) | " + " | ".join(f"l={l}" for l in ls) + " |",
+             "|---" * (3 + len(ls)) + "|"]
+    for L in sorted({c.L for c in mine}):
+        row = {c.l: c.score for c in mine if c.L == L and c.source == "student"}
+        member = next((f"{c.score:.2f}" for c in mine if c.L == L and c.source == "teacher"), "-")
+        ens = next(c.teacher_score for c in mine if c.L == L)
+        lines.append(f"| {L} | {ens:.2f} | {member} | " + " | ".join(f"{row[l]:.2f}" if l in row else "-" for l in ls)
+                     + " |")
+    return "\n".join(lines)
+
+
 def summary_markdown(*, run_name: str, chosen: Selection, other: Selection | None, encoder_layers: int,
                      reference: dict[str, float] | None, table: pd.DataFrame, diffs: dict[str, float],
-                     seconds: float) -> str:
+                     seconds: float, cands: list[Candidate]) -> str:
     """The run's summary: each task's chosen (L, l) and why, both rules, failed trials, the merge check."""
     lines = [f"# Depth search: {run_name}", "",
              f"Merged model by the **{chosen.rule}** rule ({'c' if chosen.rule == 'threshold' else 'B'} = "
@@ -79,6 +94,9 @@ def summary_markdown(*, run_name: str, chosen: Selection, other: Selection | Non
                   + f"; average {other.average():.2f} at {100 * other.overhead(encoder_layers):.1f}% overhead."]
     lines += ["", "Merged outputs against each task's own model (max |difference| on dev): "
               + ", ".join(f"{t} {d:.1e}" for t, d in diffs.items()) + "."]
+    lines += ["", "Dev scores of every (L, l) tried (a stopped trial counts with its last reported score):"]
+    for task in chosen.choice:
+        lines += ["", score_grid(cands, task)]
     failed = table[table["status"] == "error"]
     stopped = table[table["stopped_early"] == True]  # noqa: E712
     lines += ["", f"Trials: {len(table)} ({len(stopped)} stopped early by ASHA, {len(failed)} failed); "

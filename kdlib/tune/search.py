@@ -1,6 +1,6 @@
 """One Ray Tune sweep per task over (L, l): OptunaSearch proposes, ASHA stops weak trials early.
 
-A sweep lives in `<storage_path>/<task>/`; rerunning with the same storage restores it
+A sweep lives in `<storage_path>/<task>-<settings key>/`; rerunning with the same storage and settings restores it
 (`Tuner.can_restore` / `Tuner.restore`): finished trials are kept, unfinished ones rerun, and a rerun
 trial whose student is already in the cache only replays its stored scores. A failing trial is
 recorded (`ResultGrid.errors`) and the sweep goes on.
@@ -40,18 +40,18 @@ class DepthSpace:
         trial.suggest_int("l", 1, min(self.max_l, L))
 
 
-def run_task_search(*, task: str, settings: dict, storage_path: str, min_L: int, max_L: int, max_l: int,
+def run_task_search(*, task: str, sweep: str, settings: dict, storage_path: str, min_L: int, max_L: int, max_l: int,
                     num_samples: int, max_concurrent_trials: int, cpus_per_trial: float, sampler: str,
                     epochs: int, grace_period: int, reduction_factor: float, max_failures: int, seed: int,
                     log=print) -> pd.DataFrame:
-    """Run (or resume) the sweep of one task; returns one row per trial (TABLE_COLUMNS)."""
+    """Run (or resume) the sweep of one task in `<storage_path>/<sweep>`; one row per trial (TABLE_COLUMNS)."""
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings), {"cpu": cpus_per_trial})
-    path = Path(storage_path) / task
+    path = Path(storage_path) / sweep
     if tune.Tuner.can_restore(str(path)) and not any(path.glob("experiment_state-*.json")):
         # A driver that died before Tune saved its first state left only the Tuner: nothing to resume.
         shutil.rmtree(path)
@@ -71,7 +71,7 @@ def run_task_search(*, task: str, settings: dict, storage_path: str, min_L: int,
             trainable,
             tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler,
                                         num_samples=num_samples, max_concurrent_trials=max_concurrent_trials),
-            run_config=tune.RunConfig(storage_path=str(storage_path), name=task, verbose=0,
+            run_config=tune.RunConfig(storage_path=str(storage_path), name=sweep, verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=max_failures)),
         )
         log(f"[tune:{task}] {num_samples} trials over L in [{min_L}, {max_L}], l in [1, {max_l}] -> {path}")
