@@ -69,7 +69,7 @@ def run_task_search(*, task: str, sweep: str, settings: dict, storage_path: str,
                                   reduction_factor=reduction_factor)
         tuner = tune.Tuner(
             trainable,
-            tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler,
+            tune_config=tune.TuneConfig(search_alg=search, reuse_actors=True, scheduler=scheduler,
                                         num_samples=num_samples, max_concurrent_trials=max_concurrent_trials),
             run_config=tune.RunConfig(storage_path=str(storage_path), name=sweep, verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=max_failures)),
