@@ -139,6 +139,7 @@ def test_rerun_with_the_same_storage_resumes_without_recomputing(sweep, job, cap
     assert after == before
     again = json.loads((out / "results.json").read_text())
     assert again["choice"] == results["choice"] and again["trials"] == results["trials"]
+    assert again["failed_trials"] == results["failed_trials"]  # the restored failure keeps its (L, l)
 
 
 def test_killed_sweep_resumes(ray_session, tmp_path, capsys):

@@ -8,6 +8,7 @@ recorded (`ResultGrid.errors`) and the sweep goes on.
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -84,6 +85,9 @@ def run_task_search(*, task: str, sweep: str, settings: dict, storage_path: str,
 
 def result_row(task: str, result, epochs: int) -> dict:
     m, cfg = result.metrics or {}, result.config or {}
+    params = Path(result.path or "") / "params.json"
+    if "L" not in cfg and params.exists():  # a restored errored trial comes back without its config
+        cfg = json.loads(params.read_text())
     failed = result.error is not None
     done = int(m.get("epoch", 0))
     return {"task": task, "L": int(cfg.get("L", m.get("L", -1))), "l": int(cfg.get("l", m.get("l", -1))),
