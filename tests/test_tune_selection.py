@@ -10,8 +10,7 @@ import pytest
 
 from kdlib.errors import ConfigError
 from kdlib.tune.config import check_feasible, load_tune_config
-from kdlib.tune.selection import (Candidate, brute_force_select, budget_select, curve, threshold_select,
-                                  total_layers)
+from kdlib.tune.selection import Candidate, brute_force_select, budget_select, curve, threshold_select, total_layers
 
 ROOT = Path(__file__).resolve().parent.parent
 

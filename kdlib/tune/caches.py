@@ -1,6 +1,7 @@
 """What trials share: frozen trunk states per (task, depth), teachers per (task, L, seed), finished students.
 
-Concurrent trials on one machine (or on nodes sharing the storage) meet at a lock file per cache entry:
+Concurrent trials on one machine (or on nodes sharing a storage with working `flock`, e.g. NFSv4) meet
+at a lock file per cache entry:
 the first computes and writes atomically (temp file, then rename), later ones wait and read. An entry
 counts only once its `_DONE.json` marker exists, so a trial killed mid-write leaves nothing half-read.
 

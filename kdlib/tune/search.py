@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import warnings
 from dataclasses import dataclass
-import shutil
 from pathlib import Path
 
 import pandas as pd

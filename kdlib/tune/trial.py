@@ -10,6 +10,7 @@ which is what ASHA stops on.
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 import uuid
@@ -114,13 +115,11 @@ def save_teacher_outputs(out: Path, s: dict, encoder, ensemble: BranchedModel, i
     save_model(single_task(branch, s["task"]), out / "branch", include_trunk=False, tasks=_task_meta(s),
                extra={"role": "tune_teacher_branch", "L": L, "l": L})
     meta = {k: info[k] for k in ("member_scores", "ensemble_score", "best_member")}
-    (out / "scores.json").write_text(__import__("json").dumps(meta))
+    (out / "scores.json").write_text(json.dumps(meta))
     return meta
 
 
 def load_teacher_outputs(out: Path) -> dict:
-    import json
-
     data = load_file(str(out / "logits.safetensors"))
     return {"logits": {k: v.numpy() for k, v in data.items()}, **json.loads((out / "scores.json").read_text())}
 
@@ -239,8 +238,6 @@ def run_trial(config: dict, settings: dict) -> None:
 
 
 def _replay(student_dir: Path, base: dict, tune) -> None:
-    import json
-
     done = json.loads((student_dir / caches.DONE).read_text())
     for epoch, score in enumerate(done["scores"]):
         tune.report({**base, **done["base"], "score": score, "epoch": epoch + 1, "cached": True, "seconds": 0.0,
