@@ -184,12 +184,13 @@ def distill_students(cfg: RunConfig, tasks: dict[str, TaskData], teacher_dirs: d
         t = cfg.tasks[name]
         task_cfg[name] = {"kind": data.kind, "ensemble_dir": teacher_dirs[name], "init_member": member_name(name, best),
                           "branch_layers": t.branch_layers, "aggregation": t.resolved_aggregation,
-                          "wrong_teacher_weight": t.wrong_teacher_weight}
+                          "wrong_teacher_weight": t.wrong_teacher_weight, "objective": t.objective or d.objective}
     loop_config = {"tasks": task_cfg, "encoder_source": enc["source"], "random_init": cfg.encoder.random_init,
                    "config_overrides": cfg.encoder.config_overrides, "pooling": cfg.encoder.pooling,
                    "max_length": cfg.encoder.max_length, "seed": cfg.seed, "log_every": 20,
                    **d.model_dump(include={"epochs", "batch_size", "lr", "weight_decay", "temperature", "alpha",
-                                           "torch_threads"})}
+                                           "torch_threads", "teacher_annealing", "schedule", "sampling_tau",
+                                           "road_k"})}
     fp = fingerprint("students", {n: s.key for n, s in stores.items()},
                      {k: v for k, v in loop_config.items() if k != "tasks"},
                      {t: {k: v for k, v in c.items() if k != "ensemble_dir"} for t, c in task_cfg.items()})

@@ -55,6 +55,8 @@ class TaskConfig(_Strict):
     # How the K teachers' stored logits become one target at training time. None: mean_logits for
     # classification, mean for regression. weighted: ROaD weighted KD (needs gold labels).
     aggregation: Literal["mean_logits", "mean_probs", "weighted", "mean"] | None = None
+    # The loss against the teachers; None: distill.objective. hard: gold labels only (no teacher term).
+    objective: Literal["kl", "mse_logits", "soft_ce", "hard"] | None = None
     wrong_teacher_weight: float = Field(0.5, gt=0, lt=1)  # W of weighted KD
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     unlabeled: str | None = None  # plain text file (relative to data_dir), one example per line; pairs: tab
@@ -116,6 +118,16 @@ class DistillConfig(_Strict):
     weight_decay: float = Field(0.01, ge=0)
     temperature: float = Field(2.0, gt=0)
     alpha: float = Field(0.5, ge=0, le=1)  # weight of the KD term; 1 - alpha on the hard-label loss
+    # kl: ROaD sec. 2.2 (T^2 KL + hard, by alpha); mse_logits: MKD eq. 6; soft_ce: MT-DNN KD sec. 3
+    # (cross-entropy against the teachers' mean probabilities, averaged with the hard loss: alpha 0.5);
+    # hard: gold labels only. A task's own `objective` overrides this.
+    objective: Literal["kl", "mse_logits", "soft_ce", "hard"] = "kl"
+    teacher_annealing: bool = False  # true: the hard-label weight rises linearly 0 -> 1 over training (replaces alpha)
+    # mtdnn: every task's batches merged and shuffled each epoch (MT-DNN Algorithm 1); sampling: tasks
+    # drawn with p ~ |D_t|^sampling_tau; road: each step averages the gradients of road_k tasks (ROaD Alg. 1).
+    schedule: Literal["mtdnn", "sampling", "road"] = "mtdnn"
+    sampling_tau: float = Field(1.0, ge=0)
+    road_k: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)
 
 
@@ -140,6 +152,13 @@ class RunConfig(_Strict):
     def _check(self) -> "RunConfig":
         if not self.tasks:
             raise ValueError("tasks: at least one task is needed")
+        if self.distill.schedule == "road" and self.distill.road_k > len(self.tasks):
+            raise ValueError(f"distill.road_k ({self.distill.road_k}) exceeds the number of tasks ({len(self.tasks)})")
+        for name, t in self.tasks.items():
+            objective = t.objective or self.distill.objective
+            if objective == "mse_logits" and t.resolved_aggregation == "mean_probs":
+                raise ValueError(f"tasks.{name}: objective mse_logits needs logits; aggregation mean_probs gives "
+                                 "probabilities (use mean_logits or weighted)")
         for name in self.tasks:
             if not name.replace("_", "").replace("-", "").isalnum():
                 raise ValueError(f"task name {name!r}: use letters, digits, '-' and '_' only")

@@ -4,9 +4,10 @@ The soft-target rows come as Ray Datasets: one per task read from the soft-targe
 straight from the labeling actors while they label. Ray Train splits them across workers; each worker
 builds the student (frozen shared trunk, one branch per task initialised from the teacher), runs the
 trunk once over its rows as they arrive, and then trains: every step takes one task's batch, the
-schedule (MT-DNN Algorithm 1: all tasks' mini-batches merged and shuffled each epoch) drawn from a
-seed shared by all workers, so every replica updates the same branch in the same step. Loss: KL with
-temperature against the task's aggregated teachers plus the hard-label loss (losses.py). A checkpoint
+schedule (MT-DNN Algorithm 1, |D_t|^tau sampling, or ROaD's k tasks per step: schedules.py) drawn from a
+seed shared by all workers, so every replica updates the same branches in the same step. Loss: the
+task's objective (KL with temperature, MSE on logits, soft cross-entropy, or hard labels only) against
+its aggregated teachers, mixed with the hard-label loss by alpha or by teacher annealing (losses.py). A checkpoint
 is written every epoch; a restarted worker group resumes from the last one.
 """
 
@@ -29,8 +30,9 @@ from ray.train.torch import TorchTrainer
 from kdlib.artifact import load_model
 from kdlib.encoder import load_encoder, load_tokenizer
 from kdlib.features import TrunkFeatures, length_grouped_batches
-from kdlib.losses import ensemble_target, kd_classification_loss, kd_regression_loss
+from kdlib.losses import distillation_loss, teacher_annealing_weight
 from kdlib.merge import build_student
+from kdlib.schedules import mtdnn_schedule, road_schedule, temperature_sampling_schedule
 from kdlib.soft_targets import ids_digest
 from kdlib.train_state import load_train_state, save_train_state
 
@@ -133,29 +135,44 @@ def train_loop_per_worker(config: dict) -> None:
     bs = config["batch_size"]
     n_batches = {t: math.ceil(int(n) / bs) for t, n in zip(tasks, counts)}
 
+    # Schedules may draw a task more often than its batches in an epoch; then its batches are refilled
+    # (the same step on every worker, as every worker holds n_batches[t] of them per refill).
+    total_batches = sum(n_batches.values())
+    k = config["road_k"] if config["schedule"] == "road" else 1
+    steps_per_epoch = math.ceil(total_batches / k)
+    total_steps = config["epochs"] * steps_per_epoch
+    sizes = {t: max(1, int(n)) for t, n in zip(tasks, counts)}
+
     for epoch in range(start_epoch, config["epochs"]):
         epoch_start = time.perf_counter()
         shared = np.random.default_rng([config["seed"], epoch])  # same on every worker
         local = np.random.default_rng([config["seed"], epoch, rank])
-        batches = {t: length_grouped_batches(data[t][0].lengths, bs, local, n_batches=n_batches[t]) for t in tasks}
-        schedule = [t for t in tasks for _ in range(n_batches[t])]
-        shared.shuffle(schedule)
+
+        def fresh(t):
+            return length_grouped_batches(data[t][0].lengths, bs, local, n_batches=n_batches[t])
+
+        batches = {t: fresh(t) for t in tasks}
+        schedule = epoch_schedule(config, n_batches, sizes, steps_per_epoch, shared)
         losses: dict[str, list[float]] = {t: [] for t in tasks}
         student.train()
-        for i, task in enumerate(schedule):
-            idx = batches[task].pop()
+        for i, step_tasks in enumerate(schedule):
             optimizer.zero_grad(set_to_none=True)
-            if len(idx):
-                loss = task_loss(student, task, tasks[task], data[task], idx, config)
-                loss.backward()
-                losses[task].append(loss.item())
-            average_gradients(list(student.branches[task].parameters()), world, weight=len(idx))
+            hard_weight = teacher_annealing_weight(step, total_steps) if config["teacher_annealing"] else None
+            for task in step_tasks:
+                if not batches[task]:
+                    batches[task] = fresh(task)
+                idx = batches[task].pop()
+                if len(idx):
+                    loss = task_loss(student, task, tasks[task], data[task], idx, config, hard_weight)
+                    (loss / len(step_tasks)).backward()  # ROaD: the step averages its tasks' gradients
+                    losses[task].append(loss.item())
+                average_gradients(list(student.branches[task].parameters()), world, weight=len(idx))
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
             step += 1
-            if rank == 0 and (i + 1) % config["log_every"] == 0 and losses[task]:
+            if rank == 0 and (i + 1) % config["log_every"] == 0 and losses[step_tasks[-1]]:
                 print(f"[distill] epoch {epoch + 1}/{config['epochs']} step {i + 1}/{len(schedule)} "
-                      f"{task} loss {losses[task][-1]:.4f}", flush=True)
+                      f"{'+'.join(step_tasks)} loss {losses[step_tasks[-1]][-1]:.4f}", flush=True)
         metrics = {"epoch": epoch + 1, "step": step, "start_epoch": start_epoch,
                    "seconds": round(time.perf_counter() - epoch_start, 2), **seen,
                    **{f"loss/{t}": float(np.mean(v)) if v else float("nan") for t, v in losses.items()}}
@@ -169,18 +186,27 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=ckpt)
 
 
-def task_loss(student, task: str, spec: dict, data, idx, config: dict) -> torch.Tensor:
-    """The distillation loss of one mini-batch of one task, its teachers aggregated as the task says."""
+def epoch_schedule(config: dict, n_batches: dict[str, int], sizes: dict[str, int], steps: int,
+                   rng: np.random.Generator) -> list[tuple[str, ...]]:
+    """The tasks of every step of one epoch (the same on every worker: `rng` is seeded alike)."""
+    if config["schedule"] == "mtdnn":
+        return [(t,) for t in mtdnn_schedule(n_batches, rng)]
+    if config["schedule"] == "sampling":
+        return [(t,) for t in temperature_sampling_schedule(sizes, config["sampling_tau"], steps, rng)]
+    return road_schedule(list(n_batches), config["road_k"], steps, rng)
+
+
+def task_loss(student, task: str, spec: dict, data, idx, config: dict, hard_weight: float | None = None) -> torch.Tensor:
+    """One mini-batch's loss for one task: its objective against its aggregated teachers (losses.py)."""
     feats, labels, logits = data
     h, mask = feats.batch(idx)
     out = student.branch_forward(task, h, mask)
-    target, y = logits[idx], labels[idx]
-    if spec["kind"] == "classification":
-        y = torch.nan_to_num(y, nan=-1).long()
-        target = ensemble_target(target, spec["aggregation"], config["temperature"], labels=y,
-                                 wrong_weight=spec["wrong_teacher_weight"])
-        return kd_classification_loss(out, target, y, config["temperature"], config["alpha"])
-    return kd_regression_loss(out, ensemble_target(target, "mean"), y, config["alpha"])
+    hard = spec["objective"] == "hard"
+    return distillation_loss(spec["objective"], kind=spec["kind"], student=out,
+                             teacher_logits=None if hard else logits[idx], labels=labels[idx],
+                             temperature=config["temperature"], alpha=config["alpha"],
+                             aggregation=spec["aggregation"], wrong_teacher_weight=spec["wrong_teacher_weight"],
+                             hard_weight=hard_weight)
 
 
 def average_gradients(params, world: int, weight: float = 1.0) -> None:
