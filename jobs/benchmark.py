@@ -223,7 +223,10 @@ def labeling_benchmark(scale: str, data_dir: str, out: Path, storage_root: str) 
                              random_init=False, config_overrides={}, seed=0, max_length=seq,
                              num_actors=lab.num_actors, cpus_per_actor=lab.cpus_per_actor,
                              torch_threads=lab.torch_threads, batch_size=bs, progress_seconds=30)
-        return {"examples_per_s": n / stats["seconds"], "seconds": stats["seconds"]}
+        records = store.commit_records()
+        busy = sum(r["seconds"] for r in records) / lab.num_actors  # the actors' labeling time, in parallel
+        return {"examples_per_s": n / stats["seconds"], "seconds": stats["seconds"],
+                "steady_examples_per_s": n / busy, "startup_seconds": round(stats["seconds"] - busy, 2)}
 
     def matmul_gflops(size: int = 2048, reps: int = 10) -> float:
         torch.set_num_threads(threads)
@@ -260,7 +263,8 @@ def labeling_benchmark(scale: str, data_dir: str, out: Path, storage_root: str) 
         "benchmark": "labeling", "scale": scale, "examples": n, "seq_len": seq, "batch_size": bs, "threads": threads,
         "labeling_config": cfg.labeling.model_dump(),
         "k1": {"single_process_loop": single, "transformers_pipeline": hf, "labeling_stage": stage_one,
-               "stage_vs_best_baseline": stage_one["examples_per_s"] / best_baseline},
+               "stage_vs_best_baseline": stage_one["examples_per_s"] / best_baseline,
+               "stage_steady_vs_best_baseline": stage_one["steady_examples_per_s"] / best_baseline},
         "k3": {"shared_trunk_loop": shared_loop, "separate_members_loop": separate_loop,
                "shared_gain": shared_loop / separate_loop, "theoretical_gain": 18 / 10,
                "labeling_stage": stage_three},
@@ -276,8 +280,12 @@ def labeling_benchmark(scale: str, data_dir: str, out: Path, storage_root: str) 
                                  "share_of_peak": result["flops"]["stage_share_of_peak"] >= 0.65}}
     rows = [["single-process batched loop (K=1)", single, single * flops_one / 1e9, ""],
             ["transformers text-classification pipeline (K=1)", hf, hf * flops_one / 1e9, ""],
-            ["kdlib labeling stage (K=1)", stage_one["examples_per_s"], stage_gflops,
-             f"{result['k1']['stage_vs_best_baseline']:.2f}x best baseline"],
+            ["kdlib labeling stage (K=1), end to end", stage_one["examples_per_s"], stage_gflops,
+             f"{result['k1']['stage_vs_best_baseline']:.2f}x best baseline; {stage_one['startup_seconds']:.0f} s of it "
+             f"start-up (actors importing torch, loading MiniLM)"],
+            ["kdlib labeling stage (K=1), actors busy", stage_one["steady_examples_per_s"],
+             stage_one["steady_examples_per_s"] * flops_one / 1e9,
+             f"{stage_one['steady_examples_per_s'] / best_baseline:.2f}x best baseline"],
             ["K=3 members run separately (loop)", separate_loop, "", ""],
             ["K=3 sharing the bottom 4 of 6 layers (loop)", shared_loop, "",
              f"{result['k3']['shared_gain']:.2f}x (theory 1.80x)"],

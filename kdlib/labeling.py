@@ -56,8 +56,9 @@ class ShardLabeler:
                 examples = pd.DataFrame({col: list(row[key]) for key, col in EXAMPLE_LISTS.items()})
                 examples.insert(1, "task", shard.task)
                 examples.insert(2, "split", shard.split)
+                start = time.perf_counter()
                 frame = self.label(shard.task, examples)
-                store.commit(shard, frame)
+                store.commit(shard, frame, seconds=round(time.perf_counter() - start, 3))
             if self.emit_rows:
                 out.append(frame[STORE_COLUMNS])
             else:

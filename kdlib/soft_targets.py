@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -101,8 +102,11 @@ class SoftTargetStore:
         return storage.join(self.shards_dir, f"{index:05d}.json")
 
     # -- writing -------------------------------------------------------------------------------------
-    def commit(self, shard: Shard, frame: pd.DataFrame) -> dict:
-        """Write a labeled shard, then its commit record; both atomically. Idempotent for equal content."""
+    def commit(self, shard: Shard, frame: pd.DataFrame, seconds: float | None = None) -> dict:
+        """Write a labeled shard, then its commit record; both atomically. Idempotent for equal content.
+
+        seconds: how long labeling the shard took (recorded with the commit time, for throughput reports).
+        """
         if len(frame) != shard.rows or ids_digest(frame["id"]) != shard.ids_digest:
             raise StoreError(f"{self}: shard {shard.index} holds {len(frame)} rows whose ids do not match its "
                              f"plan ({shard.rows} rows)")
@@ -110,7 +114,8 @@ class SoftTargetStore:
         pq.write_table(to_table(frame), buf)
         data = buf.getvalue()
         storage.write_atomic(self.fs, self.shard_path(shard.index), data)
-        record = {**asdict(shard), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        record = {**asdict(shard), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+                  "seconds": seconds, "committed_at": time.time()}
         storage.write_json_atomic(self.fs, self._commit_path(shard.index), record)
         return record
 
@@ -125,6 +130,11 @@ class SoftTargetStore:
         if verify and hashlib.sha256(self._read_shard_bytes(shard.index)).hexdigest() != record["sha256"]:
             return None
         return record
+
+    def commit_records(self) -> list[dict]:
+        """Every commit record present (valid or not), for progress and throughput reports."""
+        return [storage.read_json(self.fs, storage.join(self.shards_dir, n))
+                for n in storage.list_names(self.fs, self.shards_dir, ".json")]
 
     def committed_rows(self) -> int:
         """Rows in committed shards (cheap: reads commit records only). For progress reports."""
