@@ -216,8 +216,9 @@ def distill_students(cfg: RunConfig, tasks: dict[str, TaskData], teacher_dirs: d
                                       storage_path=str(out / "ray_train"), name="distill")
         if streaming:
             finish_labels(cfg, stores, plan, teacher_dirs, cache, time.perf_counter() - started)
-        (out / "rows_seen.json").write_text(json.dumps({k: v for k, v in result.metrics.items()
-                                                        if k.split("/")[0] in ("rows", "duplicates", "ids")}))
+        # What the workers trained on, and whether their replicas ended identical (tests read this).
+        (out / "train_report.json").write_text(json.dumps({k: v for k, v in result.metrics.items() if
+                                                           k.split("/")[0] in ("rows", "duplicates", "ids", "replicas")}))
         student, _ = load_trained_student(result.checkpoint, loop_config)
         for name, data in tasks.items():
             save_model(single_task(student, name), out / "students" / name, include_trunk=False,

@@ -13,6 +13,7 @@ is written every epoch; a restarted worker group resumes from the last one.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import tempfile
 import time
@@ -85,6 +86,18 @@ def rows_seen(data: dict[str, TaskRows], world: int) -> dict[str, float | str]:
         out[f"duplicates/{task}"] = len(ids) - len(set(ids))
         out[f"ids/{task}"] = ids_digest(sorted(ids))
     return out
+
+
+def replica_digests(params, world: int) -> list[str]:
+    """Every worker's SHA-256 of its trainable parameters (all equal when the replicas stay identical)."""
+    h = hashlib.sha256()
+    for p in params:
+        h.update(p.detach().contiguous().numpy().tobytes())
+    digests = [h.hexdigest()[:16]]
+    if world > 1:
+        digests = [None] * world
+        dist.all_gather_object(digests, h.hexdigest()[:16])
+    return digests
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -173,8 +186,10 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0 and (i + 1) % config["log_every"] == 0 and losses[step_tasks[-1]]:
                 print(f"[distill] epoch {epoch + 1}/{config['epochs']} step {i + 1}/{len(schedule)} "
                       f"{'+'.join(step_tasks)} loss {losses[step_tasks[-1]][-1]:.4f}", flush=True)
+        digests = replica_digests(trainable, world)
         metrics = {"epoch": epoch + 1, "step": step, "start_epoch": start_epoch,
                    "seconds": round(time.perf_counter() - epoch_start, 2), **seen,
+                   "replicas/identical": len(set(digests)) == 1, "replicas/digests": digests,
                    **{f"loss/{t}": float(np.mean(v)) if v else float("nan") for t, v in losses.items()}}
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None

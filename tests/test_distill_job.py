@@ -48,6 +48,10 @@ def test_run_writes_results_config_and_merged_model(tiny_run):
     assert results["layers"] == {"trunk": 2, "branches": {"sentiment": 2, "paraphrase": 2, "similarity": 1},
                                  "encoder": 4}
     assert results["overhead"] == pytest.approx((2 + 2 + 2 + 1) / (4 * 3))
+    # Both Ray Train workers follow one task schedule and average gradients: their replicas stay identical.
+    distilled = Path(next(s["path"] for s in results["stages"] if s["name"] == "distill"))
+    report = json.loads((distilled / "train_report.json").read_text())
+    assert len(report["replicas/digests"]) == 2 and report["replicas/identical"], report
     assert "| sentiment | accuracy |" in (run_dir / "results.md").read_text()
     # The saved config is exactly what ran.
     saved = load_run_config(run_dir / "config.yaml")
@@ -117,7 +121,11 @@ def test_killed_train_worker_resumes_from_last_checkpoint(tiny_run, job, ray_ses
     import threading
 
     root, overrides = tiny_run
-    cfg = load_run_config(ROOT / "configs" / "demo.yaml", overrides + ["distill.epochs=25", "distill.max_failures=1"])
+    # Also the other schedule and objectives: ROaD's k = 2 tasks per step, teacher annealing (its step
+    # counter restored from the checkpoint), MT-DNN soft cross-entropy and MKD's MSE on logits.
+    cfg = load_run_config(ROOT / "configs" / "demo.yaml", overrides + [
+        "distill.epochs=25", "distill.max_failures=1", "distill.schedule=road", "distill.road_k=2",
+        "distill.teacher_annealing=true", "tasks.paraphrase.objective=soft_ce", "tasks.sentiment.objective=mse_logits"])
     snapshots = str(root / "cache" / "distill" / "*" / "ray_train" / "distill" / "checkpoint_manager_snapshot.json")
     before, killed = set(glob.glob(snapshots)), []
 
@@ -165,6 +173,8 @@ def test_killed_train_worker_resumes_from_last_checkpoint(tiny_run, job, ray_ses
     assert meta["starts"][0] == 0 and len(meta["starts"]) == 2 and meta["starts"][1] >= 1, meta
     for task in tasks:
         assert (students / task / "weights.safetensors").exists()
+    report = json.loads((students.parent / "train_report.json").read_text())
+    assert report["replicas/identical"], report  # the restarted replicas stayed in step
 
 
 def test_streamed_run_sees_the_same_rows_as_a_store_read_run(tiny_run, job):
@@ -178,7 +188,7 @@ def test_streamed_run_sees_the_same_rows_as_a_store_read_run(tiny_run, job):
     read_run = Path(next(s["path"] for s in first["stages"] if s["name"] == "distill"))
     stored = {Path(s["path"]).parent.name: SoftTargetStore(str(root), Path(s["path"]).parent.name, s["fingerprint"]).read()
               for s in first["stages"] if s["name"] == "labels"}
-    read_seen = json.loads((read_run / "rows_seen.json").read_text())
+    read_seen = json.loads((read_run / "train_report.json").read_text())
     shutil.rmtree(root / "soft_targets")
     shutil.rmtree(read_run)  # so that distillation runs again, now streamed
     assert job["main"]([str(ROOT / "configs" / "demo.yaml"), *overrides, "run_name=streamed", "labeling.stream=true",
@@ -186,8 +196,10 @@ def test_streamed_run_sees_the_same_rows_as_a_store_read_run(tiny_run, job):
     streamed = json.loads((root / "streamed" / "results.json").read_text())
     stream_run = Path(next(s["path"] for s in streamed["stages"] if s["name"] == "distill"))
     assert stream_run == read_run  # same inputs, same fingerprint: a later run reuses either
-    seen = json.loads((stream_run / "rows_seen.json").read_text())
-    assert seen == read_seen
+    seen = json.loads((stream_run / "train_report.json").read_text())
+    rows_keys = [k for k in seen if not k.startswith("replicas/")]
+    assert {k: seen[k] for k in rows_keys} == {k: read_seen[k] for k in rows_keys}
+    assert seen["replicas/identical"]
     for task, rows in stored.items():
         train_ids = sorted(rows.loc[rows["split"] == "train", "id"])
         assert seen[f"rows/{task}"] == len(train_ids) and seen[f"duplicates/{task}"] == 0
