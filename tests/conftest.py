@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,3 +62,18 @@ def tiny_batch():
     mask[1, 7:] = 0
     mask[3, 4:] = 0
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+
+
+def pids_titled(prefix: str) -> list[int]:
+    """Processes whose title (Ray renames its workers `ray::<Actor>...`) starts with `prefix`: the way tests
+    find a Ray Train worker or a Ray Data actor to kill."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            except OSError:
+                continue
+            if title.startswith(prefix):
+                pids.append(int(entry.name))
+    return sorted(pids)

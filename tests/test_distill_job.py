@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import tiny_run_overrides
+from conftest import pids_titled, tiny_run_overrides
 from kdlib.artifact import load_model, read_manifest
 from kdlib.config import load_run_config
 from kdlib.encoder import load_encoder, load_tokenizer, resolve_encoder_path
@@ -144,7 +144,7 @@ def test_killed_train_worker_resumes_from_last_checkpoint(tiny_run, job, ray_ses
         deadline = time.time() + 600
         while time.time() < deadline and not killed:
             if registered_checkpoint():
-                workers = _pids_titled("ray::RayTrainWorker")
+                workers = pids_titled("ray::RayTrainWorker")
                 if workers:
                     os.kill(workers[0], signal.SIGKILL)
                     killed.append(workers[0])
@@ -209,17 +209,3 @@ def test_streamed_run_sees_the_same_rows_as_a_store_read_run(tiny_run, job):
             task = Path(s["path"]).parent.name
             again = SoftTargetStore(str(root), task, s["fingerprint"]).read()
             pd.testing.assert_frame_equal(again, stored[task])  # the streamed run committed the same store
-
-
-def _pids_titled(prefix: str) -> list[int]:
-    """Processes whose title (Ray renames its workers `ray::<Actor>...`) starts with `prefix`."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-            except OSError:
-                continue
-            if title.startswith(prefix):
-                pids.append(int(entry.name))
-    return sorted(pids)

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import pids_titled
 
 from kdlib.artifact import save_model
 from kdlib.branched import BranchedModel, BranchSpec, member_name
@@ -103,7 +104,7 @@ def test_killed_labeling_actor_loses_and_duplicates_nothing(ray_session, ensembl
         deadline = time.time() + 300
         while time.time() < deadline and not killed:
             if any(list(Path(s.shards_dir).glob("*.json")) for s in stores.values() if Path(s.shards_dir).exists()):
-                actors = _pids_titled("ray::MapWorker(MapBatches(ShardLabeler))")
+                actors = pids_titled("ray::MapWorker(MapBatches(ShardLabeler))")
                 if actors:
                     os.kill(actors[0], signal.SIGKILL)
                     killed.append(actors[0])
@@ -159,16 +160,3 @@ def _settled_commits(stores) -> dict[Path, int]:
             last, stable_since = now, time.time()
         time.sleep(0.2)
     return last
-
-
-def _pids_titled(prefix: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-            except OSError:
-                continue
-            if title.startswith(prefix):
-                pids.append(int(entry.name))
-    return sorted(pids)
