@@ -27,22 +27,21 @@ import pandas as pd
 import ray
 
 from kdlib.artifact import load_model, save_model
+from kdlib.augment import file_digest, masked_copies, read_unlabeled
 from kdlib.branched import member_name
 from kdlib.cluster import init_ray
 from kdlib.config import RunConfig, load_run_config
-from kdlib.config_loading import dump_config
+from kdlib.config_loading import config_and_overrides, dump_config
 from kdlib.distill import load_trained_student, run_distillation
 from kdlib.encoder import encoder_fingerprint, load_encoder, load_tokenizer, resolve_encoder_path
-from kdlib.errors import KdlibError
+from kdlib.errors import ConfigError, KdlibError
 from kdlib.evaluate import markdown_table, member_scores, score_task, summary_rows
-from kdlib.augment import file_digest, masked_copies, read_unlabeled
-from kdlib.errors import ConfigError
 from kdlib.labeling import ProgressReporter, labeling_dataset, pending, run_labeling
-from kdlib.soft_targets import SoftTargetStore, plan_shards, teacher_logits_array
 from kdlib.merge import merge, overhead, single_task
 from kdlib.predict import predict
+from kdlib.soft_targets import SoftTargetStore, plan_shards, teacher_logits_array
 from kdlib.stages import StageCache, fingerprint
-from kdlib.tasks import TaskData, load_task
+from kdlib.tasks import TaskData, load_tasks
 from kdlib.teachers import train_ensemble
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -51,17 +50,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml
 def parse_args(argv: list[str] | None) -> tuple[str, list[str]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("args", nargs="*", help="[CONFIG.yaml] [key.path=value ...]")
-    args = p.parse_args(argv).args
-    config = args[0] if args and "=" not in args[0] else str(DEFAULT_CONFIG)
-    return config, [a for a in args if "=" in a]
-
-
-def load_tasks(cfg: RunConfig) -> dict[str, TaskData]:
-    return {name: load_task(name=name, kind=t.kind, format=t.format, train_path=cfg.task_path(name, "train"),
-                            dev_path=cfg.task_path(name, "dev"), text_column=t.text_column,
-                            text_pair_column=t.text_pair_column, label_column=t.label_column, labels=t.labels,
-                            metric=t.metric, hub_config=t.hub_config, max_train_examples=t.max_train_examples)
-            for name, t in cfg.tasks.items()}
+    return config_and_overrides(p.parse_args(argv).args, DEFAULT_CONFIG)
 
 
 def train_teachers(cfg: RunConfig, tasks: dict[str, TaskData], enc: dict, cache: StageCache) -> dict[str, str]:

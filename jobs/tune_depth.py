@@ -27,11 +27,11 @@ import ray
 from transformers import BertConfig
 
 from kdlib.cluster import init_ray
-from kdlib.config_loading import dump_config
+from kdlib.config_loading import config_and_overrides, dump_config
 from kdlib.encoder import encoder_fingerprint, load_encoder, load_tokenizer, resolve_encoder_path
 from kdlib.errors import ConfigError, KdlibError
 from kdlib.stages import fingerprint
-from kdlib.tasks import TaskData, load_task
+from kdlib.tasks import TaskData, load_tasks
 from kdlib.tune.config import TuneRunConfig, check_feasible, load_tune_config
 from kdlib.tune.costs import layer_passes
 from kdlib.tune.merged import max_output_difference, merge_choice, save_merged
@@ -46,22 +46,12 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tune" / "
 def parse_args(argv: list[str] | None) -> tuple[str, list[str]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("args", nargs="*", help="[CONFIG.yaml] [key.path=value ...]")
-    args = p.parse_args(argv).args
-    config = args[0] if args and "=" not in args[0] else str(DEFAULT_CONFIG)
-    return config, [a for a in args if "=" in a]
+    return config_and_overrides(p.parse_args(argv).args, DEFAULT_CONFIG)
 
 
 def encoder_layers(cfg: TuneRunConfig, source: str) -> int:
     e = cfg.encoder
     return BertConfig.from_pretrained(source, **(e.config_overrides if e.random_init else {})).num_hidden_layers
-
-
-def load_tasks(cfg: TuneRunConfig) -> dict[str, TaskData]:
-    return {name: load_task(name=name, kind=t.kind, format=t.format, train_path=cfg.task_path(name, "train"),
-                            dev_path=cfg.task_path(name, "dev"), text_column=t.text_column,
-                            text_pair_column=t.text_pair_column, label_column=t.label_column, labels=t.labels,
-                            metric=t.metric, hub_config=t.hub_config, max_train_examples=t.max_train_examples)
-            for name, t in cfg.tasks.items()}
 
 
 def task_settings(cfg: TuneRunConfig, data: TaskData, enc: dict, root: Path, run_dir: Path) -> dict:

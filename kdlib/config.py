@@ -172,11 +172,17 @@ class RunConfig(_Strict):
 
     def task_path(self, task: str, split: Literal["train", "dev", "unlabeled"]) -> str:
         """Where a task split's data is: data_dir joined for file formats, as given otherwise."""
-        t = self.tasks[task]
-        raw = getattr(t, split)
-        if (t.format in ("hub", "demo") and split != "unlabeled") or Path(raw).is_absolute():
-            return raw
-        return str(Path(self.data_dir).expanduser() / raw)
+        return resolve_task_path(self.tasks[task], task, split, self.data_dir)
+
+
+def resolve_task_path(t: TaskConfig, task: str, split: str, data_dir: str | None) -> str:
+    """A task file's location: as given for hub/demo names and absolute paths, else under data_dir."""
+    raw = getattr(t, split)
+    if (t.format in ("hub", "demo") and split != "unlabeled") or Path(raw).is_absolute():
+        return raw
+    if data_dir is None:
+        raise ValueError(f"tasks.{task}.{split} is a relative path but data_dir is not set")
+    return str(Path(data_dir).expanduser() / raw)
 
 
 def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:

@@ -534,3 +534,9 @@ def _is_union(tp: Any) -> bool:
 
 def _is_model(tp: Any) -> bool:
     return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def config_and_overrides(args: list[str], default: str) -> tuple[str, list[str]]:
+    """A job's positional arguments `[CONFIG.yaml] [key.path=value ...]` -> (config path, overrides)."""
+    config = args[0] if args and "=" not in args[0] else str(default)
+    return config, [a for a in args if "=" in a]

@@ -34,7 +34,7 @@ from kdlib.features import TrunkFeatures, length_grouped_batches
 from kdlib.losses import distillation_loss, teacher_annealing_weight
 from kdlib.merge import build_student
 from kdlib.schedules import mtdnn_schedule, road_schedule, temperature_sampling_schedule
-from kdlib.soft_targets import ids_digest
+from kdlib.soft_targets import ids_digest, teacher_logits_array
 from kdlib.train_state import load_train_state, save_train_state
 
 
@@ -69,7 +69,7 @@ def ingest(rows_iter, student, tokenizer, data: dict[str, TaskRows], *, max_leng
             d.ids += part["id"].tolist()
             d.states += feats.states
             d.labels += pd.to_numeric(part["label"], errors="coerce").astype("float64").tolist()
-            d.logits += [np.stack([np.asarray(m, np.float32) for m in row]) for row in part["teacher_logits"]]
+            d.logits += list(teacher_logits_array(part))
 
 
 def rows_seen(data: dict[str, TaskRows], world: int) -> dict[str, float | str]:

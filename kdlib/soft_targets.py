@@ -228,5 +228,6 @@ class SoftTargetStore:
 
 def teacher_logits_array(df: pd.DataFrame) -> np.ndarray:
     """The nested `teacher_logits` column as a float32 array of shape (N, K, C)."""
-    return np.asarray([np.stack([np.asarray(m, dtype=np.float32) for m in row]) for row in df["teacher_logits"]],
-                      dtype=np.float32).reshape(len(df), -1, len(df["teacher_logits"].iloc[0][0]) if len(df) else 1)
+    if df.empty:
+        return np.zeros((0, 1, 1), dtype=np.float32)
+    return np.stack([np.stack([np.asarray(m, dtype=np.float32) for m in row]) for row in df["teacher_logits"]])

@@ -44,3 +44,12 @@ def load_task(*, name: str, kind: str, format: str, train_path: str, dev_path: s
         h.update(pd.util.hash_pandas_object(frame[["id", "text", "text_pair", "label"]].astype(str),
                                             index=False).to_numpy().tobytes())
     return TaskData(name, kind, metric or default_primary_metric(kind), label_names, train, dev, h.hexdigest()[:16])
+
+
+def load_tasks(cfg) -> dict[str, TaskData]:
+    """Every task a config declares (`RunConfig` or the depth search's `TuneRunConfig`), read and validated."""
+    return {name: load_task(name=name, kind=t.kind, format=t.format, train_path=cfg.task_path(name, "train"),
+                            dev_path=cfg.task_path(name, "dev"), text_column=t.text_column,
+                            text_pair_column=t.text_pair_column, label_column=t.label_column, labels=t.labels,
+                            metric=t.metric, hub_config=t.hub_config, max_train_examples=t.max_train_examples)
+            for name, t in cfg.tasks.items()}

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -77,3 +80,25 @@ def pids_titled(prefix: str) -> list[int]:
             if title.startswith(prefix):
                 pids.append(int(entry.name))
     return sorted(pids)
+
+
+def kill_once_when(ready, prefix: str, *, timeout: float = 600, poll: float = 0.1):
+    """Start a thread that SIGKILLs the first process titled `prefix` once `ready()` is true.
+
+    Returns (thread, killed): `killed` holds the pid after the kill, so a test can assert it happened.
+    """
+    killed: list[int] = []
+
+    def watch():
+        deadline = time.time() + timeout
+        while time.time() < deadline and not killed:
+            if ready():
+                pids = pids_titled(prefix)
+                if pids:
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed.append(pids[0])
+            time.sleep(poll)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread, killed

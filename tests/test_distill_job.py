@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import runpy
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import pids_titled, tiny_run_overrides
+from conftest import kill_once_when, tiny_run_overrides
 from kdlib.artifact import load_model, read_manifest
 from kdlib.config import load_run_config
 from kdlib.encoder import load_encoder, load_tokenizer, resolve_encoder_path
@@ -116,9 +115,6 @@ def test_killed_train_worker_resumes_from_last_checkpoint(tiny_run, job, ray_ses
     """SIGKILL one Ray Train worker once a checkpoint is registered: the run restarts its workers from that
     checkpoint (FailureConfig), not from epoch 0, and finishes."""
     import glob
-    import os
-    import signal
-    import threading
 
     root, overrides = tiny_run
     # Also the other schedule and objectives: ROaD's k = 2 tasks per step, teacher annealing (its step
@@ -127,7 +123,7 @@ def test_killed_train_worker_resumes_from_last_checkpoint(tiny_run, job, ray_ses
         "distill.epochs=25", "distill.max_failures=1", "distill.schedule=road", "distill.road_k=2",
         "distill.teacher_annealing=true", "tasks.paraphrase.objective=soft_ce", "tasks.sentiment.objective=mse_logits"])
     snapshots = str(root / "cache" / "distill" / "*" / "ray_train" / "distill" / "checkpoint_manager_snapshot.json")
-    before, killed = set(glob.glob(snapshots)), []
+    before = set(glob.glob(snapshots))
 
     def registered_checkpoint() -> bool:
         # The controller writes this snapshot once it has registered a reported checkpoint; killing a
@@ -140,18 +136,7 @@ def test_killed_train_worker_resumes_from_last_checkpoint(tiny_run, job, ray_ses
                 pass
         return False
 
-    def kill_a_worker_after_a_registered_checkpoint():
-        deadline = time.time() + 600
-        while time.time() < deadline and not killed:
-            if registered_checkpoint():
-                workers = pids_titled("ray::RayTrainWorker")
-                if workers:
-                    os.kill(workers[0], signal.SIGKILL)
-                    killed.append(workers[0])
-            time.sleep(0.2)
-
-    killer = threading.Thread(target=kill_a_worker_after_a_registered_checkpoint, daemon=True)
-    killer.start()
+    killer, killed = kill_once_when(registered_checkpoint, "ray::RayTrainWorker", poll=0.2)
     tasks = job["load_tasks"](cfg)
     source = resolve_encoder_path(cfg.encoder.name)
     from kdlib.encoder import encoder_fingerprint

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -12,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import pids_titled
+from conftest import kill_once_when
 
 from kdlib.artifact import save_model
 from kdlib.branched import BranchedModel, BranchSpec, member_name
@@ -98,20 +95,12 @@ def test_killed_labeling_actor_loses_and_duplicates_nothing(ray_session, ensembl
     task; every shard is committed once and every id appears exactly once."""
     stores = {t: SoftTargetStore(str(tmp_path), t, "k") for t in TASKS}
     plan = _plan(n=200, shard_size=10)
-    killed = []
 
-    def kill_after_first_commit():
-        deadline = time.time() + 300
-        while time.time() < deadline and not killed:
-            if any(list(Path(s.shards_dir).glob("*.json")) for s in stores.values() if Path(s.shards_dir).exists()):
-                actors = pids_titled("ray::MapWorker(MapBatches(ShardLabeler))")
-                if actors:
-                    os.kill(actors[0], signal.SIGKILL)
-                    killed.append(actors[0])
-            time.sleep(0.05)
+    def first_shard_committed() -> bool:
+        return any(list(Path(s.shards_dir).glob("*.json")) for s in stores.values() if Path(s.shards_dir).exists())
 
-    killer = threading.Thread(target=kill_after_first_commit, daemon=True)
-    killer.start()
+    killer, killed = kill_once_when(first_shard_committed, "ray::MapWorker(MapBatches(ShardLabeler))",
+                                    timeout=300, poll=0.05)
     stats = run_labeling(plan, stores=stores, progress_seconds=2, **_settings(ensembles))
     killer.join(timeout=5)
     assert killed, "no labeling actor was killed"

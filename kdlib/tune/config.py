@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from kdlib.config import EncoderConfig, RayConfig, TaskConfig, TeacherConfig
+from kdlib.config import EncoderConfig, RayConfig, TaskConfig, TeacherConfig, resolve_task_path
 from kdlib.config_loading import load_config
 
 
@@ -101,13 +101,7 @@ class TuneRunConfig(_Strict):
         return self
 
     def task_path(self, task: str, split: Literal["train", "dev"]) -> str:
-        t = self.tasks[task]
-        raw = getattr(t, split)
-        if t.format in ("hub", "demo") or Path(raw).is_absolute():
-            return raw
-        if self.data_dir is None:
-            raise ValueError(f"tasks.{task}.{split} is a relative path but data_dir is not set")
-        return str(Path(self.data_dir).expanduser() / raw)
+        return resolve_task_path(self.tasks[task], task, split, self.data_dir)
 
 
 def load_tune_config(path: str | Path, overrides: list[str] = ()) -> TuneRunConfig:
