@@ -18,6 +18,11 @@ text-classification pipeline (same batch size, same total threads); K = 3 member
 4 of 6 layers against the same members run separately; achieved GFLOP/s against a measured dense
 matmul peak; and the demo job's label-then-distill wall time against streamed labeling.
 Targets (issue 3): >= 0.9x the best baseline; >= 1.6x from the shared trunk; >= 65% of the peak.
+
+`students`: every student (branched, small transformer, BiLSTM, CMOW) distilled from the same glue-mini
+teachers: dev scores, parameters, throughput at batch 128 x 128 tokens against a teacher, MKD's
+multi-task / single-task / no-KD ablation, Ray Train against a single-process loop
+(kdlib/benchmarks/students.py says how).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from kdlib.artifact import load_model  # noqa: E402
+from kdlib.benchmarks.students import students_benchmark  # noqa: E402
 from kdlib.branched import member_name  # noqa: E402
 from kdlib.cluster import init_ray  # noqa: E402
 from kdlib.config import load_run_config  # noqa: E402
@@ -341,7 +347,8 @@ def _plot_labeling(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-BENCHMARKS = {"distill": distill_benchmark, "demo": demo_benchmark, "labeling": labeling_benchmark}
+BENCHMARKS = {"distill": distill_benchmark, "demo": demo_benchmark, "labeling": labeling_benchmark,
+              "students": students_benchmark}
 
 
 def main() -> int:

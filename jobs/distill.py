@@ -38,11 +38,14 @@ from kdlib.errors import ConfigError, KdlibError
 from kdlib.evaluate import markdown_table, member_scores, score_task, summary_rows
 from kdlib.labeling import ProgressReporter, labeling_dataset, pending, run_labeling
 from kdlib.merge import merge, overhead, single_task
-from kdlib.predict import predict
-from kdlib.soft_targets import SoftTargetStore, plan_shards, teacher_logits_array
+from kdlib.predict import predict, predict_student
+from kdlib.soft_targets import SoftTargetStore, gold_only_dataset, plan_shards, teacher_logits_array
 from kdlib.stages import StageCache, fingerprint
 from kdlib.tasks import TaskData, load_tasks
+from kdlib.students.artifact import load_student, save_student
+from kdlib.students.registry import count_parameters
 from kdlib.teachers import train_ensemble
+from kdlib.trainees import BRANCHED, saved_hparams
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
@@ -59,6 +62,9 @@ def train_teachers(cfg: RunConfig, tasks: dict[str, TaskData], enc: dict, cache:
     t = cfg.teachers
     dirs, pending, started = {}, {}, time.perf_counter()
     for name, data in tasks.items():
+        if not cfg.tasks[name].teacher:
+            print(f"[teachers:{name}] none (teacher: false): the student learns it from gold labels")
+            continue
         fp = fingerprint("teachers", enc["fingerprint"], data.digest, cfg.tasks[name].fine_tune_layers,
                          t.model_dump(exclude={"cpus_per_task"}), cfg.encoder.pooling, cfg.encoder.max_length,
                          cfg.seed)
@@ -89,6 +95,8 @@ def plan_labels(cfg: RunConfig, tasks: dict[str, TaskData], teacher_dirs: dict[s
     stores, plan = {}, []
     for name, data in tasks.items():
         t = cfg.tasks[name]
+        if not t.teacher:
+            continue
         parts = [data.dev, data.train,
                  masked_copies(data.train, copies=t.augment.copies, p=t.augment.mask_prob, seed=cfg.seed,
                                mask_token=mask_token)]
@@ -164,25 +172,35 @@ def distill_students(cfg: RunConfig, tasks: dict[str, TaskData], teacher_dirs: d
     d = cfg.distill
     task_cfg = {}
     for name, data in tasks.items():
+        t = cfg.tasks[name]
+        common = {"kind": data.kind, "num_outputs": data.num_outputs, "pair": t.text_pair_column is not None,
+                  "branch_layers": t.branch_layers, "fine_tune_layers": t.fine_tune_layers}
+        if name not in stores:  # no teacher: gold labels only, the branch from the encoder's own layers
+            task_cfg[name] = {**common, "ensemble_dir": None, "init_member": None, "objective": "hard",
+                              "aggregation": t.resolved_aggregation, "wrong_teacher_weight": t.wrong_teacher_weight}
+            continue
         # The student branch starts from the ensemble member with the best dev score.
         store = stores[name]
         dev = (store.read(split="dev") if store.is_complete()
                else store.read_committed([sh for sh, _ in plan if sh.task == name and sh.split == "dev"]))
         members = member_scores(data.kind, data.metric, dev["label"].to_numpy(), teacher_logits_array(dev))
         best = max(range(len(members)), key=members.__getitem__)
-        t = cfg.tasks[name]
-        task_cfg[name] = {"kind": data.kind, "ensemble_dir": teacher_dirs[name], "init_member": member_name(name, best),
-                          "branch_layers": t.branch_layers, "aggregation": t.resolved_aggregation,
-                          "wrong_teacher_weight": t.wrong_teacher_weight, "objective": t.objective or d.objective}
+        task_cfg[name] = {**common, "ensemble_dir": teacher_dirs[name], "init_member": member_name(name, best),
+                          "aggregation": t.resolved_aggregation, "wrong_teacher_weight": t.wrong_teacher_weight,
+                          "objective": t.objective or d.objective}
     loop_config = {"tasks": task_cfg, "encoder_source": enc["source"], "random_init": cfg.encoder.random_init,
                    "config_overrides": cfg.encoder.config_overrides, "pooling": cfg.encoder.pooling,
                    "max_length": cfg.encoder.max_length, "seed": cfg.seed, "log_every": 20,
+                   "student": {"kind": cfg.student.kind, "hparams": cfg.student.hparams()},
+                   "per_task": d.per_task_students,
                    **d.model_dump(include={"epochs", "batch_size", "lr", "weight_decay", "temperature", "alpha",
                                            "torch_threads", "teacher_annealing", "schedule", "sampling_tau",
                                            "road_k"})}
-    fp = fingerprint("students", {n: s.key for n, s in stores.items()},
+    gold_only = {n: tasks[n] for n in tasks if n not in stores}
+    fp = fingerprint("students", {n: s.key for n, s in stores.items()}, {n: t.digest for n, t in gold_only.items()},
                      {k: v for k, v in loop_config.items() if k != "tasks"},
-                     {t: {k: v for k, v in c.items() if k != "ensemble_dir"} for t, c in task_cfg.items()})
+                     {t: {k: v for k, v in c.items() if k != "ensemble_dir"} for t, c in task_cfg.items()},
+                     d.fine_tune_epochs, d.fine_tune_lr)
 
     def run(out: Path) -> None:
         streaming = cfg.labeling.stream and not all(s.is_complete() for s in stores.values())
@@ -192,11 +210,12 @@ def distill_students(cfg: RunConfig, tasks: dict[str, TaskData], teacher_dirs: d
             print(f"[distill] streaming {sum(s.rows for s, _ in train_plan)} training rows from the labeling "
                   f"actors into Ray Train (committed shards are read back, not relabeled)")
             datasets = {"stream": labeling_dataset(train_plan, stores=stores, emit_rows=True,
-                                                   **labeling_settings(cfg, teacher_dirs, enc))}
+                                                   **labeling_settings(cfg, teacher_dirs, enc)),
+                        **gold_only_datasets(gold_only)}
             progress = ProgressReporter(stores, total=sum(s.rows for s, _ in pending(train_plan, stores)),
                                         every=cfg.labeling.progress_seconds)
         else:
-            datasets = {name: store.dataset(split="train") for name, store in stores.items()}
+            datasets = training_datasets(stores, gold_only)
             progress = contextlib.nullcontext()
         started = time.perf_counter()
         with progress:
@@ -205,16 +224,72 @@ def distill_students(cfg: RunConfig, tasks: dict[str, TaskData], teacher_dirs: d
                                       storage_path=str(out / "ray_train"), name="distill")
         if streaming:
             finish_labels(cfg, stores, plan, teacher_dirs, cache, time.perf_counter() - started)
-        # What the workers trained on, and whether their replicas ended identical (tests read this).
-        (out / "train_report.json").write_text(json.dumps({k: v for k, v in result.metrics.items() if
-                                                           k.split("/")[0] in ("rows", "duplicates", "ids", "replicas")}))
-        student, _ = load_trained_student(result.checkpoint, loop_config)
-        for name, data in tasks.items():
-            save_model(single_task(student, name), out / "students" / name, include_trunk=False,
-                       tasks={name: {"kind": data.kind, "label_names": data.label_names, "metric": data.metric}},
-                       extra={"role": "student", "encoder": enc})
+        write_train_report(result, out / "train_report.json")
+        checkpoint, config = result.checkpoint, loop_config
+        if d.fine_tune_epochs:
+            checkpoint, config = fine_tune(cfg, training_datasets(stores, gold_only), loop_config, result.checkpoint, out)
+        save_students(cfg, tasks, config, checkpoint, out / "students", enc)
 
     return str(cache.run("distill", fp, run) / "students")
+
+
+def training_datasets(stores: dict[str, SoftTargetStore], gold_only: dict[str, TaskData]) -> dict:
+    """One Ray Dataset per task: its store's training rows, or its gold-labeled rows if it has no teacher."""
+    return {**{name: store.dataset(split="train") for name, store in stores.items()}, **gold_only_datasets(gold_only)}
+
+
+def gold_only_datasets(gold_only: dict[str, TaskData]) -> dict:
+    return {name: gold_only_dataset(name, data.train) for name, data in gold_only.items()}
+
+
+def fine_tune(cfg: RunConfig, datasets: dict, loop_config: dict, multitask, out: Path):
+    """MKD sec. 6.2: every task's student trained further on that task alone, from the multi-task weights.
+
+    One Ray Train run (same loss, workers and fault tolerance) in which each step trains one task's own
+    student: its branch (branched), or its own copy of the end-to-end student. Returns (checkpoint, config)."""
+    d = cfg.distill
+    print(f"[fine-tune] {d.fine_tune_epochs} epochs per task at lr {d.fine_tune_lr:g} from the multi-task student")
+    config = {**loop_config, "epochs": d.fine_tune_epochs, "lr": d.fine_tune_lr, "schedule": "mtdnn",
+              "per_task": True, "init_weights": multitask}
+    result = run_distillation(datasets=datasets, loop_config=config, num_workers=d.num_workers, cpus_per_worker=d.cpus_per_worker,
+                              max_failures=d.max_failures, storage_path=str(out / "ray_train"), name="fine_tune")
+    write_train_report(result, out / "fine_tune_report.json")
+    return result.checkpoint, config
+
+
+def write_train_report(result, path: Path) -> None:
+    """What the workers trained on (rows, duplicates, ids digest per task), whether their replicas ended
+    identical and how long the last epoch took, from the last epoch's metrics (tests and benchmarks read it)."""
+    path.write_text(json.dumps({k: v for k, v in result.metrics.items()
+                                if k.split("/")[0] in ("rows", "duplicates", "ids", "replicas", "epoch", "seconds")}))
+
+
+def save_students(cfg: RunConfig, tasks: dict[str, TaskData], loop_config: dict, checkpoint, folder: Path,
+                  enc: dict) -> None:
+    """The trained student(s) as artifacts under `folder`.
+
+    branched: one trunk-less artifact per task (`<task>/`), merged by the next stage. End-to-end students:
+    `multitask/` (one model, every task's head), or after per-task fine-tuning one copy per task (`<task>/`)."""
+    facts = {n: {"kind": t.kind, "label_names": t.label_names, "metric": t.metric} for n, t in tasks.items()}
+    model = load_trained_student(checkpoint, loop_config)
+    if cfg.student.kind == BRANCHED:
+        for name in tasks:
+            save_model(single_task(model, name), folder / name, include_trunk=False, tasks={name: facts[name]},
+                       extra={"role": "student", "encoder": enc})
+        return
+    extra = {"role": "student", "encoder": enc, "max_length": cfg.encoder.max_length,
+             "config": cfg.model_dump(mode="json")}
+    students = ({n: (model[n], [n]) for n in tasks} if loop_config.get("per_task")
+                else {"multitask": (model, list(tasks))})
+    for key, (student, names) in students.items():
+        save_student(student, folder / key, name=cfg.student.kind, hparams=saved_hparams(loop_config, student),
+                     tasks={n: facts[n] for n in names}, extra=extra)
+
+
+def student_dirs(students_dir: str, names) -> dict[str, Path]:
+    """Each task's end-to-end student artifact: its fine-tuned copy, else the multi-task model."""
+    root = Path(students_dir)
+    return {n: root / n if (root / n).exists() else root / "multitask" for n in names}
 
 
 def check_stream_fits(cfg: RunConfig) -> None:
@@ -247,21 +322,34 @@ def merge_students(cfg: RunConfig, tasks: dict[str, TaskData], students_dir: str
 
 def evaluate(cfg: RunConfig, tasks: dict[str, TaskData], stores: dict[str, SoftTargetStore], model_dir: str,
              enc: dict) -> dict:
-    """Dev scores of each teacher member, the ensemble and the merged student, plus the overhead."""
-    model, manifest = load_model(model_dir)
+    """Dev scores of each teacher member, the ensemble and the student; the merged model's overhead, or an
+    end-to-end student's parameter count."""
     tokenizer = load_tokenizer(enc["source"])
+    branched = cfg.student.kind == BRANCHED
+    if branched:
+        model, manifest = load_model(model_dir)
+        models = {name: model for name in tasks}
+    else:
+        models = {name: load_student(path)[0] for name, path in student_dirs(model_dir, tasks).items()}
     scores = {}
     for name, data in tasks.items():
-        dev = stores[name].read(split="dev")
+        # A task without a teacher has no store: its dev rows and no teacher logits.
+        dev = stores[name].read(split="dev") if name in stores else data.dev.assign(teacher_logits=[[]] * len(data.dev))
         pairs = dev["text_pair"].tolist()
-        outputs = predict(model, tokenizer, dev["text"].tolist(), None if pairs[0] is None else pairs, [name],
-                          max_length=cfg.encoder.max_length)[name]
+        run = predict if branched else predict_student
+        outputs = run(models[name], tokenizer, dev["text"].tolist(), None if pairs[0] is None else pairs, [name],
+                      max_length=cfg.encoder.max_length)[name]
         scores[name] = score_task(kind=data.kind, metric=data.metric, labels=dev["label"].to_numpy(),
                                   teacher_logits=teacher_logits_array(dev), student_outputs=outputs,
                                   ensemble=cfg.tasks[name].resolved_aggregation, temperature=cfg.distill.temperature)
+    if not branched:
+        some = next(iter(models.values()))
+        return {"scores": scores, "overhead": None, "student": cfg.student.kind,
+                "parameters": {"total": count_parameters(some),
+                               "without_embeddings": count_parameters(some, include_embeddings=False)}}
     n_layers = manifest["encoder_config"]["num_hidden_layers"]
     layout = [(b["depth"], b["layers"]) for b in manifest["branches"]]
-    return {"scores": scores, "overhead": overhead(layout, n_layers),
+    return {"scores": scores, "overhead": overhead(layout, n_layers), "student": BRANCHED,
             "layers": {"trunk": manifest["trunk_depth"], "branches": {b["name"]: b["layers"] for b in manifest["branches"]},
                        "encoder": n_layers}}
 
@@ -294,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         students_dir = distill_students(cfg, tasks, teacher_dirs, stores, plan, enc, cache)
         if cfg.labeling.stream:  # what streaming left (nothing, unless the distill stage was cached): label, seal
             label_tasks(cfg, stores, plan, teacher_dirs, enc, cache)
-        model_dir = merge_students(cfg, tasks, students_dir, enc, cache)
+        # The branched students merge onto one trunk; an end-to-end student is one model already.
+        model_dir = merge_students(cfg, tasks, students_dir, enc, cache) if cfg.student.kind == BRANCHED else students_dir
         results = evaluate(cfg, tasks, stores, model_dir, enc)
     except KdlibError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -306,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(headers, rows)
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     (run_dir / "results.md").write_text(f"# {cfg.run_name}\n\n{table}\n\nmodel: `{model_dir}`\n")
-    print(f"\n{table}\n\nmerged model: {model_dir}\nresults: {run_dir}/results.json, results.md "
+    print(f"\n{table}\n\n{'merged model' if cfg.student.kind == BRANCHED else cfg.student.kind + ' student'}: {model_dir}\nresults: {run_dir}/results.json, results.md "
           f"({results['seconds']}s)")
     return 0
 

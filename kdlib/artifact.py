@@ -48,13 +48,9 @@ def save_model(model: BranchedModel, folder: str | Path, *, tasks: dict | None =
         include_trunk: False stores only the branches (the trunk is the pretrained encoder's).
         extra: more manifest fields (e.g. the config that produced it, encoder identity).
     """
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
              if include_trunk or k.startswith("branches.")}
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    save_file(state, str(tmp / WEIGHTS))
-    manifest = {
+    return write_artifact(folder, state, {
         "format": "kdlib.branched/1",
         "encoder_config": model.config.to_dict(),
         "pooling": model.pooling,
@@ -62,11 +58,21 @@ def save_model(model: BranchedModel, folder: str | Path, *, tasks: dict | None =
         "trunk_depth": model.trunk_depth,
         "include_trunk": include_trunk,
         "tasks": tasks or {},
-        "versions": {"kdlib": kdlib.__version__, "torch": torch.__version__,
-                     "transformers": transformers.__version__},
         **(extra or {}),
-        "files": {WEIGHTS: sha256_file(tmp / WEIGHTS)},
-    }
+    })
+
+
+def write_artifact(folder: str | Path, state: dict[str, torch.Tensor], manifest: dict) -> Path:
+    """Write `state` (safetensors) and `manifest` (+ versions and the weights' SHA-256) into `folder`,
+    atomically: a temp folder renamed into place, replacing any earlier one."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    save_file(state, str(tmp / WEIGHTS))
+    manifest = {**manifest,
+                "versions": {"kdlib": kdlib.__version__, "torch": torch.__version__,
+                             "transformers": transformers.__version__},
+                "files": {WEIGHTS: sha256_file(tmp / WEIGHTS)}}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False))
     if folder.exists():
         _remove_tree(folder)
@@ -103,6 +109,9 @@ def load_model(folder: str | Path, encoder: BertModel | None = None) -> tuple[Br
         (model in eval mode, manifest).
     """
     manifest = read_manifest(folder)
+    if manifest.get("format") != "kdlib.branched/1":
+        raise ArtifactError(f"{folder}: a {manifest.get('format')!r} artifact, not a branched model "
+                            "(students other than the branched one load with kdlib.students.load_student)")
     config = BertConfig.from_dict(manifest["encoder_config"])
     specs = [BranchSpec(**b) for b in manifest["branches"]]
     model = BranchedModel(config, specs, manifest["pooling"])

@@ -60,6 +60,9 @@ class TaskConfig(_Strict):
     wrong_teacher_weight: float = Field(0.5, gt=0, lt=1)  # W of weighted KD
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     unlabeled: str | None = None  # plain text file (relative to data_dir), one example per line; pairs: tab
+    # false: no teacher is trained or labels this task; the student learns it from gold labels only
+    # (MT-DNN KD trains some tasks so). Its branch starts from the encoder's layers at depth N - L.
+    teacher: bool = True
 
     @property
     def resolved_aggregation(self) -> str:
@@ -74,6 +77,13 @@ class TaskConfig(_Strict):
         if (self.aggregation == "mean") != (self.kind == "regression") and self.aggregation is not None:
             allowed = ["mean"] if self.kind == "regression" else ["mean_logits", "mean_probs", "weighted"]
             raise ValueError(f"aggregation {self.aggregation!r} does not fit kind {self.kind!r}; allowed: {allowed}")
+        if not self.teacher:
+            given = [k for k, bad in (("objective", self.objective not in (None, "hard")),
+                                      ("augment.copies", self.augment.copies > 0),
+                                      ("unlabeled", self.unlabeled is not None)) if bad]
+            if given:
+                raise ValueError(f"teacher: false trains on gold labels only, so {', '.join(given)} cannot apply "
+                                 "(augmented and unlabeled examples have no gold label; the objective is hard)")
         if self.branch_layers > self.fine_tune_layers:
             raise ValueError(f"branch_layers ({self.branch_layers}) must not exceed fine_tune_layers "
                              f"({self.fine_tune_layers}): the branch is cut from the teacher's fine-tuned layers")
@@ -104,6 +114,31 @@ class LabelingConfig(_Strict):
     progress_seconds: float = Field(10.0, gt=0)  # how often labeling prints done / rate / ETA
 
 
+class StudentConfig(_Strict):
+    """The student architecture: one shared encoder, one head per task (fields apply to the kinds named).
+
+    branched: the encoder's frozen trunk plus per-task branches cut from the teachers (tasks.<t>.branch_layers);
+    the only kind that merges into one serving artifact. small_transformer (MKD sec. 3.3), bilstm (MKD
+    sec. 3.2) and cmow (bidirectional CMOW/CBOW-Hybrid, CMOW paper sec. III) train end to end.
+    """
+
+    kind: Literal["branched", "small_transformer", "bilstm", "cmow"] = "branched"
+    num_layers: int = Field(3, ge=1)  # small_transformer: the pretrained encoder's first layers (MKD: 3)
+    hidden: int = Field(256, ge=1)  # bilstm: LSTM units per direction (MKD: 256)
+    ffn_dim: int = Field(300, ge=1)  # bilstm: ReLU feed-forward width on the embeddings
+    matrix_dim: int = Field(20, ge=1)  # cmow: d of the d x d token matrices (paper: 20)
+    cbow_dim: int = Field(400, ge=0)  # cmow: CBOW vector width (paper: 400)
+    head_hidden: int = Field(512, ge=1)  # every end-to-end kind: each task head's ReLU layer (MKD: 512)
+    dropout: float = Field(0.1, ge=0, lt=1)
+
+    def hparams(self) -> dict:
+        """The architecture arguments of `kind` (kdlib.students.build_student_model)."""
+        common = {"head_hidden": self.head_hidden, "dropout": self.dropout}
+        return {"branched": {}, "small_transformer": {"num_layers": self.num_layers, **common},
+                "bilstm": {"hidden": self.hidden, "ffn_dim": self.ffn_dim, **common},
+                "cmow": {"matrix_dim": self.matrix_dim, "cbow_dim": self.cbow_dim, **common}}[self.kind]
+
+
 class DistillConfig(_Strict):
     """Multi-task student training on Ray Train: KL with temperature against the ensemble + hard loss.
 
@@ -129,6 +164,13 @@ class DistillConfig(_Strict):
     sampling_tau: float = Field(1.0, ge=0)
     road_k: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)
+    # true: every task distils into its own copy of an end-to-end student (single-task distillation, the
+    # ablation of MKD Table 2); the branched student's branches are per task already.
+    per_task_students: bool = False
+    # MKD sec. 6.2: after multi-task distillation, fine-tune the student on each task alone (0 = off).
+    # End-to-end students then become one copy per task; the branched student stays one merged model.
+    fine_tune_epochs: int = Field(0, ge=0)
+    fine_tune_lr: float = Field(5e-5, gt=0)  # MKD picks from {1, 1.5, 5} x 1e-5
 
 
 class RayConfig(_Strict):
@@ -145,6 +187,7 @@ class RunConfig(_Strict):
     tasks: dict[str, TaskConfig]
     teachers: TeacherConfig = Field(default_factory=TeacherConfig)
     labeling: LabelingConfig = Field(default_factory=LabelingConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 

@@ -2,8 +2,8 @@
 
 The soft-target rows come as Ray Datasets: one per task read from the soft-target store, or one stream
 straight from the labeling actors while they label. Ray Train splits them across workers; each worker
-builds the student (frozen shared trunk, one branch per task initialised from the teacher), runs the
-trunk once over its rows as they arrive, and then trains: every step takes one task's batch, the
+builds the student (kdlib/trainees.py: the branched student, whose frozen trunk runs once over the rows
+as they arrive, or a small transformer / BiLSTM / CMOW student trained end to end), and then trains: every step takes one task's batch, the
 schedule (MT-DNN Algorithm 1, |D_t|^tau sampling, or ROaD's k tasks per step: schedules.py) drawn from a
 seed shared by all workers, so every replica updates the same branches in the same step. Loss: the
 task's objective (KL with temperature, MSE on logits, soft cross-entropy, or hard labels only) against
@@ -28,46 +28,44 @@ import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from kdlib.artifact import load_model
-from kdlib.encoder import load_encoder, load_tokenizer
-from kdlib.features import TrunkFeatures, length_grouped_batches
+from kdlib.features import length_grouped_batches
 from kdlib.losses import distillation_loss, teacher_annealing_weight
-from kdlib.merge import build_student
+from kdlib.optim import LazyAdamW, clip_grad_norm
 from kdlib.schedules import mtdnn_schedule, road_schedule, temperature_sampling_schedule
 from kdlib.soft_targets import ids_digest, teacher_logits_array
-from kdlib.train_state import load_train_state, save_train_state
+from kdlib.train_state import load_train_state, load_weights, save_train_state
+from kdlib.trainees import make_trainee
 
 
 @dataclass
 class TaskRows:
-    """One task's training rows on one worker: frozen trunk states plus targets, in arrival order."""
+    """One task's training rows on one worker: the trainee's features plus targets, in arrival order."""
 
     ids: list = field(default_factory=list)
-    states: list = field(default_factory=list)  # (T_i, H) trunk states at the task's branch depth
+    features: list = field(default_factory=list)  # per example: trunk states (branched) or token ids
     labels: list = field(default_factory=list)  # float, NaN where there is no gold label
     logits: list = field(default_factory=list)  # (K, C) every teacher's logits
 
-    def tensors(self) -> tuple[TrunkFeatures, torch.Tensor, torch.Tensor]:
-        return (TrunkFeatures(self.states), torch.tensor(self.labels, dtype=torch.float32),
+    def tensors(self, trainee) -> tuple:
+        return (trainee.collate(self.features), torch.tensor(self.labels, dtype=torch.float32),
                 torch.from_numpy(np.stack(self.logits)) if self.logits else torch.zeros(0, 1, 1))
 
 
-def ingest(rows_iter, student, tokenizer, data: dict[str, TaskRows], *, max_length: int) -> None:
+def ingest(rows_iter, trainee, data: dict[str, TaskRows], *, max_length: int) -> None:
     """Consume this worker's share of the soft-target rows (streamed from labeling or read from the store).
 
-    Each arriving batch is tokenized and run through the frozen trunk right away, so this work overlaps
-    with labeling when the rows are streamed. Rows are appended to `data[task]`.
+    Each arriving batch becomes the trainee's features right away (the branched student runs its frozen
+    trunk over it), so this work overlaps with labeling when the rows are streamed. Rows are appended to
+    `data[task]`.
     """
     for batch in rows_iter.iter_batches(batch_size=256, batch_format="pandas"):
         for task, part in batch.groupby("task", sort=False):
             if task not in data:
                 raise ValueError(f"soft-target rows of task {task!r}, which this run does not train")
-            pairs = part["text_pair"].tolist()
-            feats = TrunkFeatures.compute(student, tokenizer, part["text"].tolist(), pairs,
-                                          depth=student.specs[task].depth, max_length=max_length)
+            feats = trainee.features(task, part["text"].tolist(), part["text_pair"].tolist(), max_length)
             d = data[task]
             d.ids += part["id"].tolist()
-            d.states += feats.states
+            d.features += feats
             d.labels += pd.to_numeric(part["label"], errors="coerce").astype("float64").tolist()
             d.logits += list(teacher_logits_array(part))
 
@@ -107,18 +105,10 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     tasks: dict = config["tasks"]
 
-    encoder = load_encoder(config["encoder_source"], config["random_init"], config["config_overrides"],
-                           seed=config["seed"])
-    teachers = {}
-    for task, t in tasks.items():
-        model, _ = load_model(t["ensemble_dir"], encoder=encoder)
-        teachers[task] = (model, t["init_member"])
-    student = build_student(encoder, teachers, {t: v["branch_layers"] for t, v in tasks.items()},
-                            config["pooling"])
-    del teachers
-
+    trainee = make_trainee(config)
+    student = trainee.model
     trainable = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config["lr"], weight_decay=config["weight_decay"])
+    optimizer = LazyAdamW(trainable, lr=config["lr"], weight_decay=config["weight_decay"])
     start_epoch, step, starts = 0, 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -127,16 +117,18 @@ def train_loop_per_worker(config: dict) -> None:
         start_epoch, step, starts = meta["epoch"], meta["step"], meta["starts"]
         if rank == 0:
             print(f"[distill] resuming from checkpoint after epoch {start_epoch} (step {step})", flush=True)
+    elif config.get("init_weights") is not None:  # fine-tuning starts from the multi-task student
+        with config["init_weights"].as_directory() as d:
+            trainee.start_from(d)
     starts = starts + [start_epoch]  # the epoch each attempt started from: [0, 2] = resumed after epoch 2
-    # This worker's rows of every task, ingested once; only the branches train, so the trunk states
-    # computed on arrival serve every epoch.
+    # This worker's rows of every task, ingested once into the trainee's features (the branched student's
+    # frozen trunk states, computed on arrival, serve every epoch).
     ingest_start = time.perf_counter()
-    tokenizer = load_tokenizer(config["encoder_source"])
     rows = {t: TaskRows() for t in tasks}
     for name in config["datasets"]:
-        ingest(ray.train.get_dataset_shard(name), student, tokenizer, rows, max_length=config["max_length"])
+        ingest(ray.train.get_dataset_shard(name), trainee, rows, max_length=config["max_length"])
     seen = rows_seen(rows, world)
-    data = {t: rows[t].tensors() for t in tasks}
+    data = {t: rows[t].tensors(trainee) for t in tasks}
     if rank == 0:
         print(f"[distill] ingested {sum(int(seen[f'rows/{t}']) for t in tasks)} rows in "
               f"{time.perf_counter() - ingest_start:.1f}s", flush=True)
@@ -171,16 +163,19 @@ def train_loop_per_worker(config: dict) -> None:
         for i, step_tasks in enumerate(schedule):
             optimizer.zero_grad(set_to_none=True)
             hard_weight = teacher_annealing_weight(step, total_steps) if config["teacher_annealing"] else None
+            step_rows = 0
             for task in step_tasks:
                 if not batches[task]:
                     batches[task] = fresh(task)
                 idx = batches[task].pop()
                 if len(idx):
-                    loss = task_loss(student, task, tasks[task], data[task], idx, config, hard_weight)
+                    loss = task_loss(trainee, task, tasks[task], data[task], idx, config, hard_weight)
                     (loss / len(step_tasks)).backward()  # ROaD: the step averages its tasks' gradients
                     losses[task].append(loss.item())
-                average_gradients(list(student.branches[task].parameters()), world, weight=len(idx))
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+                average_gradients(trainee.task_parameters(task), world, weight=len(idx))
+                step_rows += len(idx)
+            average_gradients(trainee.shared_parameters(), world, weight=step_rows)
+            clip_grad_norm(trainable, 1.0)
             optimizer.step()
             step += 1
             if rank == 0 and (i + 1) % config["log_every"] == 0 and losses[step_tasks[-1]]:
@@ -211,11 +206,10 @@ def epoch_schedule(config: dict, n_batches: dict[str, int], sizes: dict[str, int
     return road_schedule(list(n_batches), config["road_k"], steps, rng)
 
 
-def task_loss(student, task: str, spec: dict, data, idx, config: dict, hard_weight: float | None = None) -> torch.Tensor:
+def task_loss(trainee, task: str, spec: dict, data, idx, config: dict, hard_weight: float | None = None) -> torch.Tensor:
     """One mini-batch's loss for one task: its objective against its aggregated teachers (losses.py)."""
     feats, labels, logits = data
-    h, mask = feats.batch(idx)
-    out = student.branch_forward(task, h, mask)
+    out = trainee.forward(task, feats, idx)
     hard = spec["objective"] == "hard"
     return distillation_loss(spec["objective"], kind=spec["kind"], student=out,
                              teacher_logits=None if hard else logits[idx], labels=labels[idx],
@@ -225,26 +219,50 @@ def task_loss(student, task: str, spec: dict, data, idx, config: dict, hard_weig
 
 
 def average_gradients(params, world: int, weight: float = 1.0) -> None:
-    """All-reduce the gradients of `params` across workers in one flat buffer, weighted by batch size.
+    """Average the gradients of `params` across workers, each worker's counting by its batch size.
 
     Plain DDP would need every step to go through its forward; here a step runs one task's branch on
     cached trunk states, so the averaging is done explicitly. All workers follow the same schedule,
     so they reduce the same parameters in the same order. Each worker's gradient (of its batch's
     mean loss) counts by its batch size `weight`, so the result is the gradient of the global batch's
     mean loss; a worker with an empty batch contributes zeros and weight 0.
+
+    Dense gradients go through one all-reduce of a flat buffer. Sparse-gradient embedding tables
+    (kdlib.optim.sparse_embeddings) are gathered as (rows, values) pairs and summed: the rows in the
+    workers' batches travel, not the whole vocabulary-sized table.
     """
-    if world == 1:
+    if world == 1 or not params:
         return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    dense = [p for p in params if not _sparse_table(p)]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in dense]
     flat = torch.cat([g.reshape(-1) * weight for g in grads] + [torch.tensor([float(weight)])])
     dist.all_reduce(flat)
     total = float(flat[-1])
     if total > 0:
         flat /= total
     offset = 0
-    for p, g in zip(params, grads):
+    for p, g in zip(dense, grads):
         p.grad = flat[offset: offset + g.numel()].view_as(g).clone()
         offset += g.numel()
+    tables = [p for p in params if _sparse_table(p)]
+    if not tables:
+        return
+    local = [None if p.grad is None else (p.grad.coalesce().indices(), p.grad.coalesce().values() * weight)
+             for p in tables]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, local)
+    for i, p in enumerate(tables):
+        parts = [g[i] for g in gathered if g[i] is not None]
+        if not parts or total <= 0:
+            p.grad = None
+            continue
+        rows = torch.cat([r for r, _ in parts], dim=1)
+        values = torch.cat([v for _, v in parts]) / total
+        p.grad = torch.sparse_coo_tensor(rows, values, p.shape).coalesce()
+
+
+def _sparse_table(p: torch.nn.Parameter) -> bool:
+    return getattr(p, "_kdlib_sparse", False)
 
 
 def run_distillation(*, datasets: dict[str, ray.data.Dataset], loop_config: dict, num_workers: int,
@@ -270,13 +288,7 @@ def run_distillation(*, datasets: dict[str, ray.data.Dataset], loop_config: dict
 
 def load_trained_student(result_checkpoint: Checkpoint, loop_config: dict):
     """Rebuild the student on the driver and load the trained weights from Ray Train's final checkpoint."""
-    encoder = load_encoder(loop_config["encoder_source"], loop_config["random_init"],
-                           loop_config["config_overrides"], seed=loop_config["seed"])
-    teachers = {task: (load_model(t["ensemble_dir"], encoder=encoder)[0], t["init_member"])
-                for task, t in loop_config["tasks"].items()}
-    student = build_student(encoder, teachers, {t: v["branch_layers"] for t, v in loop_config["tasks"].items()},
-                            loop_config["pooling"])
-    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad])
+    trainee = make_trainee(loop_config)
     with result_checkpoint.as_directory() as d:
-        load_train_state(d, student, optimizer)
-    return student.eval(), encoder
+        load_weights(d, trainee.model)
+    return trainee.model.eval()

@@ -27,18 +27,23 @@ def member_scores(kind: str, metric: str, labels: np.ndarray, teacher_logits: np
 
 def score_task(*, kind: str, metric: str, labels: np.ndarray, teacher_logits: np.ndarray,
                student_outputs: np.ndarray, ensemble: str, temperature: float) -> dict:
-    """All metrics for members, ensemble and student on one task's dev set; `primary` picks `metric`."""
+    """All metrics for members, ensemble and student on one task's dev set; `primary` picks `metric`.
+
+    A task without teachers (teacher_logits of shape (N, 0, C)) has no members and no ensemble (None)."""
     members = [task_metrics(kind, teacher_logits[:, k], labels) for k in range(teacher_logits.shape[1])]
-    ens = task_metrics(kind, ensemble_outputs(teacher_logits, kind, ensemble, temperature), labels)
+    ens = (task_metrics(kind, ensemble_outputs(teacher_logits, kind, ensemble, temperature), labels)
+           if members else None)
     student = task_metrics(kind, student_outputs, labels)
+    ens_primary = ens[metric] if ens else None
     return {
         "metric": metric,
         "members": members,
         "ensemble": ens,
         "student": student,
-        "primary": {"members": [m[metric] for m in members], "ensemble": ens[metric], "student": student[metric],
+        "primary": {"members": [m[metric] for m in members], "ensemble": ens_primary, "student": student[metric],
                     # A share of a score at or below 0 (a chance-level correlation) means nothing.
-                    "retained_pct": 100.0 * student[metric] / ens[metric] if ens[metric] > 0 else float("nan")},
+                    "retained_pct": (100.0 * student[metric] / ens_primary if ens_primary and ens_primary > 0
+                                     else float("nan"))},
     }
 
 
@@ -51,12 +56,14 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def summary_rows(scores: dict[str, dict], overhead: float) -> tuple[list[str], list[list]]:
-    """Rows of the run summary: task, metric, members, ensemble, student, retained %, overhead."""
+def summary_rows(scores: dict[str, dict], overhead: float | None) -> tuple[list[str], list[list]]:
+    """Rows of the run summary: task, metric, members, ensemble, student, retained %, overhead (None: "-",
+    for students that do not share the teachers' layers)."""
     headers = ["task", "metric", "teacher members", "teacher ensemble", "student", "retained %", "overhead"]
     rows = []
     for task, s in scores.items():
         p = s["primary"]
-        rows.append([task, s["metric"], " / ".join(f"{m:.2f}" for m in p["members"]), p["ensemble"], p["student"],
-                     p["retained_pct"], f"{overhead:.1%}"])
+        rows.append([task, s["metric"], " / ".join(f"{m:.2f}" for m in p["members"]) or "- (no teacher)",
+                     "-" if p["ensemble"] is None else p["ensemble"], p["student"],
+                     p["retained_pct"], "-" if overhead is None else f"{overhead:.1%}"])
     return headers, rows

@@ -58,8 +58,8 @@ class TrunkFeatures:
     @classmethod
     def compute(cls, model: BranchedModel, tokenizer, texts, pairs, *, depth: int, max_length: int,
                 batch_size: int = 64) -> "TrunkFeatures":
-        """Trunk states at `depth` for texts (and pairs: a list of None for single-text tasks)."""
-        enc = tokenize(tokenizer, texts, None if pairs[0] is None else pairs, max_length=max_length)
+        """Trunk states at `depth` for texts (and pairs: all None or NaN for single-text tasks)."""
+        enc = tokenize(tokenizer, texts, pairs, max_length=max_length)
         return cls.from_inputs(model, {k: torch.from_numpy(v) for k, v in enc.items()}, depth=depth,
                                batch_size=batch_size)
 

@@ -25,17 +25,21 @@ def student_specs(teacher_specs: dict[str, BranchSpec], branch_layers: dict[str,
 
 
 def build_student(encoder: BertModel, teachers: dict[str, tuple[BranchedModel, str]],
-                  branch_layers: dict[str, int], pooling: str) -> BranchedModel:
+                  branch_layers: dict[str, int], pooling: str, untaught: list[BranchSpec] = ()) -> BranchedModel:
     """A multi-task student whose task branches are initialised from one teacher member each.
 
     Args:
         encoder: the pretrained encoder (trunk weights).
         teachers: {task: (ensemble model, name of the member branch to copy)}.
         branch_layers: {task: l}.
+        untaught: branches of tasks without a teacher, initialised from the encoder's own layers at
+            their depth, with a fresh head.
     """
-    specs = student_specs({t: m.specs[name] for t, (m, name) in teachers.items()}, branch_layers)
+    specs = student_specs({t: m.specs[name] for t, (m, name) in teachers.items()}, branch_layers) + list(untaught)
     student = BranchedModel.from_encoder(encoder, specs, pooling)
     for spec in specs:
+        if spec.name not in teachers:
+            continue
         model, member = teachers[spec.name]
         src, dst = model.branches[member], student.branches[spec.name]
         for j in range(spec.layers):

@@ -82,6 +82,15 @@ def to_table(frame: pd.DataFrame) -> pa.Table:
     return pa.table({**cols, "label": label, "teacher_logits": logits}, schema=SCHEMA)
 
 
+def gold_only_dataset(task: str, examples: pd.DataFrame):
+    """A task without teachers (tasks.<t>.teacher: false): its examples in the store's row schema with no
+    teacher logits, as a Ray Dataset; they train on their gold labels only (MT-DNN KD trains some tasks so)."""
+    import ray.data
+
+    frame = examples.assign(task=task, teacher_logits=[[] for _ in range(len(examples))])
+    return ray.data.from_arrow([to_table(frame)])
+
+
 class SoftTargetStore:
     """One task's soft targets for one content key."""
 
@@ -227,7 +236,10 @@ class SoftTargetStore:
 
 
 def teacher_logits_array(df: pd.DataFrame) -> np.ndarray:
-    """The nested `teacher_logits` column as a float32 array of shape (N, K, C)."""
+    """The nested `teacher_logits` column as a float32 array of shape (N, K, C); (N, 0, 1) for rows of a
+    task without teachers."""
     if df.empty:
         return np.zeros((0, 1, 1), dtype=np.float32)
+    if all(len(row) == 0 for row in df["teacher_logits"]):
+        return np.zeros((len(df), 0, 1), dtype=np.float32)
     return np.stack([np.stack([np.asarray(m, dtype=np.float32) for m in row]) for row in df["teacher_logits"]])

@@ -2,10 +2,33 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import pandas as pd
 from transformers import PreTrainedTokenizerBase
 
 INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _missing(p) -> bool:
+    return p is None or (isinstance(p, float) and math.isnan(p)) or p is pd.NA
+
+
+def text_pairs(pairs) -> list[str] | None:
+    """A batch's second texts, or None when it has none.
+
+    Missing entries may be None or, in pandas string columns (pandas 3 reads Parquet strings so), NaN:
+    a batch with every entry missing has no pairs; one mixing both raises.
+    """
+    if pairs is None:
+        return None
+    missing = [_missing(p) for p in pairs]
+    if all(missing):
+        return None
+    if any(missing):
+        raise ValueError("a batch mixes rows with and without text_pair")
+    return [str(p) for p in pairs]
 
 
 def tokenize(tokenizer: PreTrainedTokenizerBase, texts, pairs=None, *, max_length: int,
@@ -13,17 +36,15 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, texts, pairs=None, *, max_lengt
     """Tokenize a batch.
 
     Args:
-        texts: N strings. pairs: N strings or None (a None entry means no pair for that row).
+        texts: N strings. pairs: N strings, or None / N missing values (None or NaN) for no pairs.
         max_length: truncation length (pairs are truncated longest-first).
         pad_to_max: pad every row to max_length (fixed shapes for Ray Data columns); else to the longest.
     Returns:
         {"input_ids", "attention_mask", "token_type_ids"}: int64 arrays of shape (N, T).
     """
     texts = [str(t) for t in texts]
-    has_pairs = pairs is not None and any(p is not None for p in pairs)
-    if has_pairs and any(p is None for p in pairs):
-        raise ValueError("a batch mixes rows with and without text_pair")
-    enc = tokenizer(texts, [str(p) for p in pairs] if has_pairs else None, truncation=True,
+    pairs = text_pairs(pairs)
+    enc = tokenizer(texts, pairs, truncation=True,
                     max_length=max_length, padding="max_length" if pad_to_max else "longest",
                     return_token_type_ids=True, return_tensors="np")
     return {k: enc[k].astype(np.int64) for k in INPUT_KEYS}

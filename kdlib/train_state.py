@@ -39,3 +39,17 @@ def load_train_state(folder: str | Path, model: torch.nn.Module, optimizer: torc
             name, slot = key[len("optim."):].rsplit(".", 1)
             optimizer.state[params[name]][slot] = value
     return json.loads((folder / META).read_text())
+
+
+def load_weights(folder: str | Path, model: torch.nn.Module) -> list[str]:
+    """Load only the parameters `save_train_state` wrote that `model` has (a one-task fine-tuning run starts
+    from a multi-task checkpoint); returns the names loaded. Every trainable parameter must be among them."""
+    tensors = {k[len("param."):]: v for k, v in load_file(str(Path(folder) / STATE)).items() if k.startswith("param.")}
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
+    if missing:
+        raise ValueError(f"{folder}: the checkpoint has no weights for {missing[:5]}")
+    with torch.no_grad():
+        for name in tensors.keys() & params.keys():
+            params[name].copy_(tensors[name])
+    return sorted(tensors.keys() & params.keys())

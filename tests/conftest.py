@@ -50,6 +50,14 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def tokenizer():
+    """MiniLM's WordPiece tokenizer (from the offline package), shared by every test that tokenizes."""
+    from kdlib.encoder import load_tokenizer, resolve_encoder_path
+
+    return load_tokenizer(resolve_encoder_path("sentence-transformers/all-MiniLM-L6-v2"))
+
+
 @pytest.fixture
 def tiny_encoder() -> BertModel:
     torch.manual_seed(0)

@@ -58,3 +58,21 @@ def test_cross_field_rules(tmp_path):
         load_run_config(_write(tmp_path, base % ", metric: accuracy"), ["data_dir=/x"])
     with pytest.raises(ConfigError, match="must not exceed fine_tune_layers"):
         load_run_config(_write(tmp_path, base % ", fine_tune_layers: 1, branch_layers: 2"), ["data_dir=/x"])
+
+
+def test_a_task_without_teacher_cannot_ask_for_teacher_targets(tmp_path):
+    base = "tasks:\n  t: {kind: classification, format: demo, train: sentiment, dev: sentiment, teacher: false%s}\n"
+    assert not load_run_config(_write(tmp_path, base % "")).tasks["t"].teacher
+    for extra, field in ((", objective: kl", "objective"), (", augment: {copies: 2}", "augment.copies"),
+                         (", unlabeled: more.txt", "unlabeled")):
+        with pytest.raises(ConfigError, match=f"teacher: false trains on gold labels only, so {field}"):
+            load_run_config(_write(tmp_path, base % extra), ["data_dir=/x"])
+
+
+def test_student_kinds_and_their_architecture_arguments(tmp_path):
+    path = _write(tmp_path, "tasks:\n  t: {kind: regression, format: demo, train: similarity, dev: similarity}\n")
+    assert load_run_config(path).student.kind == "branched"
+    cfg = load_run_config(path, ["student.kind=cmow", "student.matrix_dim=8"])
+    assert cfg.student.hparams() == {"matrix_dim": 8, "cbow_dim": 400, "head_hidden": 512, "dropout": 0.1}
+    with pytest.raises(ConfigError, match="student.kind"):
+        load_run_config(path, ["student.kind=gru"])

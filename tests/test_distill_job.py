@@ -9,13 +9,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from conftest import kill_once_when, tiny_run_overrides
 from kdlib.artifact import load_model, read_manifest
 from kdlib.config import load_run_config
 from kdlib.encoder import load_encoder, load_tokenizer, resolve_encoder_path
 from kdlib.soft_targets import SoftTargetStore, ids_digest
-from kdlib.predict import predict
+from kdlib.metrics import task_metrics
+from kdlib.predict import predict, predict_student
+from kdlib.students.artifact import load_student
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -162,6 +165,45 @@ def test_killed_train_worker_resumes_from_last_checkpoint(tiny_run, job, ray_ses
     assert report["replicas/identical"], report  # the restarted replicas stayed in step
 
 
+def test_cmow_student_distils_on_ray_train_then_fine_tunes_per_task(tiny_run, job):
+    """student.kind=cmow trains end to end on the same stores (teachers and labels reused), then MKD's
+    per-task fine-tuning gives every task its own copy; the saved copies reproduce the reported scores.
+    similarity has no teacher here (teacher: false): no teacher stage, no labels, gold labels only."""
+    root, overrides = tiny_run
+    assert job["main"]([str(ROOT / "configs" / "demo.yaml"), *overrides, "run_name=cmow", "student.kind=cmow",
+                        "student.matrix_dim=4", "student.cbow_dim=16", "student.head_hidden=16",
+                        "distill.fine_tune_epochs=1", "tasks.similarity.teacher=false"]) == 0
+    results = json.loads((root / "cmow" / "results.json").read_text())
+    taught = [s for s in results["stages"] if s["name"] in ("teachers", "labels")]
+    assert len(taught) == 4 and all(s["cached"] for s in taught)  # sentiment's and paraphrase's, reused
+    assert not any(Path(s["path"]).parent.name == "similarity" for s in taught if s["name"] == "labels")
+    assert results["scores"]["similarity"]["primary"]["members"] == []
+    assert results["scores"]["similarity"]["primary"]["ensemble"] is None
+    assert results["student"] == "cmow" and results["overhead"] is None
+    assert results["parameters"]["total"] > results["parameters"]["without_embeddings"] > 0
+    distilled = Path(next(s["path"] for s in results["stages"] if s["name"] == "distill"))
+    for report in ("train_report.json", "fine_tune_report.json"):  # both Ray Train runs kept 2 equal replicas
+        seen = json.loads((distilled / report).read_text())
+        assert len(seen["replicas/digests"]) == 2 and seen["replicas/identical"], (report, seen)
+        assert seen["rows/sentiment"] == 600 and seen["rows/similarity"] == 200 and seen["duplicates/sentiment"] == 0
+    cfg = load_run_config(ROOT / "configs" / "demo.yaml", overrides)
+    tok = load_tokenizer(resolve_encoder_path(cfg.encoder.name))
+    first = json.loads((root / "demo" / "results.json").read_text())
+    copies = {}
+    for task, score in results["scores"].items():
+        copies[task], manifest = load_student(distilled / "students" / task)
+        assert manifest["format"] == "kdlib.student/1" and list(manifest["tasks"]) == [task]
+        key = next(s["fingerprint"] for s in first["stages"] if s["name"] == "labels" and Path(s["path"]).parent.name == task)
+        dev = SoftTargetStore(str(root), task, key).read(split="dev")  # the first run's store: the same dev rows
+        out = predict_student(copies[task], tok, dev["text"].tolist(), dev["text_pair"].tolist(), [task],
+                              max_length=cfg.encoder.max_length)[task]
+        kind = "regression" if task == "similarity" else "classification"
+        assert task_metrics(kind, out, dev["label"].to_numpy())[score["metric"]] == pytest.approx(
+            score["primary"]["student"], abs=1e-6)
+    # Each copy was fine-tuned on its own task: the shared encoders drifted apart.
+    assert not torch.equal(copies["sentiment"].encoder.cbow.weight, copies["paraphrase"].encoder.cbow.weight)
+
+
 def test_streamed_run_sees_the_same_rows_as_a_store_read_run(tiny_run, job):
     """labeling.stream: Ray Train consumes the training shards while they are labeled and committed; its
     workers see exactly the rows a run reading the finished store sees, and the store ends up the same.
@@ -182,7 +224,7 @@ def test_streamed_run_sees_the_same_rows_as_a_store_read_run(tiny_run, job):
     stream_run = Path(next(s["path"] for s in streamed["stages"] if s["name"] == "distill"))
     assert stream_run == read_run  # same inputs, same fingerprint: a later run reuses either
     seen = json.loads((stream_run / "train_report.json").read_text())
-    rows_keys = [k for k in seen if not k.startswith("replicas/")]
+    rows_keys = [k for k in seen if k.split("/")[0] in ("rows", "duplicates", "ids")]
     assert {k: seen[k] for k in rows_keys} == {k: read_seen[k] for k in rows_keys}
     assert seen["replicas/identical"]
     for task, rows in stored.items():

@@ -51,6 +51,22 @@ def test_student_starts_from_the_teachers_bottom_layers(tiny_encoder, tiny_batch
         build_student(tiny_encoder, {"t": (teacher, member_name("t", 0))}, {"t": 4}, "mean")
 
 
+def test_a_task_without_teacher_starts_from_the_encoders_own_layers(tiny_encoder):
+    """teacher: false: the branch sits at depth N - L and copies the pretrained layers there; the taught
+    task's branch still comes from its teacher."""
+    teacher = _trained_like(BranchedModel.from_encoder(
+        tiny_encoder, [BranchSpec(member_name("t", 0), "classification", 2, 2, 2)]), 7)
+    student = build_student(tiny_encoder, {"t": (teacher, member_name("t", 0))}, {"t": 1}, "mean",
+                            untaught=[BranchSpec("u", "regression", 1, 1, 2)])
+    assert {n: (s.depth, s.layers) for n, s in student.specs.items()} == {"t": (2, 1), "u": (1, 2)}
+    for j in range(2):
+        want = tiny_encoder.encoder.layer[1 + j].state_dict()
+        for n, v in student.branches["u"].layers[j].state_dict().items():
+            torch.testing.assert_close(v, want[n], msg=n)
+    torch.testing.assert_close(student.branches["t"].head.out.weight,
+                               teacher.branches[member_name("t", 0)].head.out.weight)
+
+
 def test_single_task_view_matches_multitask_model(tiny_encoder, tiny_batch):
     model = _trained_like(BranchedModel.from_encoder(
         tiny_encoder, [BranchSpec("a", "classification", 2, 1, 1), BranchSpec("b", "regression", 1, 3, 1)]), 3)

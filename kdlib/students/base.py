@@ -23,6 +23,11 @@ class MultiTaskStudent(nn.Module):
             raise ValueError("a student needs at least one task")
         self.tasks = dict(tasks)
 
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the encoder's (first) token table: the WordPiece vocabulary it reads."""
+        return next(m for m in self.encoder.modules() if isinstance(m, nn.Embedding)).num_embeddings
+
     def _build_heads(self, in_dims: dict[str, int], hidden: int, dropout: float) -> None:
         self.heads = build_heads(self.tasks, in_dims, hidden, dropout)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from kdlib.tokenize import tokenize
+from kdlib.tokenize import text_pairs, tokenize
 
 
 @dataclass
@@ -57,7 +57,7 @@ def make_student_inputs(tokenizer: PreTrainedTokenizerBase, texts, pairs=None, m
         StudentInputs; each sequence keeps its [CLS]/[SEP], so no row is empty.
     """
     texts = list(texts)
-    pairs = None if pairs is None or all(p is None for p in pairs) else list(pairs)
+    pairs = text_pairs(pairs)
 
     def tensors(t, p):
         return {k: torch.from_numpy(v) for k, v in tokenize(tokenizer, t, p, max_length=max_length).items()}

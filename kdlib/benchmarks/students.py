@@ -1,0 +1,278 @@
+"""`jobs/benchmark.py students`: the papers' students distilled from the same MiniLM teachers on glue-mini.
+
+    python jobs/benchmark.py students --scale quick [--data-dir ../shared/data/glue-mini] [--storage-root runs]
+
+In one run, through the real pipeline (jobs/distill.py on configs/glue_mini.yaml; teachers and the
+soft-target store are trained and labeled once and reused by every student):
+
+- every student (branched transformer, small transformer, bi-attentive LSTM, CMOW/CBOW-Hybrid), distilled
+  multi-task on Ray Train: per-task dev scores against the teacher ensemble, parameters with and without
+  embeddings, CPU inference throughput at batch 128 x sequence length 128 against one teacher (a full
+  6-layer MiniLM pass plus a head; the K-member ensemble costs more);
+- the ablation of MKD Table 2 on the BiLSTM: multi-task distillation, single-task distillation (one
+  student per task, distill.per_task_students) and no distillation (objective hard: gold labels only);
+- Ray Train's training throughput with 2 workers against a plain single-process loop (same student,
+  rows, batch size, schedule and loss; the loop has both cores' threads), from the last epoch of each.
+
+Targets (issue 4): the BiLSTM and CMOW students reach >= 90% of the teacher ensemble's average score at
+>= 3x its throughput; multi-task beats single-task distillation on average; Ray Train's overhead costs
+<= 15% of the single-process loop's throughput.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import runpy
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdlib.artifact import load_model, read_manifest
+from kdlib.branched import member_name
+from kdlib.config import load_run_config
+from kdlib.distill import TaskRows, epoch_schedule, task_loss
+from kdlib.evaluate import markdown_table
+from kdlib.features import length_grouped_batches
+from kdlib.optim import LazyAdamW, clip_grad_norm
+from kdlib.soft_targets import SoftTargetStore, teacher_logits_array
+from kdlib.students.artifact import load_student
+from kdlib.students.inputs import StudentInputs
+from kdlib.students.registry import count_parameters
+from kdlib.trainees import make_trainee
+
+ROOT = Path(__file__).resolve().parents[2]
+SCALES = {"quick": {"train_rows": 1500, "epochs": 6}, "full": {"train_rows": None, "epochs": 16}}
+TASKS = ("sst2", "mrpc", "stsb")
+# Per student: what differs from configs/glue_mini.yaml (MKD sec. 6.2: the LSTM at lr 5e-4).
+STUDENTS = {
+    "branched": [],
+    "small_transformer": ["student.kind=small_transformer", "distill.lr=1e-4"],
+    "bilstm": ["student.kind=bilstm", "distill.lr=5e-4"],
+    "cmow": ["student.kind=cmow", "distill.lr=5e-4"],
+}
+ABLATION = {  # MKD Table 2 on the BiLSTM
+    "multi-task KD": [],
+    "single-task KD": ["distill.per_task_students=true"],
+    "no KD (gold labels only)": [f"tasks.{t}.objective=hard" for t in TASKS],
+}
+INFERENCE = {"batch": 128, "seq": 128, "threads": 2, "reps": 3}
+
+
+def students_benchmark(scale: str, data_dir: str, out: Path, storage_root: str) -> dict:
+    job = runpy.run_path(str(ROOT / "jobs" / "distill.py"), run_name="distill_job")
+    s = SCALES[scale]
+    config = str(ROOT / "configs" / "glue_mini.yaml")
+    base = [f"data_dir={data_dir}", f"storage_root={storage_root}", f"distill.epochs={s['epochs']}"]
+    base += [f"tasks.{t}.max_train_examples={'null' if s['train_rows'] is None else s['train_rows']}" for t in TASKS]
+
+    def run(name: str, extra: list[str]) -> dict:
+        overrides = base + [f"run_name=bench_students_{scale}_{name}"] + extra
+        started = time.perf_counter()
+        assert job["main"]([config, *overrides]) == 0, f"the {name} run failed"
+        results = json.loads((Path(storage_root).resolve() / f"bench_students_{scale}_{name}" / "results.json").read_text())
+        results["wall_seconds"] = round(time.perf_counter() - started, 1)
+        results["overrides"] = overrides
+        return results
+
+    runs = {kind: run(kind, extra) for kind, extra in STUDENTS.items()}
+    ablation = {"multi-task KD": runs["bilstm"]}
+    for label, extra in list(ABLATION.items())[1:]:
+        ablation[label] = run("bilstm_" + label.split()[0].replace("-", "_"), STUDENTS["bilstm"] + extra)
+
+    cfg = load_run_config(config, base + STUDENTS["bilstm"])
+    torch.set_num_threads(INFERENCE["threads"])
+    teacher_speed = teacher_throughput(runs["branched"], cfg)
+    rows = {}
+    for kind, results in runs.items():
+        model_dir = results["model_dir"]
+        model = load_model(model_dir)[0] if kind == "branched" else load_student(Path(model_dir) / "multitask")[0]
+        scores = {t: results["scores"][t]["primary"]["student"] for t in TASKS}
+        speed = throughput(model, kind)
+        rows[kind] = {"scores": scores, "average": float(np.mean(list(scores.values()))),
+                      "parameters": count_parameters(model),
+                      "parameters_without_embeddings": count_parameters(model, include_embeddings=False),
+                      "examples_per_s": speed, "speedup_vs_teacher": speed / teacher_speed,
+                      "distill_seconds": next(r["seconds"] for r in results["stages"] if r["name"] == "distill")}
+    ensemble = {t: runs["branched"]["scores"][t]["primary"]["ensemble"] for t in TASKS}
+    ensemble_avg = float(np.mean(list(ensemble.values())))
+    for r in rows.values():
+        r["share_of_ensemble_pct"] = 100 * r["average"] / ensemble_avg
+    ablation_avg = {label: float(np.mean([res["scores"][t]["primary"]["student"] for t in TASKS]))
+                    for label, res in ablation.items()}
+    train_speed = ray_train_vs_single_process(runs["bilstm"], cfg, storage_root)
+
+    targets = {
+        "students_90pct_at_3x": {k: rows[k]["share_of_ensemble_pct"] >= 90 and rows[k]["speedup_vs_teacher"] >= 3
+                                 for k in ("bilstm", "cmow")},
+        "multitask_beats_single_task": ablation_avg["multi-task KD"] > ablation_avg["single-task KD"],
+        "ray_train_overhead_at_most_15pct": train_speed["ray_train_share"] >= 0.85,
+    }
+    result = {"benchmark": "students", "scale": scale, "ensemble": ensemble, "ensemble_average": ensemble_avg,
+              "teacher_examples_per_s": teacher_speed, "inference": INFERENCE, "students": rows,
+              "ablation_bilstm": {label: {"scores": {t: res["scores"][t]["primary"]["student"] for t in TASKS},
+                                          "average": ablation_avg[label]} for label, res in ablation.items()},
+              "training_throughput": train_speed, "targets": targets,
+              "runs": {k: {"wall_seconds": v["wall_seconds"], "overrides": v["overrides"]}
+                       for k, v in {**runs, **{f"ablation {k}": v for k, v in ablation.items()}}.items()}}
+    _plot(result, out / f"students-{scale}.png")
+    return {"result": result, "table": _table(result)}
+
+
+def _random_batch(batch: int, seq: int, pair: bool = False) -> StudentInputs:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 29000, (batch, seq), generator=g)
+    ids[:, 0], ids[:, -1] = 101, 102  # [CLS] ... [SEP]
+    mask = torch.ones_like(ids)
+    return StudentInputs(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids), a_ids=ids, a_mask=mask)
+
+
+@torch.no_grad()
+def _timed(fn) -> float:
+    fn()  # warm-up
+    started = time.perf_counter()
+    for _ in range(INFERENCE["reps"]):
+        fn()
+    return INFERENCE["reps"] * INFERENCE["batch"] / (time.perf_counter() - started)
+
+
+def throughput(model, kind: str) -> float:
+    """Examples/s of the sst2 head at batch 128 x 128 tokens (single sentences, no padding)."""
+    model.eval()
+    x = _random_batch(INFERENCE["batch"], INFERENCE["seq"])
+    if kind == "branched":
+        return _timed(lambda: model(x.input_ids, x.attention_mask, x.token_type_ids, names=["sst2"]))
+    return _timed(lambda: model(x, "sst2"))
+
+
+def teacher_throughput(branched_run: dict, cfg) -> float:
+    """One SST-2 teacher member: the frozen pretrained bottom and its fine-tuned top layers, 6 in all."""
+    from kdlib.encoder import load_encoder, resolve_encoder_path
+
+    folder = next(Path(s["path"]) / "ensemble" for s in branched_run["stages"] if s["name"] == "teachers"
+                  and "sst2" in read_manifest(Path(s["path"]) / "ensemble", verify=False)["tasks"])
+    encoder = load_encoder(resolve_encoder_path(cfg.encoder.name, cfg.encoder.path))
+    ensemble, _ = load_model(folder, encoder=encoder)
+    x = _random_batch(INFERENCE["batch"], INFERENCE["seq"])
+    return _timed(lambda: ensemble(x.input_ids, x.attention_mask, x.token_type_ids, names=[member_name("sst2", 0)]))
+
+
+def ray_train_vs_single_process(run: dict, cfg, storage_root: str) -> dict:
+    """Training rows/s of the run's last Ray Train epoch (2 workers x 1 thread) against one epoch of the same
+    loop in one process with 2 threads (same student, rows, batch size, MT-DNN schedule and loss)."""
+    distilled = Path(next(s["path"] for s in run["stages"] if s["name"] == "distill"))
+    report = json.loads((distilled / "train_report.json").read_text())
+    rows_total = sum(v for k, v in report.items() if k.startswith("rows/"))
+    ray_rate = rows_total / report["seconds"]
+
+    loop_config = _loop_config(run, cfg)
+    torch.set_num_threads(2)
+    trainee = make_trainee(loop_config)
+    data = {}
+    for task in TASKS:
+        key = next(s["fingerprint"] for s in run["stages"] if s["name"] == "labels" and Path(s["path"]).parent.name == task)
+        frame = SoftTargetStore(storage_root, task, key).read(split="train")
+        r = TaskRows(ids=frame["id"].tolist(), labels=frame["label"].astype("float64").tolist(),
+                     logits=list(teacher_logits_array(frame)),
+                     features=trainee.features(task, frame["text"].tolist(), frame["text_pair"].tolist(),
+                                               loop_config["max_length"]))
+        data[task] = r.tensors(trainee)
+    bs = loop_config["batch_size"]
+    n_batches = {t: math.ceil(len(data[t][0]) / bs) for t in TASKS}
+    rng = np.random.default_rng(0)
+    batches = {t: length_grouped_batches(data[t][0].lengths, bs, rng) for t in TASKS}
+    schedule = epoch_schedule(loop_config, n_batches, {t: len(data[t][0]) for t in TASKS}, sum(n_batches.values()), rng)
+    trainable = [p for p in trainee.model.parameters() if p.requires_grad]
+    optimizer = LazyAdamW(trainable, lr=loop_config["lr"], weight_decay=loop_config["weight_decay"])
+    trainee.model.train()
+    started = time.perf_counter()
+    for (task,) in schedule:
+        optimizer.zero_grad(set_to_none=True)
+        task_loss(trainee, task, loop_config["tasks"][task], data[task], batches[task].pop(), loop_config).backward()
+        clip_grad_norm(trainable, 1.0)
+        optimizer.step()
+    single_rate = sum(len(d[0]) for d in data.values()) / (time.perf_counter() - started)
+    return {"student": "bilstm", "rows_per_epoch": rows_total, "ray_train_rows_per_s": ray_rate,
+            "single_process_rows_per_s": single_rate, "ray_train_share": ray_rate / single_rate,
+            "ray_train": "2 workers x 1 torch thread (0.9 CPU each), gloo", "single_process": "1 process, 2 torch threads"}
+
+
+def _loop_config(run: dict, cfg) -> dict:
+    """The loop config of the BiLSTM run, rebuilt as jobs/distill.py builds it (its tasks' heads and losses)."""
+    from kdlib.encoder import resolve_encoder_path
+
+    scores = run["scores"]
+    tasks = {}
+    for t in TASKS:
+        tc = cfg.tasks[t]
+        kind = tc.kind
+        tasks[t] = {"kind": kind, "num_outputs": 2 if kind == "classification" else 1,
+                    "pair": tc.text_pair_column is not None, "aggregation": tc.resolved_aggregation,
+                    "wrong_teacher_weight": tc.wrong_teacher_weight, "objective": tc.objective or cfg.distill.objective}
+    assert set(scores) == set(tasks)
+    d = cfg.distill
+    return {"tasks": tasks, "encoder_source": resolve_encoder_path(cfg.encoder.name, cfg.encoder.path),
+            "random_init": False, "config_overrides": {}, "max_length": cfg.encoder.max_length, "seed": cfg.seed,
+            "student": {"kind": cfg.student.kind, "hparams": cfg.student.hparams()},
+            "epochs": d.epochs, "batch_size": d.batch_size, "lr": d.lr, "weight_decay": d.weight_decay,
+            "temperature": d.temperature, "alpha": d.alpha, "teacher_annealing": False, "schedule": "mtdnn",
+            "sampling_tau": d.sampling_tau, "road_k": d.road_k}
+
+
+def _table(result: dict) -> str:
+    rows = [["teacher ensemble", *(result["ensemble"][t] for t in TASKS), result["ensemble_average"], 100.0, "-", "-",
+             result["teacher_examples_per_s"], 1.0]]
+    for kind, r in result["students"].items():
+        rows.append([kind, *(r["scores"][t] for t in TASKS), r["average"], r["share_of_ensemble_pct"],
+                     f"{r['parameters'] / 1e6:.1f}M", f"{r['parameters_without_embeddings'] / 1e6:.2f}M",
+                     r["examples_per_s"], r["speedup_vs_teacher"]])
+    table = markdown_table(["model", "SST-2 acc", "MRPC F1", "STS-B Pearson", "average", "% of ensemble",
+                            "params", "params w/o embeddings", f"examples/s (batch {INFERENCE['batch']}, "
+                            f"seq {INFERENCE['seq']})", "x teacher"], rows)
+    abl = markdown_table(["BiLSTM (MKD Table 2)", *TASKS, "average"],
+                         [[label, *(a["scores"][t] for t in TASKS), a["average"]]
+                          for label, a in result["ablation_bilstm"].items()])
+    ts = result["training_throughput"]
+    t = result["targets"]
+    return (f"{table}\n\nThe teacher row's throughput is one ensemble member (6 layers); the ensemble runs more.\n\n"
+            f"{abl}\n\nTraining throughput (BiLSTM, last epoch): Ray Train {ts['ray_train_rows_per_s']:.1f} rows/s "
+            f"({ts['ray_train']}) vs single process {ts['single_process_rows_per_s']:.1f} rows/s "
+            f"({ts['single_process']}): {ts['ray_train_share']:.2f}x.\n\nTargets: >= 90% of the ensemble at >= 3x "
+            f"its throughput: {', '.join(f'{k} ' + ('met' if v else 'NOT met') for k, v in t['students_90pct_at_3x'].items())}; "
+            f"multi-task beats single-task: {'met' if t['multitask_beats_single_task'] else 'NOT met'}; Ray Train "
+            f"overhead <= 15%: {'met' if t['ray_train_overhead_at_most_15pct'] else 'NOT met'}.")
+
+
+def _plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    kinds = list(result["students"])
+    xs = [result["students"][k]["speedup_vs_teacher"] for k in kinds]
+    ys = [result["students"][k]["share_of_ensemble_pct"] for k in kinds]
+    a.scatter(xs, ys)
+    for k, x, y in zip(kinds, xs, ys):
+        a.annotate(k, (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    a.axhline(90, ls="--", c="grey", lw=0.8)
+    a.axvline(3, ls="--", c="grey", lw=0.8)
+    a.set_xscale("log")
+    a.set_xlabel("inference throughput / teacher's (batch 128, seq 128)")
+    a.set_ylabel("average dev score, % of the teacher ensemble")
+    a.set_title("students: quality against speed")
+    labels = list(result["ablation_bilstm"])
+    width = 0.25
+    for i, label in enumerate(labels):
+        vals = [result["ablation_bilstm"][label]["scores"][t] for t in TASKS]
+        bars = b.bar([j + (i - 1) * width for j in range(len(TASKS))], vals, width, label=label)
+        b.bar_label(bars, fmt="%.1f", fontsize=7)
+    b.set_xticks(range(len(TASKS)), TASKS)
+    b.set_title("BiLSTM: multi-task vs single-task vs no KD")
+    b.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,108 @@
+"""The pieces that let end-to-end students train in the Ray Train loop: token features, artifacts, trainees."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.testing import assert_close
+from transformers import BertConfig, BertModel
+
+from kdlib.artifact import ArtifactError, load_model
+from kdlib.students import TaskHead, build_student_model, make_student_inputs
+from kdlib.students.artifact import load_student, save_student
+from kdlib.students.features import TokenFeatures
+from kdlib.train_state import load_weights, save_train_state
+from kdlib.trainees import PerTaskCopiesTrainee
+
+TEXTS = ["a fine film", "not good at all , sadly", "ok", "the plot is thin but the cast is great"]
+PAIRS = ["it was fine", "bad", "fine enough i think", "great cast"]
+TASKS = {"sent": TaskHead("classification", 2), "para": TaskHead("classification", 2, pair=True),
+         "sim": TaskHead("regression", 1, pair=True)}
+SMALL = {"small_transformer": {"num_layers": 2, "head_hidden": 8},
+         "bilstm": {"hidden": 8, "ffn_dim": 8, "head_hidden": 8},
+         "cmow": {"matrix_dim": 4, "cbow_dim": 8, "head_hidden": 8}}
+
+
+@pytest.fixture(scope="module")
+def encoder(tokenizer) -> BertModel:
+    torch.manual_seed(0)
+    return BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                                intermediate_size=32), add_pooling_layer=False).eval()
+
+
+@pytest.mark.parametrize("pairs", [None, PAIRS])
+def test_token_features_batch_equals_tokenizing_the_batch(tokenizer, pairs):
+    feats = TokenFeatures.compute(tokenizer, TEXTS, pairs or [None] * len(TEXTS), max_length=16)
+    idx = [3, 1]
+    got = feats.batch(idx)
+    want = make_student_inputs(tokenizer, [TEXTS[i] for i in idx], None if pairs is None else [pairs[i] for i in idx],
+                               max_length=16)
+    for name in ("input_ids", "attention_mask", "token_type_ids", "a_ids", "a_mask", "b_ids", "b_mask"):
+        g, w = getattr(got, name), getattr(want, name)
+        assert g is None if w is None else torch.equal(g, w), name
+    assert got.has_pair == (pairs is not None)
+    assert feats.lengths == [int(m.sum()) for m in make_student_inputs(tokenizer, TEXTS, pairs, max_length=16).attention_mask]
+
+
+@pytest.mark.parametrize("kind", sorted(SMALL))
+def test_student_artifact_round_trip_gives_the_same_outputs(kind, tokenizer, encoder, tmp_path):
+    torch.manual_seed(1)
+    model = build_student_model(kind, tasks=TASKS, vocab_size=len(tokenizer), encoder=encoder, **SMALL[kind]).eval()
+    hparams = dict(SMALL[kind], **({"embedding_dim": 16} if kind == "bilstm" else {}))
+    save_student(model, tmp_path / "s", name=kind, hparams=hparams, tasks={"sent": {"kind": "classification"}})
+    loaded, manifest = load_student(tmp_path / "s")
+    assert manifest["student"] == kind and manifest["vocab_size"] == len(tokenizer)
+    inputs = make_student_inputs(tokenizer, TEXTS, PAIRS, max_length=16)
+    single = make_student_inputs(tokenizer, TEXTS, None, max_length=16)
+    with torch.no_grad():
+        assert_close(loaded(single, "sent"), model(single, "sent"))
+        assert_close(loaded.forward_tasks(inputs, ["para", "sim"]), model.forward_tasks(inputs, ["para", "sim"]))
+
+
+def test_student_artifacts_are_checked_and_not_mistaken_for_branched_models(tokenizer, tmp_path):
+    model = build_student_model("cmow", tasks=TASKS, vocab_size=len(tokenizer), **SMALL["cmow"])
+    save_student(model, tmp_path / "s", name="cmow", hparams=SMALL["cmow"])
+    with pytest.raises(ArtifactError, match="not a branched model"):
+        load_model(tmp_path / "s")
+    weights = tmp_path / "s" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(ArtifactError, match="checksum mismatch"):
+        load_student(tmp_path / "s")
+
+
+def test_fine_tuning_copies_start_from_the_multitask_student_and_train_apart(tokenizer, tmp_path, monkeypatch):
+    """MKD sec. 6.2 fine-tuning: every task's copy starts as the multi-task student; a step on one task
+    changes only that task's copy."""
+    config = {"student": {"kind": "cmow", "hparams": SMALL["cmow"]}, "seed": 0, "encoder_source": "unused",
+              "random_init": True, "config_overrides": {},
+              "tasks": {t: {"kind": h.kind, "num_outputs": h.num_outputs, "pair": h.pair} for t, h in TASKS.items()}}
+    monkeypatch.setattr("kdlib.trainees.load_tokenizer", lambda source: tokenizer)
+    torch.manual_seed(5)
+    multitask = build_student_model("cmow", tasks=TASKS, vocab_size=len(tokenizer), **SMALL["cmow"])
+    save_train_state(tmp_path, multitask, torch.optim.AdamW(multitask.parameters()), {"epoch": 3})
+    trainee = PerTaskCopiesTrainee(config)
+    trainee.start_from(tmp_path)
+    want = multitask.state_dict()
+    for task in TASKS:
+        for name, value in trainee.model[task].state_dict().items():
+            assert torch.equal(value, want[name]), (task, name)
+    feats = trainee.collate(trainee.features("para", TEXTS, PAIRS, 16))
+    loss = trainee.forward("para", feats, [0, 1, 2]).pow(2).mean()
+    loss.backward()
+    # Each copy keeps CMOW's three vocabulary tables (forward, backward matrices, CBOW) on sparse gradients.
+    tables = [p for p in trainee.model["para"].parameters() if getattr(p, "_kdlib_sparse", False)]
+    assert len(tables) == 3 and all(p.grad.is_sparse for p in tables)
+    touched = {id(p) for p in trainee.model.parameters() if p.grad is not None}
+    assert touched and touched <= {id(p) for p in trainee.task_parameters("para")}
+    assert trainee.shared_parameters() == []
+
+
+def test_load_weights_refuses_a_checkpoint_without_the_trainable_parameters(tokenizer, tmp_path):
+    a = build_student_model("cmow", tasks={"sent": TASKS["sent"]}, vocab_size=len(tokenizer), **SMALL["cmow"])
+    save_train_state(tmp_path, a, torch.optim.AdamW(a.parameters()), {})
+    b = build_student_model("cmow", tasks=TASKS, vocab_size=len(tokenizer), **SMALL["cmow"])
+    with pytest.raises(ValueError, match="no weights for .*heads.para"):
+        load_weights(tmp_path, b)
+    assert json.loads((tmp_path / "train_state.json").read_text()) == {}
