@@ -389,6 +389,69 @@ def test_concurrent_requests_for_different_tasks_share_batches(server, artifacts
                                        atol=1e-5)
 
 
+def _scrape_metrics(ray) -> list[tuple[str, dict, float]]:
+    """Every sample (name, labels, value) that the nodes' metrics agents export for Prometheus to scrape."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = []
+    for node in ray.nodes():
+        if node["Alive"] and node.get("MetricsExportPort"):
+            text = requests.get(f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics",
+                                timeout=30).text
+            samples += [(s.name, s.labels, s.value) for fam in text_string_to_metric_families(text)
+                        for s in fam.samples]
+    return samples
+
+
+def _metric(samples, name: str, **labels) -> float:
+    """The sum over all series (replicas, workers) of `name` whose labels include `labels`."""
+    return sum(v for n, lab, v in samples if n == name and all(lab.get(k) == x for k, x in labels.items()))
+
+
+@pytest.mark.slow
+def test_request_counts_and_latencies_are_exported_as_metrics(server, ray_session):
+    """The app's ray.serve.metrics (requests by route and status code, latency histogram, inputs per task)
+    reach the Prometheus endpoint of Ray's metrics agent, scraped over HTTP like Prometheus does."""
+    app = {"application": "kdlib"}
+    wanted = {  # (metric, labels) -> at least this increase
+        ("ray_kdlib_serve_requests_total", (("route", "/v1/predict"), ("code", "200"))): 5,
+        ("ray_kdlib_serve_requests_total", (("route", "/v1/predict"), ("code", "422"))): 2,
+        ("ray_kdlib_serve_requests_total", (("route", "/v1/predict"), ("code", "401"))): 1,
+        ("ray_kdlib_serve_latency_ms_count", (("route", "/v1/predict"),)): 8,
+        ("ray_kdlib_serve_latency_ms_bucket", (("route", "/v1/predict"), ("le", "+Inf"))): 8,
+        ("ray_kdlib_serve_task_inputs_total", (("task", "a"),)): 5 * len(TEXTS),
+    }
+
+    def values(samples) -> dict:
+        return {key: _metric(samples, key[0], **app, **dict(key[1])) for key in wanted}
+
+    before_samples = _scrape_metrics(ray_session)
+    before = values(before_samples)
+    latency_sum = _metric(before_samples, "ray_kdlib_serve_latency_ms_sum", route="/v1/predict", **app)
+    for _ in range(5):
+        server.predict({"task": "a", "inputs": _items()})
+    for _ in range(2):
+        assert server.post("/v1/predict", {"task": "a", "inputs": [{}]}).status_code == 422
+    assert requests.post(server.url + "/v1/predict", json={"task": "a", "inputs": _items()},
+                         timeout=30).status_code == 401
+
+    # Replicas report their metrics every few seconds (RAY_metrics_report_interval_ms, 10 s by default).
+    deltas = {}
+
+    def exported():
+        samples = _scrape_metrics(ray_session)
+        deltas.update({k: v - before[k] for k, v in values(samples).items()})
+        deltas["latency_sum"] = _metric(samples, "ray_kdlib_serve_latency_ms_sum", route="/v1/predict",
+                                        **app) - latency_sum
+        return all(deltas[k] >= n for k, n in wanted.items())
+
+    try:
+        _wait_for(exported, timeout_s=120)
+    except TimeoutError:
+        pytest.fail(f"metrics not exported: increases {deltas}, wanted at least {wanted}")
+    assert deltas["latency_sum"] > 0, deltas
+
+
 @pytest.mark.slow
 def test_live_updates_under_load_fail_no_request(server, artifacts):
     """Replace c and add d (v2), then remove b (v3), while 4 threads keep asking for task a."""
