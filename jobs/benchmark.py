@@ -23,6 +23,15 @@ Targets (issue 3): >= 0.9x the best baseline; >= 1.6x from the shared trunk; >= 
 teachers: dev scores, parameters, throughput at batch 128 x 128 tokens against a teacher, MKD's
 multi-task / single-task / no-KD ablation, Ray Train against a single-process loop
 (kdlib/benchmarks/students.py says how).
+
+`tune`: jobs/tune_depth.py's depth search on glue-mini from empty storage, once with the caches (trunk
+states, teachers) and once without: the merged model's share of full fine-tuning against its overhead
+for every threshold c and budget B, and the sweeps' wall times beside the theoretical ratio.
+Targets (issue 5): >= 99% of full fine-tuning at <= 40% overhead; the caches >= 2x faster.
+
+`serve`: the merged model's Ray Serve endpoint against one full-teacher deployment per task, same CPUs,
+bounded load tests over loopback (kdlib/benchmarks/serve.py). `cluster`: labeling throughput on 1 and 2
+simulated worker nodes (ray.cluster_utils.Cluster; kdlib/benchmarks/cluster.py).
 """
 
 from __future__ import annotations
@@ -41,6 +50,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from kdlib.artifact import load_model  # noqa: E402
+from kdlib.benchmarks.cluster import cluster_benchmark  # noqa: E402
+from kdlib.benchmarks.serve import serve_benchmark  # noqa: E402
 from kdlib.benchmarks.students import students_benchmark  # noqa: E402
 from kdlib.branched import member_name  # noqa: E402
 from kdlib.cluster import init_ray  # noqa: E402
@@ -347,8 +358,56 @@ def _plot_labeling(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+TUNE_SCALES = {  # the sweep runs twice (with and without caches) and trains teachers for every L it tries
+    "quick": ["tasks.sst2.max_train_examples=600", "tasks.mrpc.max_train_examples=600",
+              "tasks.stsb.max_train_examples=600", "search.num_samples=6", "encoder.max_length=96"],
+    "full": []}  # configs/tune/glue_mini.yaml as it is: 1,500 rows per task, 12 samples, 128 tokens
+
+
+def tune_benchmark(scale: str, data_dir: str, out: Path, storage_root: str) -> dict:
+    """jobs/tune_depth.py on glue-mini, from empty storage, with the caches and without, in one run."""
+    import shutil
+    import tempfile
+
+    tune = runpy.run_path(str(ROOT / "jobs" / "tune_depth.py"), run_name="tune_job")
+    fresh = Path(tempfile.mkdtemp(prefix="kdlib-tune-bench-", dir=storage_root))
+    overrides = [f"data_dir={data_dir}", f"run_name=bench_tune_{scale}", *TUNE_SCALES[scale]]
+    both = tune["benchmark"](str(ROOT / "configs" / "tune" / "glue_mini.yaml"), overrides, str(fresh))
+    c, u = both["cached"], both["uncached"]
+    shutil.copy(Path(c["out_dir"]) / "curve.png", out / f"tune-{scale}-curve.png")
+    shutil.copy(Path(c["out_dir"]) / "tasks.png", out / f"tune-{scale}.png")
+    chosen = c["chosen"]
+    curve_rows = sorted(((p["overhead"], p["share_of_full_ft"], p["rule"], p["setting"], p["choice"]) for p in c["curve"]),
+                        key=lambda r: (r[0], -r[1]))
+    best_under_40 = max((r for r in curve_rows if r[0] <= 0.40), key=lambda r: r[1], default=None)
+    met = {"share_99_at_40pct": bool(best_under_40 and best_under_40[1] >= 99.0), "caches_2x": both["wall_speedup"] >= 2}
+    result = {"benchmark": "tune", "scale": scale, "overrides": overrides, "chosen": chosen, "choice": c["choice"],
+              "full_fine_tuning": c["full_fine_tuning"], "curve": c["curve"],
+              "best_at_most_40pct": None if best_under_40 is None else
+              {"overhead": best_under_40[0], "share_of_full_ft": best_under_40[1], "rule": best_under_40[2],
+               "setting": best_under_40[3], "choice": best_under_40[4]},
+              "sweep_seconds": {"cached": c["sweep_seconds"], "uncached": u["sweep_seconds"]},
+              "wall_speedup": both["wall_speedup"], "theoretical_speedup": both["theoretical_speedup"],
+              "trials": {"cached": c["trials"], "uncached": u["trials"]}, "failed_trials": c["failed_trials"],
+              "targets": {**met, "met": all(met.values())}}
+    table = markdown_table(["rule", "setting", "overhead", "% of full fine-tuning", "choice (L, l, source) per task"],
+                           [[r[2], r[3], f"{r[0]:.1%}", r[1], ", ".join(f"{t} {v[0]}/{v[1]}/{v[2]}" for t, v in r[4].items())]
+                            for r in curve_rows])
+    ref = c["full_fine_tuning"]
+    table += (f"\n\nFull fine-tuning (one L = 6 member per task): {', '.join(f'{t} {v:.2f}' for t, v in ref.items())}. "
+              f"Chosen ({chosen['rule']} {chosen['setting']:g}): {chosen['share_of_full_ft']:.2f}% of full fine-tuning at "
+              f"{chosen['overhead']:.1%} overhead.\n\nSweep wall time: {c['sweep_seconds']:.0f} s with the caches, "
+              f"{u['sweep_seconds']:.0f} s without: {both['wall_speedup']:.2f}x (layer passes saved: "
+              f"{both['theoretical_speedup']:.2f}x in theory).\n\nTargets: >= 99% of full fine-tuning at <= 40% overhead: "
+              f"{'met' if met['share_99_at_40pct'] else 'NOT met'}"
+              + (f" (best within 40%: {best_under_40[1]:.2f}% at {best_under_40[0]:.1%})" if best_under_40 else "")
+              + f"; caches >= 2x faster: {'met' if met['caches_2x'] else 'NOT met'}.")
+    return {"result": result, "table": table}
+
+
 BENCHMARKS = {"distill": distill_benchmark, "demo": demo_benchmark, "labeling": labeling_benchmark,
-              "students": students_benchmark}
+              "students": students_benchmark, "tune": tune_benchmark, "serve": serve_benchmark,
+              "cluster": cluster_benchmark}
 
 
 def main() -> int:

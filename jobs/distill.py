@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+from collections import Counter
 import sys
 import time
 from pathlib import Path
@@ -43,6 +44,7 @@ from kdlib.soft_targets import SoftTargetStore, gold_only_dataset, plan_shards, 
 from kdlib.stages import StageCache, fingerprint
 from kdlib.tasks import TaskData, load_tasks
 from kdlib.students.artifact import load_student, save_student
+from kdlib.students.binning import ScoreBins
 from kdlib.students.registry import count_parameters
 from kdlib.teachers import train_ensemble
 from kdlib.trainees import BRANCHED, saved_hparams
@@ -58,7 +60,7 @@ def parse_args(argv: list[str] | None) -> tuple[str, list[str]]:
 
 def train_teachers(cfg: RunConfig, tasks: dict[str, TaskData], enc: dict, cache: StageCache) -> dict[str, str]:
     """One Ray task per task trains its K-member ensemble; tasks run concurrently. Returns artifact dirs."""
-    remote = ray.remote(num_cpus=cfg.teachers.cpus_per_task)(train_ensemble)
+    remote = ray.remote(num_cpus=cfg.teachers.cpus_per_task)(train_ensemble_on_node)
     t = cfg.teachers
     dirs, pending, started = {}, {}, time.perf_counter()
     for name, data in tasks.items():
@@ -86,6 +88,17 @@ def train_teachers(cfg: RunConfig, tasks: dict[str, TaskData], enc: dict, cache:
         cache.finish("teachers", fp, time.perf_counter() - started, info)
         print(f"[teachers:{name}] trained in {info['seconds']}s")
     return dirs
+
+
+def train_ensemble_on_node(**kwargs) -> dict:
+    """kdlib.teachers.train_ensemble, reporting the node it ran on."""
+    return {**train_ensemble(**kwargs), "where": ray.util.get_node_ip_address()}
+
+
+def placement(nodes: list[str], unit: str) -> str:
+    """'192.0.2.7 (2 train workers)' from one node address per worker, shard or task."""
+    counts = Counter(n for n in nodes if n)
+    return ", ".join(f"{n} ({c} {unit}{'s' if c > 1 else ''})" for n, c in sorted(counts.items()))
 
 
 def plan_labels(cfg: RunConfig, tasks: dict[str, TaskData], teacher_dirs: dict[str, str], enc: dict):
@@ -144,7 +157,8 @@ def _record(cache: StageCache, store: SoftTargetStore, *, cached: bool, seconds:
     if not any(r.name == "labels" and r.fingerprint == store.key for r in cache.records):
         if cached:
             print(f"[labels:{store.task}] inputs unchanged, reusing {store.base}")
-        cache.record("labels", store.key, store.base, cached=cached, seconds=seconds)
+        where = "reused" if cached else placement([r.get("node") for r in store.commit_records()], "shard")
+        cache.record("labels", store.key, store.base, cached=cached, seconds=seconds, where=where)
 
 
 def finish_labels(cfg: RunConfig, stores: dict[str, SoftTargetStore], plan, teacher_dirs: dict[str, str],
@@ -170,24 +184,8 @@ def distill_students(cfg: RunConfig, tasks: dict[str, TaskData], teacher_dirs: d
     labeling actors while they label (and commit) the training shards.
     """
     d = cfg.distill
-    task_cfg = {}
-    for name, data in tasks.items():
-        t = cfg.tasks[name]
-        common = {"kind": data.kind, "num_outputs": data.num_outputs, "pair": t.text_pair_column is not None,
-                  "branch_layers": t.branch_layers, "fine_tune_layers": t.fine_tune_layers}
-        if name not in stores:  # no teacher: gold labels only, the branch from the encoder's own layers
-            task_cfg[name] = {**common, "ensemble_dir": None, "init_member": None, "objective": "hard",
-                              "aggregation": t.resolved_aggregation, "wrong_teacher_weight": t.wrong_teacher_weight}
-            continue
-        # The student branch starts from the ensemble member with the best dev score.
-        store = stores[name]
-        dev = (store.read(split="dev") if store.is_complete()
-               else store.read_committed([sh for sh, _ in plan if sh.task == name and sh.split == "dev"]))
-        members = member_scores(data.kind, data.metric, dev["label"].to_numpy(), teacher_logits_array(dev))
-        best = max(range(len(members)), key=members.__getitem__)
-        task_cfg[name] = {**common, "ensemble_dir": teacher_dirs[name], "init_member": member_name(name, best),
-                          "aggregation": t.resolved_aggregation, "wrong_teacher_weight": t.wrong_teacher_weight,
-                          "objective": t.objective or d.objective}
+    task_cfg = {name: student_task(cfg, data, stores.get(name), plan, teacher_dirs.get(name))
+                for name, data in tasks.items()}
     loop_config = {"tasks": task_cfg, "encoder_source": enc["source"], "random_init": cfg.encoder.random_init,
                    "config_overrides": cfg.encoder.config_overrides, "pooling": cfg.encoder.pooling,
                    "max_length": cfg.encoder.max_length, "seed": cfg.seed, "log_every": 20,
@@ -202,7 +200,7 @@ def distill_students(cfg: RunConfig, tasks: dict[str, TaskData], teacher_dirs: d
                      {t: {k: v for k, v in c.items() if k != "ensemble_dir"} for t, c in task_cfg.items()},
                      d.fine_tune_epochs, d.fine_tune_lr)
 
-    def run(out: Path) -> None:
+    def run(out: Path) -> dict:
         streaming = cfg.labeling.stream and not all(s.is_complete() for s in stores.values())
         if streaming:
             check_stream_fits(cfg)
@@ -225,12 +223,32 @@ def distill_students(cfg: RunConfig, tasks: dict[str, TaskData], teacher_dirs: d
         if streaming:
             finish_labels(cfg, stores, plan, teacher_dirs, cache, time.perf_counter() - started)
         write_train_report(result, out / "train_report.json")
+        where = placement(result.metrics["placement/nodes"], "train worker")
         checkpoint, config = result.checkpoint, loop_config
         if d.fine_tune_epochs:
             checkpoint, config = fine_tune(cfg, training_datasets(stores, gold_only), loop_config, result.checkpoint, out)
         save_students(cfg, tasks, config, checkpoint, out / "students", enc)
+        return {"where": where}
 
     return str(cache.run("distill", fp, run) / "students")
+
+
+def student_task(cfg: RunConfig, data: TaskData, store: SoftTargetStore | None, plan, teacher_dir: str | None) -> dict:
+    """What the training loop needs to know about one task: its head, branch, loss and teacher."""
+    t = cfg.tasks[data.name]
+    task = {"kind": data.kind, "pair": t.text_pair_column is not None, "bins": t.bins,
+            "num_outputs": data.num_outputs if t.bins is None else ScoreBins(*t.bins).num_bins,
+            "branch_layers": t.branch_layers, "fine_tune_layers": t.fine_tune_layers,
+            "aggregation": t.resolved_aggregation, "wrong_teacher_weight": t.wrong_teacher_weight}
+    if store is None:  # no teacher: gold labels only, the branch from the encoder's own layers
+        return {**task, "ensemble_dir": None, "init_member": None, "objective": "hard"}
+    # The student branch starts from the ensemble member with the best dev score.
+    dev = (store.read(split="dev") if store.is_complete()
+           else store.read_committed([sh for sh, _ in plan if sh.task == data.name and sh.split == "dev"]))
+    members = member_scores(data.kind, data.metric, dev["label"].to_numpy(), teacher_logits_array(dev))
+    best = max(range(len(members)), key=members.__getitem__)
+    return {**task, "ensemble_dir": teacher_dir, "init_member": member_name(data.name, best),
+            "objective": t.objective or cfg.distill.objective}
 
 
 def training_datasets(stores: dict[str, SoftTargetStore], gold_only: dict[str, TaskData]) -> dict:
@@ -261,7 +279,8 @@ def write_train_report(result, path: Path) -> None:
     """What the workers trained on (rows, duplicates, ids digest per task), whether their replicas ended
     identical and how long the last epoch took, from the last epoch's metrics (tests and benchmarks read it)."""
     path.write_text(json.dumps({k: v for k, v in result.metrics.items()
-                                if k.split("/")[0] in ("rows", "duplicates", "ids", "replicas", "epoch", "seconds")}))
+                                if k.split("/")[0] in ("rows", "duplicates", "ids", "replicas", "placement", "epoch",
+                                                       "seconds")}))
 
 
 def save_students(cfg: RunConfig, tasks: dict[str, TaskData], loop_config: dict, checkpoint, folder: Path,
@@ -316,6 +335,7 @@ def merge_students(cfg: RunConfig, tasks: dict[str, TaskData], students_dir: str
                                                      "metric": t.metric} for n, t in tasks.items()},
                    extra={"role": "merged", "encoder": enc, "max_length": cfg.encoder.max_length,
                           "config": cfg.model_dump(mode="json")})
+        return {"where": f"driver ({ray.util.get_node_ip_address()})"}
 
     return str(cache.run("merge", fp, run) / "model")
 
@@ -394,7 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     headers, rows = summary_rows(results["scores"], results["overhead"])
     table = markdown_table(headers, rows)
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-    (run_dir / "results.md").write_text(f"# {cfg.run_name}\n\n{table}\n\nmodel: `{model_dir}`\n")
+    (run_dir / "results.md").write_text(f"# {cfg.run_name}\n\n{table}\n\nmodel: `{model_dir}`\n\n"
+                                        f"## Stages\n\n{cache.table()}\n")
+    print(f"\n{cache.table()}")
     print(f"\n{table}\n\n{'merged model' if cfg.student.kind == BRANCHED else cfg.student.kind + ' student'}: {model_dir}\nresults: {run_dir}/results.json, results.md "
           f"({results['seconds']}s)")
     return 0

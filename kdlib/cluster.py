@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import ray
 import ray.data
@@ -28,3 +36,54 @@ def init_ray(address: str | None, num_cpus: int | None, log=print) -> None:
         # (on 127.0.0.1) stays on: Ray Train's placement-group cleaner polls the State API it serves.
         ray.init(address="local", num_cpus=num_cpus, log_to_driver=True)
         log(f"[ray] started local Ray: {ray.cluster_resources().get('CPU', 0):g} CPUs")
+
+
+@contextlib.contextmanager
+def local_head(log_path: str | Path, *, port: int = 6399, dashboard_port: int = 8299, agent_port: int = 52399,
+               num_cpus: int = 2, timeout: float = 120):
+    """A real head node on loopback with the dashboard (the Jobs API), as `ray start --head` starts one;
+    yields the dashboard's address for `ray job submit --address`, then stops exactly its processes.
+
+    `--block` keeps the head in the foreground, so terminating its process group leaves any other Ray on
+    the machine alone. For tests and benchmarks; on a real cluster use `ray start` or cluster/ manifests.
+    """
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    with open(log_path, "w") as log:
+        head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={port}",
+                                 "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+                                 f"--dashboard-port={dashboard_port}", f"--dashboard-agent-listen-port={agent_port}",
+                                 f"--num-cpus={num_cpus}", "--include-dashboard=true"],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        address = f"http://127.0.0.1:{dashboard_port}"
+        try:
+            deadline = time.time() + timeout
+            while True:
+                try:
+                    urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                    break
+                except urllib.error.HTTPError:  # 401 without the token: the server is up
+                    break
+                except OSError:
+                    if head.poll() is not None or time.time() > deadline:
+                        raise RuntimeError(f"the head node's dashboard did not come up; see {log_path}")
+                    time.sleep(1)
+            yield address
+        finally:
+            os.killpg(head.pid, signal.SIGTERM)
+            head.wait(timeout=60)
+
+
+def submit_job(address: str, entrypoint: list[str], working_dir: str | Path, timeout: float = 1800
+               ) -> subprocess.CompletedProcess:
+    """`RAY_AUTH_MODE=token ray job submit --address A --working-dir D -- ENTRYPOINT`, waiting for the end.
+
+    Retries while the head's job agent is still starting ("No available agent")."""
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}  # local clusters start with token auth on
+    cmd = [ray_bin, "job", "submit", "--address", address, "--working-dir", str(working_dir), "--", *entrypoint]
+    for _ in range(12):
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if "No available agent" not in done.stdout + done.stderr:
+            break
+        time.sleep(5)
+    return done

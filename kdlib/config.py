@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kdlib.config_loading import load_config
+from kdlib.students.binning import ScoreBins
 
 
 class _Strict(BaseModel):
@@ -63,6 +64,9 @@ class TaskConfig(_Strict):
     # false: no teacher is trained or labels this task; the student learns it from gold labels only
     # (MT-DNN KD trains some tasks so). Its branch starts from the encoder's layers at depth N - L.
     teacher: bool = True
+    # [low, high, width]: end-to-end students learn this regression target as classes over score bins and
+    # predict the expected score (CMOW paper sec. IV-B: STS-B as [0, 5, 0.2], 26 classes).
+    bins: tuple[float, float, float] | None = None
 
     @property
     def resolved_aggregation(self) -> str:
@@ -77,6 +81,10 @@ class TaskConfig(_Strict):
         if (self.aggregation == "mean") != (self.kind == "regression") and self.aggregation is not None:
             allowed = ["mean"] if self.kind == "regression" else ["mean_logits", "mean_probs", "weighted"]
             raise ValueError(f"aggregation {self.aggregation!r} does not fit kind {self.kind!r}; allowed: {allowed}")
+        if self.bins is not None:
+            if self.kind != "regression":
+                raise ValueError("bins cast a regression target to classes; this task is a classification task")
+            ScoreBins(*self.bins)  # low < high, width > 0, a whole number of bins
         if not self.teacher:
             given = [k for k, bad in (("objective", self.objective not in (None, "hard")),
                                       ("augment.copies", self.augment.copies > 0),
@@ -202,6 +210,10 @@ class RunConfig(_Strict):
             if objective == "mse_logits" and t.resolved_aggregation == "mean_probs":
                 raise ValueError(f"tasks.{name}: objective mse_logits needs logits; aggregation mean_probs gives "
                                  "probabilities (use mean_logits or weighted)")
+        binned = [n for n, t in self.tasks.items() if t.bins is not None]
+        if binned and self.student.kind == "branched":
+            raise ValueError(f"tasks {binned} set bins, which the end-to-end students use; student.kind is branched "
+                             "(choose small_transformer, bilstm or cmow, or drop bins)")
         for name in self.tasks:
             if not name.replace("_", "").replace("-", "").isalnum():
                 raise ValueError(f"task name {name!r}: use letters, digits, '-' and '_' only")

@@ -29,10 +29,11 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from kdlib.features import length_grouped_batches
-from kdlib.losses import distillation_loss, teacher_annealing_weight
+from kdlib.losses import binned_regression_loss, distillation_loss, teacher_annealing_weight
 from kdlib.optim import LazyAdamW, clip_grad_norm
 from kdlib.schedules import mtdnn_schedule, road_schedule, temperature_sampling_schedule
 from kdlib.soft_targets import ids_digest, teacher_logits_array
+from kdlib.students.binning import ScoreBins
 from kdlib.train_state import load_train_state, load_weights, save_train_state
 from kdlib.trainees import make_trainee
 
@@ -91,11 +92,16 @@ def replica_digests(params, world: int) -> list[str]:
     h = hashlib.sha256()
     for p in params:
         h.update(p.detach().contiguous().numpy().tobytes())
-    digests = [h.hexdigest()[:16]]
-    if world > 1:
-        digests = [None] * world
-        dist.all_gather_object(digests, h.hexdigest()[:16])
-    return digests
+    return gather(h.hexdigest()[:16], world)
+
+
+def gather(value, world: int) -> list:
+    """Every worker's `value`, in rank order (the same list on every rank)."""
+    if world == 1:
+        return [value]
+    values = [None] * world
+    dist.all_gather_object(values, value)
+    return values
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -128,6 +134,7 @@ def train_loop_per_worker(config: dict) -> None:
     for name in config["datasets"]:
         ingest(ray.train.get_dataset_shard(name), trainee, rows, max_length=config["max_length"])
     seen = rows_seen(rows, world)
+    nodes = gather(ray.util.get_node_ip_address(), world)  # where each rank runs, for the placement report
     data = {t: rows[t].tensors(trainee) for t in tasks}
     if rank == 0:
         print(f"[distill] ingested {sum(int(seen[f'rows/{t}']) for t in tasks)} rows in "
@@ -184,7 +191,7 @@ def train_loop_per_worker(config: dict) -> None:
         digests = replica_digests(trainable, world)
         metrics = {"epoch": epoch + 1, "step": step, "start_epoch": start_epoch,
                    "seconds": round(time.perf_counter() - epoch_start, 2), **seen,
-                   "replicas/identical": len(set(digests)) == 1, "replicas/digests": digests,
+                   "replicas/identical": len(set(digests)) == 1, "replicas/digests": digests, "placement/nodes": nodes,
                    **{f"loss/{t}": float(np.mean(v)) if v else float("nan") for t, v in losses.items()}}
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
@@ -211,6 +218,9 @@ def task_loss(trainee, task: str, spec: dict, data, idx, config: dict, hard_weig
     feats, labels, logits = data
     out = trainee.forward(task, feats, idx)
     hard = spec["objective"] == "hard"
+    if spec.get("bins") is not None:  # a regression target learned over score bins (CMOW paper IV-B)
+        return binned_regression_loss(out, None if hard else logits[idx], labels[idx], ScoreBins(*spec["bins"]),
+                                      alpha=config["alpha"], hard_weight=hard_weight)
     return distillation_loss(spec["objective"], kind=spec["kind"], student=out,
                              teacher_logits=None if hard else logits[idx], labels=labels[idx],
                              temperature=config["temperature"], alpha=config["alpha"],

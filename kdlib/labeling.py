@@ -58,7 +58,8 @@ class ShardLabeler:
                 examples.insert(2, "split", shard.split)
                 start = time.perf_counter()
                 frame = self.label(shard.task, examples)
-                store.commit(shard, frame, seconds=round(time.perf_counter() - start, 3))
+                store.commit(shard, frame, seconds=round(time.perf_counter() - start, 3),
+                             node=ray.util.get_node_ip_address())
             if self.emit_rows:
                 out.append(frame[STORE_COLUMNS])
             else:

@@ -224,6 +224,34 @@ def distillation_loss(objective: str, *, kind: str, student: torch.Tensor, teach
     return soft_weight * soft + (1 - soft_weight) * hard
 
 
+def binned_regression_loss(student: torch.Tensor, teacher_outputs: torch.Tensor | None, labels: torch.Tensor,
+                           bins, *, alpha: float, hard_weight: float | None = None) -> torch.Tensor:
+    """A regression task learned as classification over score bins (CMOW paper sec. IV-B, STS-B).
+
+    Targets are distributions over the bins: the teachers' mean prediction for the soft term and the gold
+    score for the hard term, each split between its two neighbouring bin centres so that its expectation
+    is the score itself (`ScoreBins.to_distribution(soft=True)`). Both terms are cross-entropies against
+    the student's softmax, mixed like `distillation_loss` (alpha, or teacher annealing's hard_weight).
+    Rows without a gold score (NaN) get the soft term only; without teachers (None, or K = 0) the hard
+    term alone is the loss.
+
+    Args:
+        student: (B, n_bins) logits. teacher_outputs: (B, K, 1) every teacher's predicted score.
+        labels: (B,) gold scores, NaN where missing. bins: a kdlib.students.ScoreBins.
+    """
+    logp = F.log_softmax(student, dim=-1)
+    has = ~torch.isnan(labels)
+    hard = student.new_zeros(())
+    if has.any():
+        hard = -(bins.to_distribution(labels[has], soft=True).to(logp.dtype) * logp[has]).sum(-1).mean()
+    if teacher_outputs is None or teacher_outputs.shape[1] == 0:
+        return hard
+    target = bins.to_distribution(teacher_outputs.mean(1).reshape(-1), soft=True).to(logp.dtype)
+    soft = -(target * logp).sum(-1).mean()
+    soft_weight = alpha if hard_weight is None else 1 - hard_weight
+    return soft_weight * soft + (1 - soft_weight) * hard
+
+
 def _class_labels(labels: torch.Tensor) -> torch.Tensor:
     """Class ids as int64 with -1 for a missing label (float labels carry NaN there)."""
     if labels.is_floating_point():

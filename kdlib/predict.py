@@ -45,5 +45,5 @@ def predict_student(model, tokenizer, texts: list[str], pairs: list[str | None] 
                                      None if pairs is None else pairs[s:s + batch_size], max_length=max_length)
         out = model.forward_tasks(inputs, names)
         for n in names:
-            chunks[n].append(out[n].float().numpy())
+            chunks[n].append(model.tasks[n].scores(out[n]).float().numpy())  # binned heads: expected scores
     return {n: np.concatenate(c) for n, c in chunks.items()}

@@ -111,10 +111,11 @@ class SoftTargetStore:
         return storage.join(self.shards_dir, f"{index:05d}.json")
 
     # -- writing -------------------------------------------------------------------------------------
-    def commit(self, shard: Shard, frame: pd.DataFrame, seconds: float | None = None) -> dict:
+    def commit(self, shard: Shard, frame: pd.DataFrame, seconds: float | None = None, node: str | None = None) -> dict:
         """Write a labeled shard, then its commit record; both atomically. Idempotent for equal content.
 
-        seconds: how long labeling the shard took (recorded with the commit time, for throughput reports).
+        seconds: how long labeling the shard took, node: where (both recorded with the commit time, for
+        throughput and placement reports).
         """
         if len(frame) != shard.rows or ids_digest(frame["id"]) != shard.ids_digest:
             raise StoreError(f"{self}: shard {shard.index} holds {len(frame)} rows whose ids do not match its "
@@ -124,7 +125,7 @@ class SoftTargetStore:
         data = buf.getvalue()
         storage.write_atomic(self.fs, self.shard_path(shard.index), data)
         record = {**asdict(shard), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
-                  "seconds": seconds, "committed_at": time.time()}
+                  "seconds": seconds, "node": node, "committed_at": time.time()}
         storage.write_json_atomic(self.fs, self._commit_path(shard.index), record)
         return record
 

@@ -30,6 +30,7 @@ class StageRecord:
     path: str
     cached: bool
     seconds: float
+    where: str = ""  # the nodes (and workers) that ran it, e.g. "192.0.2.7 (2 train workers)"
 
 
 @dataclass
@@ -56,19 +57,30 @@ class StageCache:
     def finish(self, stage: str, fp: str, seconds: float, info: dict | None = None) -> None:
         """Write the marker that makes the stage's output count, and record it for the run summary."""
         out = self.path(stage, fp)
-        (out / DONE).write_text(json.dumps({"stage": stage, "fingerprint": fp, "seconds": round(seconds, 2),
-                                            **(info or {})}))
-        self.records.append(StageRecord(stage, fp, str(out), False, round(seconds, 2)))
+        info = info or {}
+        (out / DONE).write_text(json.dumps({"stage": stage, "fingerprint": fp, "seconds": round(seconds, 2), **info}))
+        self.records.append(StageRecord(stage, fp, str(out), False, round(seconds, 2), info.get("where", "")))
 
-    def record(self, stage: str, fp: str, path: str, *, cached: bool, seconds: float) -> None:
+    def record(self, stage: str, fp: str, path: str, *, cached: bool, seconds: float, where: str = "") -> None:
         """Record a stage whose output lives elsewhere (the soft-target store) in the run summary."""
-        self.records.append(StageRecord(stage, fp, str(path), cached, round(seconds, 2)))
+        self.records.append(StageRecord(stage, fp, str(path), cached, round(seconds, 2), where))
 
     def reuse(self, stage: str, fp: str) -> None:
-        self.records.append(StageRecord(stage, fp, str(self.path(stage, fp)), True, 0.0))
+        done = json.loads((self.path(stage, fp) / DONE).read_text())
+        self.records.append(StageRecord(stage, fp, str(self.path(stage, fp)), True, 0.0,
+                                        f"reused (ran on {done['where']})" if done.get("where") else "reused"))
+
+    def table(self) -> str:
+        """The run's stages as a Markdown table: what ran, where, how long, and what was reused."""
+        lines = ["| stage | output | where | seconds |", "|---|---|---|---|"]
+        for r in self.records:
+            lines.append(f"| {r.name} | {Path(r.path).parent.name}/{Path(r.path).name} | {r.where or '-'} | "
+                         f"{'cached' if r.cached else f'{r.seconds:.1f}'} |")
+        return "\n".join(lines)
 
     def run(self, stage: str, fp: str, fn, *, log=print) -> Path:
-        """Run `fn(out_dir)` unless this stage's output for `fp` exists; returns the output folder."""
+        """Run `fn(out_dir)` unless this stage's output for `fp` exists; returns the output folder.
+        `fn` may return a dict of facts for the marker (e.g. {"where": ...})."""
         out, done = self.begin(stage, fp)
         if done:
             log(f"[{stage}] inputs unchanged, reusing {out}")
@@ -76,8 +88,8 @@ class StageCache:
             return out
         log(f"[{stage}] running -> {out}")
         start = time.perf_counter()
-        fn(out)
+        info = fn(out)
         seconds = time.perf_counter() - start
-        self.finish(stage, fp, seconds)
+        self.finish(stage, fp, seconds, info if isinstance(info, dict) else None)
         log(f"[{stage}] done in {seconds:.1f}s")
         return out

@@ -132,8 +132,8 @@ class PerTaskCopiesTrainee(EndToEndTrainee):
 
 
 def task_heads(tasks: dict) -> dict[str, TaskHead]:
-    """{task: TaskHead} from the loop config's tasks (kind, num_outputs, pair)."""
-    return {t: TaskHead(v["kind"], v["num_outputs"], v["pair"]) for t, v in tasks.items()}
+    """{task: TaskHead} from the loop config's tasks (kind, num_outputs, pair, bins)."""
+    return {t: TaskHead(v["kind"], v["num_outputs"], v["pair"], v.get("bins")) for t, v in tasks.items()}
 
 
 def build_end_to_end_student(config: dict, tokenizer):

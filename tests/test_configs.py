@@ -76,3 +76,8 @@ def test_student_kinds_and_their_architecture_arguments(tmp_path):
     assert cfg.student.hparams() == {"matrix_dim": 8, "cbow_dim": 400, "head_hidden": 512, "dropout": 0.1}
     with pytest.raises(ConfigError, match="student.kind"):
         load_run_config(path, ["student.kind=gru"])
+    assert load_run_config(path, ["student.kind=cmow", "tasks.t.bins=[0, 5, 0.2]"]).tasks["t"].bins == (0, 5, 0.2)
+    with pytest.raises(ConfigError, match="set bins, which the end-to-end students use"):
+        load_run_config(path, ["tasks.t.bins=[0, 5, 0.2]"])
+    with pytest.raises(ConfigError, match="whole number of bins"):
+        load_run_config(path, ["student.kind=cmow", "tasks.t.bins=[0, 5, 0.3]"])

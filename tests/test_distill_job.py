@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import runpy
 from pathlib import Path
 
@@ -55,6 +56,12 @@ def test_run_writes_results_config_and_merged_model(tiny_run):
     report = json.loads((distilled / "train_report.json").read_text())
     assert len(report["replicas/digests"]) == 2 and report["replicas/identical"], report
     assert "| sentiment | accuracy |" in (run_dir / "results.md").read_text()
+    # Where each stage ran: the teachers' Ray tasks, the labeling actors' shards, the 2 train workers.
+    where = {(s["name"], Path(s["path"]).parent.name if s["name"] == "labels" else ""): s["where"] for s in results["stages"]}
+    assert all(re.fullmatch(r"[0-9.]+", w) for (n, _), w in where.items() if n == "teachers"), where
+    assert where[("labels", "sentiment")].endswith("(5 shards)"), where  # dev 256 + 44, train 256 + 256 + 88
+    assert where[("distill", "")].endswith("(2 train workers)") and where[("merge", "")].startswith("driver")
+    assert "| distill |" in (run_dir / "results.md").read_text().split("## Stages")[1]
     # The saved config is exactly what ran.
     saved = load_run_config(run_dir / "config.yaml")
     assert saved == load_run_config(ROOT / "configs" / "demo.yaml", overrides)
@@ -168,11 +175,13 @@ def test_killed_train_worker_resumes_from_last_checkpoint(tiny_run, job, ray_ses
 def test_cmow_student_distils_on_ray_train_then_fine_tunes_per_task(tiny_run, job):
     """student.kind=cmow trains end to end on the same stores (teachers and labels reused), then MKD's
     per-task fine-tuning gives every task its own copy; the saved copies reproduce the reported scores.
-    similarity has no teacher here (teacher: false): no teacher stage, no labels, gold labels only."""
+    similarity has no teacher here (teacher: false): no teacher stage, no labels, gold labels only; and it
+    learns its 0-5 score as 26 classes over bins of 0.2 (CMOW paper IV-B), predicting the expected score."""
     root, overrides = tiny_run
     assert job["main"]([str(ROOT / "configs" / "demo.yaml"), *overrides, "run_name=cmow", "student.kind=cmow",
                         "student.matrix_dim=4", "student.cbow_dim=16", "student.head_hidden=16",
-                        "distill.fine_tune_epochs=1", "tasks.similarity.teacher=false"]) == 0
+                        "distill.fine_tune_epochs=1", "tasks.similarity.teacher=false",
+                        "tasks.similarity.bins=[0, 5, 0.2]"]) == 0
     results = json.loads((root / "cmow" / "results.json").read_text())
     taught = [s for s in results["stages"] if s["name"] in ("teachers", "labels")]
     assert len(taught) == 4 and all(s["cached"] for s in taught)  # sentiment's and paraphrase's, reused
@@ -193,6 +202,7 @@ def test_cmow_student_distils_on_ray_train_then_fine_tunes_per_task(tiny_run, jo
     for task, score in results["scores"].items():
         copies[task], manifest = load_student(distilled / "students" / task)
         assert manifest["format"] == "kdlib.student/1" and list(manifest["tasks"]) == [task]
+        assert copies[task].tasks["similarity"].num_outputs == 26
         key = next(s["fingerprint"] for s in first["stages"] if s["name"] == "labels" and Path(s["path"]).parent.name == task)
         dev = SoftTargetStore(str(root), task, key).read(split="dev")  # the first run's store: the same dev rows
         out = predict_student(copies[task], tok, dev["text"].tolist(), dev["text_pair"].tolist(), [task],

@@ -81,3 +81,26 @@ def test_regression_aggregation_is_the_mean_prediction():
     assert ensemble_target(z, "mean")[0, 0].item() == pytest.approx(2.5)
     with pytest.raises(ValueError, match="allowed"):
         ensemble_target(z, "median")
+
+
+def test_binned_regression_loss_against_a_hand_computation():
+    """CMOW paper IV-B: scores as distributions over bins 0, 1, 2 (width 1); a score of 1.25 puts 0.75 on
+    bin 1 and 0.25 on bin 2. Teachers 1.0 and 1.5 average to 1.25; the gold score 0 is all on bin 0."""
+    from kdlib.losses import binned_regression_loss
+    from kdlib.students.binning import ScoreBins
+
+    logits = torch.tensor([[0.0, 1.0, 2.0]])
+    logp = torch.log_softmax(logits, -1)[0]
+    soft = -(0.75 * logp[1] + 0.25 * logp[2])
+    hard = -logp[0]
+    teachers = torch.tensor([[[1.0], [1.5]]])
+    bins = ScoreBins(0.0, 2.0, 1.0)
+    got = binned_regression_loss(logits, teachers, torch.tensor([0.0]), bins, alpha=0.8)
+    assert got.item() == pytest.approx(0.8 * soft.item() + 0.2 * hard.item(), rel=1e-6)
+    # No gold score: the soft term alone; no teachers: the hard term alone; annealing replaces alpha.
+    assert binned_regression_loss(logits, teachers, torch.tensor([float("nan")]), bins, alpha=0.8).item() == \
+        pytest.approx(0.8 * soft.item(), rel=1e-6)
+    assert binned_regression_loss(logits, None, torch.tensor([0.0]), bins, alpha=0.8).item() == \
+        pytest.approx(hard.item(), rel=1e-6)
+    assert binned_regression_loss(logits, teachers, torch.tensor([0.0]), bins, alpha=0.8, hard_weight=1.0).item() \
+        == pytest.approx(hard.item(), rel=1e-6)

@@ -10,6 +10,7 @@ from torch.testing import assert_close
 from transformers import BertConfig, BertModel
 
 from kdlib.artifact import ArtifactError, load_model
+from kdlib.predict import predict_student
 from kdlib.students import TaskHead, build_student_model, make_student_inputs
 from kdlib.students.artifact import load_student, save_student
 from kdlib.students.features import TokenFeatures
@@ -19,7 +20,7 @@ from kdlib.trainees import PerTaskCopiesTrainee
 TEXTS = ["a fine film", "not good at all , sadly", "ok", "the plot is thin but the cast is great"]
 PAIRS = ["it was fine", "bad", "fine enough i think", "great cast"]
 TASKS = {"sent": TaskHead("classification", 2), "para": TaskHead("classification", 2, pair=True),
-         "sim": TaskHead("regression", 1, pair=True)}
+         "sim": TaskHead("regression", 1, pair=True), "binned": TaskHead("regression", 6, pair=True, bins=(0, 5, 1))}
 SMALL = {"small_transformer": {"num_layers": 2, "head_hidden": 8},
          "bilstm": {"hidden": 8, "ffn_dim": 8, "head_hidden": 8},
          "cmow": {"matrix_dim": 4, "cbow_dim": 8, "head_hidden": 8}}
@@ -58,7 +59,21 @@ def test_student_artifact_round_trip_gives_the_same_outputs(kind, tokenizer, enc
     single = make_student_inputs(tokenizer, TEXTS, None, max_length=16)
     with torch.no_grad():
         assert_close(loaded(single, "sent"), model(single, "sent"))
-        assert_close(loaded.forward_tasks(inputs, ["para", "sim"]), model.forward_tasks(inputs, ["para", "sim"]))
+        assert_close(loaded.forward_tasks(inputs, ["para", "sim", "binned"]),
+                     model.forward_tasks(inputs, ["para", "sim", "binned"]))
+    assert loaded.tasks["binned"].bins == (0.0, 5.0, 1.0)
+
+
+def test_a_binned_head_predicts_the_expected_score(tokenizer):
+    model = build_student_model("cmow", tasks=TASKS, vocab_size=len(tokenizer), **SMALL["cmow"]).eval()
+    with torch.no_grad():
+        logits = model(make_student_inputs(tokenizer, TEXTS, PAIRS, max_length=16), "binned")
+        got = predict_student(model, tokenizer, TEXTS, PAIRS, ["binned"], max_length=16)["binned"]
+    assert logits.shape == (4, 6) and got.shape == (4, 1)
+    want = (torch.softmax(logits, -1) * torch.arange(6.0)).sum(-1, keepdim=True)
+    assert_close(torch.from_numpy(got), want)
+    with pytest.raises(ValueError, match="one output per bin"):
+        TaskHead("regression", 5, bins=(0, 5, 1))
 
 
 def test_student_artifacts_are_checked_and_not_mistaken_for_branched_models(tokenizer, tmp_path):
@@ -77,7 +92,8 @@ def test_fine_tuning_copies_start_from_the_multitask_student_and_train_apart(tok
     changes only that task's copy."""
     config = {"student": {"kind": "cmow", "hparams": SMALL["cmow"]}, "seed": 0, "encoder_source": "unused",
               "random_init": True, "config_overrides": {},
-              "tasks": {t: {"kind": h.kind, "num_outputs": h.num_outputs, "pair": h.pair} for t, h in TASKS.items()}}
+              "tasks": {t: {"kind": h.kind, "num_outputs": h.num_outputs, "pair": h.pair, "bins": h.bins}
+                        for t, h in TASKS.items()}}
     monkeypatch.setattr("kdlib.trainees.load_tokenizer", lambda source: tokenizer)
     torch.manual_seed(5)
     multitask = build_student_model("cmow", tasks=TASKS, vocab_size=len(tokenizer), **SMALL["cmow"])

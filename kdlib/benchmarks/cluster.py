@@ -9,6 +9,8 @@ Ray Data actor pool) with one labeling actor per worker node. Workload: the labe
 glue-mini SST-2 text joined and cut at 64 tokens, batch 64, K = 1 member with a 2-layer branch on a 4-layer
 trunk), so the numbers compare with `jobs/benchmark.py labeling`.
 
+Also the demo job standalone against submitted to a local head node (`job_overhead`): Ray's job overhead.
+
 Configurations: N = 1 and N = 2 worker nodes of 1 logical CPU each, one actor of 1 torch thread per node
 (a node is one core's worth: 2 nodes use both cores of this machine), and N = 2 nodes of 2 logical CPUs with
 2 actors each (the `cluster/start-local.sh` sizing: 4 threads on 2 cores). Every node shares the machine's
@@ -116,8 +118,44 @@ def cluster_benchmark(scale: str, data_dir: str, out: Path, storage_root: str) -
               f"stage's time minus the actors' average labeling time (actors starting: importing torch, loading MiniLM; "
               f"scheduling; the driver). The load average (1 minute, before / after each configuration) shows how "
               f"much else ran on the machine: above {os.cpu_count()} other processes took cores from the runs.")
+    overhead = job_overhead(Path(storage_root))
+    result["job_overhead"] = overhead
+    table += (f"\n\n**The demo job standalone against submitted** (`python jobs/distill.py` from an empty storage "
+              f"root, against `ray job submit --working-dir . -- python jobs/distill.py` to a local head node started "
+              f"with `ray start --head`, same 2 CPUs): {overhead['standalone_seconds']:.0f} s standalone, "
+              f"{overhead['submitted_seconds']:.0f} s submitted; Ray's job overhead (uploading the working directory, "
+              f"starting the job's driver and runtime environment, besides the head node's own processes) is "
+              f"{overhead['submitted_seconds'] - overhead['standalone_seconds']:+.0f} s.")
     _plot(runs, out / f"cluster-{scale}.png")
     return {"result": result, "table": table}
+
+
+def job_overhead(scratch: Path) -> dict:
+    """Wall time of `python jobs/distill.py` (the demo config) standalone and submitted to a local head node,
+    each from an empty storage root; the head starts before the submitted run's clock does."""
+    from kdlib.cluster import local_head, submit_job
+
+    work = Path(tempfile.mkdtemp(prefix="kdlib-job-overhead-", dir=scratch))
+    try:
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        started = time.perf_counter()
+        with (work / "standalone.log").open("w") as f:
+            proc = subprocess.run([sys.executable, "jobs/distill.py", f"storage_root={work / 'standalone'}"], cwd=ROOT,
+                                  env=env, stdout=f, stderr=subprocess.STDOUT, timeout=1800)
+        standalone = time.perf_counter() - started
+        if proc.returncode != 0:
+            raise RuntimeError(f"the standalone demo job failed; see {work / 'standalone.log'}")
+        with local_head(work / "head.log", port=6389, dashboard_port=8289, agent_port=52389) as address:
+            started = time.perf_counter()
+            done = submit_job(address, ["python", "jobs/distill.py", f"storage_root={work / 'submitted'}"], ROOT)
+            submitted = time.perf_counter() - started
+        if done.returncode != 0:
+            raise RuntimeError(f"the submitted demo job failed:\n{(done.stdout + done.stderr)[-3000:]}")
+        return {"standalone_seconds": round(standalone, 1), "submitted_seconds": round(submitted, 1),
+                "job_overhead_seconds": round(submitted - standalone, 1), "config": "configs/demo.yaml",
+                "load_average_after": round(os.getloadavg()[0], 2)}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _plot(runs: list[dict], path: Path) -> None:

@@ -32,7 +32,8 @@ def save_student(model: MultiTaskStudent, folder: str | Path, *, name: str, hpar
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     return write_artifact(folder, state, {
         "format": FORMAT, "student": name, "hparams": hparams, "vocab_size": model.vocab_size,
-        "heads": {t: {"kind": h.kind, "num_outputs": h.num_outputs, "pair": h.pair} for t, h in model.tasks.items()},
+        "heads": {t: {"kind": h.kind, "num_outputs": h.num_outputs, "pair": h.pair, "bins": h.bins}
+                  for t, h in model.tasks.items()},
         "encoder_config": config.to_dict() if config is not None else None,
         "tasks": tasks or {}, **(extra or {})})
 

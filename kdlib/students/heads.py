@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kdlib.students.binning import ScoreBins
+
 TASK_KINDS = ("classification", "regression")
 
 
@@ -22,22 +24,40 @@ class TaskHead:
 
     Attributes:
         kind: "classification" (logits over num_outputs classes) or "regression" (num_outputs == 1).
-        num_outputs: classes, or 1 for regression. A regression target binned into classes
-            (`kdlib.students.binning.ScoreBins`) is a classification task with one output per bin.
+        num_outputs: classes, or 1 for regression, or one per bin for a binned regression head.
         pair: the task's examples are text pairs (a, b); False for single-sentence tasks.
+        bins: (low, high, width): the regression target is learned as classes over these bins (CMOW paper
+            sec. IV-B: STS-B in steps of 0.2) and predicted as the expected score (`scores`).
     """
 
     kind: str
     num_outputs: int
     pair: bool = False
+    bins: tuple[float, float, float] | None = None  # regression as classes over (low, high, width) bins
 
     def __post_init__(self):
         if self.kind not in TASK_KINDS:
             raise ValueError(f"TaskHead.kind must be one of {TASK_KINDS}, got {self.kind!r}")
         if self.num_outputs < 1:
             raise ValueError(f"TaskHead.num_outputs must be >= 1, got {self.num_outputs}")
-        if self.kind == "regression" and self.num_outputs != 1:
+        if self.bins is not None:
+            object.__setattr__(self, "bins", tuple(float(b) for b in self.bins))
+            if self.kind != "regression" or self.num_outputs != self.score_bins.num_bins:
+                raise ValueError(f"binned heads are regression heads with one output per bin "
+                                 f"({self.score_bins.num_bins}), got {self.kind} with {self.num_outputs}")
+        elif self.kind == "regression" and self.num_outputs != 1:
             raise ValueError(f"a regression head has 1 output, got {self.num_outputs}")
+
+    @property
+    def score_bins(self) -> ScoreBins | None:
+        return None if self.bins is None else ScoreBins(*self.bins)
+
+    def scores(self, outputs: torch.Tensor) -> torch.Tensor:
+        """What the task predicts from the head's outputs: (B, C) logits, or (B, 1) scores for regression
+        (a binned head's expected score over its bins)."""
+        if self.bins is None:
+            return outputs
+        return self.score_bins.expected_score(torch.softmax(outputs, dim=-1))[:, None]
 
 
 class MLPHead(nn.Module):
