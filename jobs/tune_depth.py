@@ -36,7 +36,7 @@ from kdlib.tune.config import TuneRunConfig, check_feasible, load_tune_config
 from kdlib.tune.costs import layer_passes
 from kdlib.tune.merged import max_output_difference, merge_choice, save_merged
 from kdlib.tune.report import plot_curve, plot_tasks, summary_markdown
-from kdlib.tune.search import candidates, run_task_search
+from kdlib.tune.search import candidates, finish_used_trials, run_task_search
 from kdlib.tune.selection import budget_select, curve, threshold_select
 from kdlib.tune.trial import full_fine_tuning_score
 
@@ -78,6 +78,21 @@ def sweep_key(cfg: TuneRunConfig, settings: dict) -> str:
                        cfg.scheduler.model_dump())[:8]
 
 
+def used_students(cfg: TuneRunConfig, table: pd.DataFrame, n_layers: int) -> set[tuple[str, int, int]]:
+    """(task, L, l) of every distilled branch that the configured rules or any point of the curve choose."""
+    cands = candidates(table, cfg.search.include_teacher)
+    if set(cfg.tasks) - {c.task for c in cands}:
+        return set()  # a task with no successful trial: run() reports it
+    sel = cfg.selection
+    picks = [threshold_select(cands, sel.threshold).choice]
+    budget = budget_select(cands, sel.budget, n_layers) if sel.budget else None
+    picks += [budget.choice] if budget else []
+    used = {(c.task, c.L, c.l) for choice in picks for c in choice.values() if c.source == "student"}
+    for point in curve(cands, n_layers, sel.sweep_thresholds, sel.sweep_budgets):
+        used |= {(t, L, l) for t, (L, l, source) in point["choice"].items() if source == "student"}
+    return used
+
+
 def run(cfg: TuneRunConfig, config_path: str = "") -> dict:
     """The whole search: sweeps, selection, merge, report. Returns results.json's content."""
     started = time.perf_counter()
@@ -107,6 +122,9 @@ def run(cfg: TuneRunConfig, config_path: str = "") -> dict:
             epochs=cfg.student.epochs, grace_period=cfg.scheduler.grace_period,
             reduction_factor=cfg.scheduler.reduction_factor, max_failures=s.max_failures, seed=cfg.seed))
     table = pd.concat(tables, ignore_index=True)
+    # Selections choose among fully trained branches only: what ASHA stopped and a selection wants is finished.
+    table = finish_used_trials(table, settings, lambda t: used_students(cfg, t, n_layers),
+                               cpus_per_trial=s.cpus_per_trial)
     table.to_csv(out_dir / "table.csv", index=False)
     sweep_seconds = time.perf_counter() - sweep_started
     reference = None

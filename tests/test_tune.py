@@ -78,6 +78,25 @@ def test_every_task_has_a_table_and_the_failing_trial_is_reported(sweep):
     assert "failed: sentiment L=3 l=2" in (out / "summary.md").read_text()
 
 
+def test_every_branch_a_selection_uses_is_fully_trained(sweep):
+    """ASHA stops weak trials after grace_period epochs; a stopped (L, l) that the rules or the curve choose is
+    trained to its last epoch before anything is selected, so no half-trained branch is compared or merged."""
+    import pandas as pd
+
+    _, _, _, results, out = sweep
+    table = pd.read_csv(out / "table.csv")
+    ok = table[table["status"] == "ok"]
+    full = {(r.task, r.L, r.l) for r in ok.itertuples() if r.epochs == 2 and not r.stopped_early}
+    used = {(t, c["L"], c["l"]) for t, c in results["choice"].items() if c["source"] == "student"}
+    for point in results["curve"]:
+        used |= {(t, L, l) for t, (L, l, source) in point["choice"].items() if source == "student"}
+    assert used and used <= full, (used - full, table)
+    finished = ok[ok["finished_after_stop"]]
+    assert (finished["epochs"] == 2).all() and not finished["stopped_early"].any()
+    # The run stopped some trials early (grace period 1 of 2 epochs), and those a selection used were finished.
+    assert (ok["stopped_early"] | ok["finished_after_stop"]).any(), table
+
+
 def test_trunk_states_and_teachers_are_computed_once(sweep):
     root, _, _, results, _ = sweep
     states = computed_entries(root, "trunk_states")

@@ -94,12 +94,15 @@ def summary_markdown(*, run_name: str, chosen: Selection, other: Selection | Non
                   + f"; average {other.average():.2f} at {100 * other.overhead(encoder_layers):.1f}% overhead."]
     lines += ["", "Merged outputs against each task's own model (max |difference| on dev): "
               + ", ".join(f"{t} {d:.1e}" for t, d in diffs.items()) + "."]
-    lines += ["", "Dev scores of every (L, l) tried (a stopped trial counts with its last reported score):"]
+    lines += ["", "Dev scores of every (L, l) tried (a trial ASHA stopped counts with its last reported score, "
+              "unless a selection used it: then it was trained to its last epoch first):"]
     for task in chosen.choice:
         lines += ["", score_grid(cands, task)]
     failed = table[table["status"] == "error"]
-    stopped = table[table["stopped_early"] == True]  # noqa: E712
-    lines += ["", f"Trials: {len(table)} ({len(stopped)} stopped early by ASHA, {len(failed)} failed); "
+    stopped = table[table["stopped_early"].astype(bool)]
+    finished = table[table["finished_after_stop"].astype(bool)]
+    lines += ["", f"Trials: {len(table)} ({len(stopped) + len(finished)} stopped early by ASHA, of which "
+              f"{len(finished)} trained to the end because a selection used them; {len(failed)} failed); "
               f"wall time {seconds:.0f}s."]
     for _, r in failed.iterrows():
         lines.append(f"- failed: {r['task']} L={r['L']} l={r['l']}: {r['error']}")

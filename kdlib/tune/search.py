@@ -18,9 +18,10 @@ from pathlib import Path
 import pandas as pd
 
 from kdlib.tune.selection import Candidate
-from kdlib.tune.trial import run_trial
+from kdlib.tune.trial import finish_trial, run_trial
 
-TABLE_COLUMNS = ["task", "L", "l", "status", "score", "epochs", "stopped_early", "cached", "teacher_score",
+TABLE_COLUMNS = ["task", "L", "l", "status", "score", "epochs", "stopped_early", "finished_after_stop", "cached",
+                 "teacher_score",
                  "teacher_best_member", "depth", "computed_teacher", "computed_trunk_states", "seconds",
                  "student_dir", "teacher_branch_dir", "error", "trial_id"]
 
@@ -92,7 +93,7 @@ def result_row(task: str, result, epochs: int) -> dict:
     done = int(m.get("epoch", 0))
     return {"task": task, "L": int(cfg.get("L", m.get("L", -1))), "l": int(cfg.get("l", m.get("l", -1))),
             "status": "error" if failed else "ok", "score": m.get("score", math.nan), "epochs": done,
-            "stopped_early": (not failed) and done < epochs, "cached": m.get("cached"),
+            "stopped_early": (not failed) and done < epochs, "finished_after_stop": False, "cached": m.get("cached"),
             "teacher_score": m.get("teacher_score", math.nan), "teacher_best_member": m.get("teacher_best_member", math.nan),
             "depth": m.get("depth"), "computed_teacher": m.get("computed_teacher"),
             "computed_trunk_states": m.get("computed_trunk_states"), "seconds": m.get("seconds"),
@@ -121,3 +122,37 @@ def candidates(table: pd.DataFrame, include_teacher: bool) -> list[Candidate]:
             out.append(Candidate(task, int(L), int(L), float(r["teacher_best_member"]), float(r["teacher_score"]),
                                  "teacher", r["teacher_branch_dir"]))
     return out
+
+
+def finish_used_trials(table: pd.DataFrame, settings: dict[str, dict], used, *, cpus_per_trial: float,
+                       log=print) -> pd.DataFrame:
+    """Train to their last epoch the trials ASHA stopped early that a selection uses, then select again,
+    until every branch any selection uses is fully trained.
+
+    ASHA stops a trial on its score after a few epochs; that partial score is fine for deciding where to
+    search, not for choosing what goes into the merged model (a stopped branch would compete with its
+    half-trained score, and be merged half-trained). `used(table)` gives the (task, L, l) students the
+    selections pick from `table`. The stopped trials run again as Ray tasks, in parallel, sharing the
+    sweep's caches (kdlib.tune.trial.finish_trial); their rows get the final score and
+    finished_after_stop = True.
+    """
+    import ray
+
+    remote = ray.remote(num_cpus=cpus_per_trial)(finish_trial)
+    table = table.copy()
+    while True:
+        stopped = table[(table["status"] == "ok") & table["stopped_early"].astype(bool)]
+        todo = sorted(set(zip(stopped["task"], stopped["L"], stopped["l"])) & set(used(table)))
+        if not todo:
+            return table
+        log(f"[tune] training {len(todo)} branches that ASHA stopped early and a selection uses to their last epoch: "
+            + ", ".join(f"{t} (L={L}, l={l})" for t, L, l in todo))
+        refs = {key: remote.remote(settings[key[0]], int(key[1]), int(key[2])) for key in todo}
+        for (task, L, l), ref in refs.items():
+            out = ray.get(ref)
+            rows = (table["task"] == task) & (table["L"] == L) & (table["l"] == l)
+            table.loc[rows, "score"] = out["score"]
+            table.loc[rows, "epochs"] = out["epochs"]
+            table.loc[rows, "student_dir"] = out["student_dir"]
+            table.loc[rows, "stopped_early"] = False
+            table.loc[rows, "finished_after_stop"] = True

@@ -206,12 +206,9 @@ def run_trial(config: dict, settings: dict) -> None:
     task, L, l = s["task"], int(config["L"]), int(config["l"])
     if f"{task}:{L}:{l}" in s["inject_failures"]:
         raise RuntimeError(f"injected failure (search.inject_failures) in trial {task} L={L} l={l}")
-    root = Path(s["storage_root"]) / "cache"
-    scratch = None if s["caches"] else Path(tempfile.mkdtemp(dir=_mkdir(Path(s["run_dir"]) / "nocache"),
-                                                             prefix=f"{task}-L{L}-l{l}-{uuid.uuid4().hex[:6]}-"))
-    student_dir = (scratch or root / "tune_students") / student_fingerprint(s, L, l)
+    scratch, student_dir = _trial_dirs(s, L, l)
     started = time.perf_counter()
-    base = {"L": L, "l": l, "branch_layers": l, "fine_tune_layers": L, "student_dir": str(student_dir / "student")}
+    base = _base(L, l, student_dir)
 
     if caches.is_done(student_dir):  # the same (L, l) finished before (a duplicate sample, or a resumed sweep)
         _replay(student_dir, base, tune)
@@ -222,10 +219,7 @@ def run_trial(config: dict, settings: dict) -> None:
             return
         caches.clear_unfinished(student_dir)
         prep = prepare(s, L, scratch)
-        t = prep["teacher"]
-        base.update(depth=prep["depth"], teacher_score=t["ensemble_score"], teacher_best_member=max(t["member_scores"]),
-                    teacher_branch_dir=str(Path(prep["teacher_dir"]) / "branch"),
-                    **{f"computed_{k}": v for k, v in prep["computed"].items()})
+        base = _base(L, l, student_dir, prep)
 
         def report(epoch: int, score: float, scores: list[float], last: bool) -> None:
             if last:  # before the report: Tune may end the trial at its final report (max_t reached)
@@ -235,6 +229,54 @@ def run_trial(config: dict, settings: dict) -> None:
                          "seconds": round(time.perf_counter() - started, 2)})
 
         distill_student(s, prep, L, l, student_dir, report)
+
+
+def finish_trial(settings: dict, L: int, l: int) -> dict:
+    """Train (L, l) for all its epochs outside Tune: a trial ASHA stopped early whose branch a selection
+    wants, so that the merged model (and the curve) use a fully trained branch, not a partial score.
+
+    Shares the trial's caches: the teacher and trunk states are reused, and the finished student is stored
+    where a later trial with the same (L, l) replays it. Returns {"score", "epochs", "student_dir"}.
+    """
+    s = settings
+    torch.set_num_threads(s["torch_threads"])
+    scratch, student_dir = _trial_dirs(s, L, l)
+    with caches.locked(student_dir):
+        if not caches.is_done(student_dir):
+            caches.clear_unfinished(student_dir)
+            prep = prepare(s, L, scratch)
+
+            base = _base(L, l, student_dir, prep)
+
+            def report(epoch: int, score: float, scores: list[float], last: bool) -> None:
+                if last:
+                    caches.mark_done(student_dir, {"kind": "student", "task": s["task"], "L": L, "l": l,
+                                                   "scores": scores, "finished_after_stop": True,
+                                                   "base": {k: v for k, v in base.items() if not k.startswith("computed_")}})
+
+            distill_student(s, prep, L, l, student_dir, report)
+        scores = json.loads((student_dir / caches.DONE).read_text())["scores"]
+    return {"score": scores[-1], "epochs": len(scores), "student_dir": str(student_dir / "student")}
+
+
+def _base(L: int, l: int, student_dir: Path, prep: dict | None = None) -> dict:
+    """What every report of an (L, l) trial carries besides its score (the teacher's facts once prepared)."""
+    base = {"L": L, "l": l, "branch_layers": l, "fine_tune_layers": L, "student_dir": str(student_dir / "student")}
+    if prep is not None:
+        t = prep["teacher"]
+        base.update(depth=prep["depth"], teacher_score=t["ensemble_score"], teacher_best_member=max(t["member_scores"]),
+                    teacher_branch_dir=str(Path(prep["teacher_dir"]) / "branch"),
+                    **{f"computed_{k}": v for k, v in prep["computed"].items()})
+    return base
+
+
+def _trial_dirs(s: dict, L: int, l: int) -> tuple[Path | None, Path]:
+    """(private scratch folder when caches are off, else None; the (L, l) student's folder)."""
+    task = s["task"]
+    root = Path(s["storage_root"]) / "cache"
+    scratch = None if s["caches"] else Path(tempfile.mkdtemp(dir=_mkdir(Path(s["run_dir"]) / "nocache"),
+                                                             prefix=f"{task}-L{L}-l{l}-{uuid.uuid4().hex[:6]}-"))
+    return scratch, (scratch or root / "tune_students") / student_fingerprint(s, L, l)
 
 
 def _replay(student_dir: Path, base: dict, tune) -> None:
