@@ -19,9 +19,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-from collections import Counter
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -34,18 +34,28 @@ from kdlib.cluster import init_ray
 from kdlib.config import RunConfig, load_run_config
 from kdlib.config_loading import config_and_overrides, dump_config
 from kdlib.distill import load_trained_student, run_distillation
-from kdlib.encoder import encoder_fingerprint, load_encoder, load_tokenizer, resolve_encoder_path
+from kdlib.encoder import (
+    encoder_fingerprint,
+    load_encoder,
+    load_tokenizer,
+    resolve_encoder_path,
+)
 from kdlib.errors import ConfigError, KdlibError
 from kdlib.evaluate import markdown_table, member_scores, score_task, summary_rows
 from kdlib.labeling import ProgressReporter, labeling_dataset, pending, run_labeling
 from kdlib.merge import merge, overhead, single_task
 from kdlib.predict import predict, predict_student
-from kdlib.soft_targets import SoftTargetStore, gold_only_dataset, plan_shards, teacher_logits_array
+from kdlib.soft_targets import (
+    SoftTargetStore,
+    gold_only_dataset,
+    plan_shards,
+    teacher_logits_array,
+)
 from kdlib.stages import StageCache, fingerprint
-from kdlib.tasks import TaskData, load_tasks
 from kdlib.students.artifact import load_student, save_student
 from kdlib.students.binning import ScoreBins
 from kdlib.students.registry import count_parameters
+from kdlib.tasks import TaskData, load_tasks
 from kdlib.teachers import train_ensemble
 from kdlib.trainees import BRANCHED, saved_hparams
 
@@ -269,8 +279,9 @@ def fine_tune(cfg: RunConfig, datasets: dict, loop_config: dict, multitask, out:
     print(f"[fine-tune] {d.fine_tune_epochs} epochs per task at lr {d.fine_tune_lr:g} from the multi-task student")
     config = {**loop_config, "epochs": d.fine_tune_epochs, "lr": d.fine_tune_lr, "schedule": "mtdnn",
               "per_task": True, "init_weights": multitask}
-    result = run_distillation(datasets=datasets, loop_config=config, num_workers=d.num_workers, cpus_per_worker=d.cpus_per_worker,
-                              max_failures=d.max_failures, storage_path=str(out / "ray_train"), name="fine_tune")
+    result = run_distillation(datasets=datasets, loop_config=config, num_workers=d.num_workers,
+                              cpus_per_worker=d.cpus_per_worker, max_failures=d.max_failures,
+                              storage_path=str(out / "ray_train"), name="fine_tune")
     write_train_report(result, out / "fine_tune_report.json")
     return result.checkpoint, config
 
@@ -351,13 +362,12 @@ def evaluate(cfg: RunConfig, tasks: dict[str, TaskData], stores: dict[str, SoftT
         models = {name: model for name in tasks}
     else:
         models = {name: load_student(path)[0] for name, path in student_dirs(model_dir, tasks).items()}
+    run = predict if branched else predict_student
     scores = {}
     for name, data in tasks.items():
         # A task without a teacher has no store: its dev rows and no teacher logits.
         dev = stores[name].read(split="dev") if name in stores else data.dev.assign(teacher_logits=[[]] * len(data.dev))
-        pairs = dev["text_pair"].tolist()
-        run = predict if branched else predict_student
-        outputs = run(models[name], tokenizer, dev["text"].tolist(), None if pairs[0] is None else pairs, [name],
+        outputs = run(models[name], tokenizer, dev["text"].tolist(), dev["text_pair"].tolist(), [name],
                       max_length=cfg.encoder.max_length)[name]
         scores[name] = score_task(kind=data.kind, metric=data.metric, labels=dev["label"].to_numpy(),
                                   teacher_logits=teacher_logits_array(dev), student_outputs=outputs,

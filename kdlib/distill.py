@@ -3,8 +3,8 @@
 The soft-target rows come as Ray Datasets: one per task read from the soft-target store, or one stream
 straight from the labeling actors while they label. Ray Train splits them across workers; each worker
 builds the student (kdlib/trainees.py: the branched student, whose frozen trunk runs once over the rows
-as they arrive, or a small transformer / BiLSTM / CMOW student trained end to end), and then trains: every step takes one task's batch, the
-schedule (MT-DNN Algorithm 1, |D_t|^tau sampling, or ROaD's k tasks per step: schedules.py) drawn from a
+as they arrive, or a small transformer / BiLSTM / CMOW student trained end to end), and then trains:
+every step takes one task's batch, the schedule (MT-DNN Algorithm 1, |D_t|^tau sampling, or ROaD's k tasks per step: schedules.py) drawn from a
 seed shared by all workers, so every replica updates the same branches in the same step. Loss: the
 task's objective (KL with temperature, MSE on logits, soft cross-entropy, or hard labels only) against
 its aggregated teachers, mixed with the hard-label loss by alpha or by teacher annealing (losses.py). A checkpoint
@@ -257,8 +257,8 @@ def average_gradients(params, world: int, weight: float = 1.0) -> None:
     tables = [p for p in params if _sparse_table(p)]
     if not tables:
         return
-    local = [None if p.grad is None else (p.grad.coalesce().indices(), p.grad.coalesce().values() * weight)
-             for p in tables]
+    coalesced = [None if p.grad is None else p.grad.coalesce() for p in tables]
+    local = [None if g is None else (g.indices(), g.values() * weight) for g in coalesced]
     gathered = [None] * world
     dist.all_gather_object(gathered, local)
     for i, p in enumerate(tables):

@@ -29,11 +29,8 @@ def load_train_state(folder: str | Path, model: torch.nn.Module, optimizer: torc
     """Restore what `save_train_state` wrote; returns its `meta`."""
     folder = Path(folder)
     tensors = load_file(str(folder / STATE))
+    _copy_params(tensors, model, folder)
     params = dict(model.named_parameters())
-    with torch.no_grad():
-        for key, value in tensors.items():
-            if key.startswith("param."):
-                params[key[len("param."):]].copy_(value)
     for key, value in tensors.items():
         if key.startswith("optim."):
             name, slot = key[len("optim."):].rsplit(".", 1)
@@ -44,12 +41,18 @@ def load_train_state(folder: str | Path, model: torch.nn.Module, optimizer: torc
 def load_weights(folder: str | Path, model: torch.nn.Module) -> list[str]:
     """Load only the parameters `save_train_state` wrote that `model` has (a one-task fine-tuning run starts
     from a multi-task checkpoint); returns the names loaded. Every trainable parameter must be among them."""
-    tensors = {k[len("param."):]: v for k, v in load_file(str(Path(folder) / STATE)).items() if k.startswith("param.")}
+    return _copy_params(load_file(str(Path(folder) / STATE)), model, folder)
+
+
+def _copy_params(tensors: dict[str, torch.Tensor], model: torch.nn.Module, folder) -> list[str]:
+    """Copy the saved `param.*` tensors into the model's parameters of the same names (every trainable one
+    must be there); returns the names copied."""
+    saved = {k[len("param."):]: v for k, v in tensors.items() if k.startswith("param.")}
     params = dict(model.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
+    missing = [n for n, p in params.items() if p.requires_grad and n not in saved]
     if missing:
         raise ValueError(f"{folder}: the checkpoint has no weights for {missing[:5]}")
     with torch.no_grad():
-        for name in tensors.keys() & params.keys():
-            params[name].copy_(tensors[name])
-    return sorted(tensors.keys() & params.keys())
+        for name in saved.keys() & params.keys():
+            params[name].copy_(saved[name])
+    return sorted(saved.keys() & params.keys())

@@ -39,6 +39,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from kdlib.serve.loadtest import read_answer
+
 ROOT = Path(__file__).resolve().parents[2]
 SCALES = {  # train rows per task for the pipeline; measured requests per configuration and batch size
     "quick": {"train_rows": 1500, "requests": {1: 240, 8: 96}, "warmup": 16, "rounds": 3},
@@ -230,13 +232,7 @@ def run_fanout_load_test(base_url: str, units: list[list[tuple[str, dict]]], *, 
                     parsed = {"transport_error": sent[j]}
                 else:
                     try:
-                        resp = conns[j].getresponse()
-                        data = resp.read()
-                        status = resp.status
-                        try:
-                            parsed = json.loads(data)
-                        except ValueError:
-                            parsed = None
+                        status, parsed = read_answer(conns[j])
                     except (OSError, http.client.HTTPException) as e:
                         _close(conns[j])
                         conns[j] = None

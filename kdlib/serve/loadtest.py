@@ -51,13 +51,7 @@ def run_load_test(url: str, payloads: list[dict], concurrency: int = 4, total: i
                 if conn is None:
                     conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout_s)
                 conn.request("POST", path, body=bodies[i % len(bodies)], headers=headers)
-                resp = conn.getresponse()
-                raw = resp.read()
-                status = resp.status
-                try:
-                    parsed = json.loads(raw)
-                except ValueError:
-                    parsed = None
+                status, parsed = read_answer(conn)
             except (OSError, http.client.HTTPException) as e:
                 if conn is not None:
                     conn.close()
@@ -86,3 +80,13 @@ def run_load_test(url: str, payloads: list[dict], concurrency: int = 4, total: i
             "requests_per_s": len(latencies) / wall if wall > 0 else float("nan"),
             "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
             "mean_ms": float(lat.mean()), "wall_s": wall}
+
+
+def read_answer(conn: http.client.HTTPConnection) -> tuple[int, object]:
+    """(HTTP status, the body parsed as JSON, or None when it is not JSON) of the connection's pending answer."""
+    resp = conn.getresponse()
+    raw = resp.read()
+    try:
+        return resp.status, json.loads(raw)
+    except ValueError:
+        return resp.status, None

@@ -11,8 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kdlib.students.inputs import StudentInputs
-from kdlib.tokenize import text_pairs, tokenize
+from kdlib.students.inputs import StudentInputs, make_student_inputs
 
 
 class TokenFeatures:
@@ -27,20 +26,18 @@ class TokenFeatures:
     @classmethod
     def compute(cls, tokenizer, texts: list[str], pairs: list[str | None], *, max_length: int) -> "TokenFeatures":
         """Tokenize texts (and pairs: all None or NaN for single-sentence tasks) both ways."""
-        pairs = text_pairs(pairs)
-        joined = tokenize(tokenizer, texts, pairs, max_length=max_length)
-        a = tokenize(tokenizer, texts, None, max_length=max_length)
-        b = tokenize(tokenizer, pairs, None, max_length=max_length) if pairs is not None else None
+        inputs = make_student_inputs(tokenizer, texts, pairs, max_length=max_length)
 
-        def cut(enc, key, i):
-            return enc[key][i, : int(enc["attention_mask"][i].sum())]
+        def cut(ids, mask, i):
+            return ids[i, : int(mask[i].sum())].numpy()
 
         rows = []
         for i in range(len(texts)):
-            row = {"input_ids": cut(joined, "input_ids", i), "token_type_ids": cut(joined, "token_type_ids", i),
-                   "a_ids": cut(a, "input_ids", i)}
-            if b is not None:
-                row["b_ids"] = cut(b, "input_ids", i)
+            row = {"input_ids": cut(inputs.input_ids, inputs.attention_mask, i),
+                   "token_type_ids": cut(inputs.token_type_ids, inputs.attention_mask, i),
+                   "a_ids": cut(inputs.a_ids, inputs.a_mask, i)}
+            if inputs.has_pair:
+                row["b_ids"] = cut(inputs.b_ids, inputs.b_mask, i)
             rows.append(row)
         return cls(rows)
 
