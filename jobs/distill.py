@@ -27,6 +27,7 @@ from pathlib import Path
 import pandas as pd
 import ray
 
+from kdlib import storage
 from kdlib.artifact import load_model, save_model
 from kdlib.augment import file_digest, masked_copies, read_unlabeled
 from kdlib.branched import member_name
@@ -81,7 +82,7 @@ def train_teachers(cfg: RunConfig, tasks: dict[str, TaskData], enc: dict, cache:
                          t.model_dump(exclude={"cpus_per_task"}), cfg.encoder.pooling, cfg.encoder.max_length,
                          cfg.seed)
         out, done = cache.begin("teachers", fp)
-        dirs[name] = str(out / "ensemble")
+        dirs[name] = storage.child(out, "ensemble")
         if done:
             print(f"[teachers:{name}] inputs unchanged, reusing {out}")
             cache.reuse("teachers", fp)
@@ -92,7 +93,7 @@ def train_teachers(cfg: RunConfig, tasks: dict[str, TaskData], enc: dict, cache:
             config_overrides=cfg.encoder.config_overrides, pooling=cfg.encoder.pooling,
             max_length=cfg.encoder.max_length, fine_tune_layers=cfg.tasks[name].fine_tune_layers,
             members=t.members, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, head_lr=t.head_lr,
-            weight_decay=t.weight_decay, seed=cfg.seed, out_dir=dirs[name]))
+            weight_decay=t.weight_decay, seed=cfg.seed, location=out))
     for name, (fp, ref) in pending.items():
         info = ray.get(ref)
         cache.finish("teachers", fp, time.perf_counter() - started, info)
@@ -100,9 +101,12 @@ def train_teachers(cfg: RunConfig, tasks: dict[str, TaskData], enc: dict, cache:
     return dirs
 
 
-def train_ensemble_on_node(**kwargs) -> dict:
-    """kdlib.teachers.train_ensemble, reporting the node it ran on."""
-    return {**train_ensemble(**kwargs), "where": ray.util.get_node_ip_address()}
+def train_ensemble_on_node(location: str, **kwargs) -> dict:
+    """kdlib.teachers.train_ensemble into `<location>/ensemble` (uploaded from this node when the storage root
+    is remote), reporting the node it ran on."""
+    with storage.staged_dir(location) as out:
+        info = train_ensemble(out_dir=str(out / "ensemble"), **kwargs)
+    return {**info, "where": ray.util.get_node_ip_address()}
 
 
 def placement(nodes: list[str], unit: str) -> str:
@@ -129,12 +133,12 @@ def plan_labels(cfg: RunConfig, tasks: dict[str, TaskData], teacher_dirs: dict[s
             parts.append(read_unlabeled(path, task=name, has_pair=t.text_pair_column is not None))
             unlabeled = file_digest(path)
         examples = pd.concat([p for p in parts if len(p)], ignore_index=True)
-        key = fingerprint("soft-targets", Path(teacher_dirs[name]).parent.name, data.digest,
+        key = fingerprint("soft-targets", storage.name(storage.parent(teacher_dirs[name])), data.digest,
                           t.augment.model_dump(), unlabeled, cfg.seed, cfg.encoder.max_length, cfg.labeling.shard_size)
         stores[name] = SoftTargetStore(cfg.storage_root, name, key)
         plan += plan_shards(name, examples, cfg.labeling.shard_size)
         counts = examples["source"].value_counts().to_dict()
-        print(f"[labels:{name}] {len(examples)} examples to label {counts} -> {stores[name].base}")
+        print(f"[labels:{name}] {len(examples)} examples to label {counts} -> {stores[name].location}")
     return stores, plan
 
 
@@ -166,9 +170,9 @@ def label_tasks(cfg: RunConfig, stores: dict[str, SoftTargetStore], plan, teache
 def _record(cache: StageCache, store: SoftTargetStore, *, cached: bool, seconds: float) -> None:
     if not any(r.name == "labels" and r.fingerprint == store.key for r in cache.records):
         if cached:
-            print(f"[labels:{store.task}] inputs unchanged, reusing {store.base}")
+            print(f"[labels:{store.task}] inputs unchanged, reusing {store.location}")
         where = "reused" if cached else placement([r.get("node") for r in store.commit_records()], "shard")
-        cache.record("labels", store.key, store.base, cached=cached, seconds=seconds, where=where)
+        cache.record("labels", store.key, store.location, cached=cached, seconds=seconds, where=where)
 
 
 def finish_labels(cfg: RunConfig, stores: dict[str, SoftTargetStore], plan, teacher_dirs: dict[str, str],
@@ -179,7 +183,7 @@ def finish_labels(cfg: RunConfig, stores: dict[str, SoftTargetStore], plan, teac
             continue
         t = cfg.tasks[name]
         manifest = store.finalize([s for s, _ in plan if s.task == name], {
-            "teachers": {"dir": teacher_dirs[name], "fingerprint": Path(teacher_dirs[name]).parent.name,
+            "teachers": {"dir": teacher_dirs[name], "fingerprint": storage.name(storage.parent(teacher_dirs[name])),
                          "members": cfg.teachers.members},
             "augment": t.augment.model_dump(), "unlabeled": t.unlabeled, "max_length": cfg.encoder.max_length})
         _record(cache, store, cached=False, seconds=seconds)
@@ -210,6 +214,8 @@ def distill_students(cfg: RunConfig, tasks: dict[str, TaskData], teacher_dirs: d
                      {t: {k: v for k, v in c.items() if k != "ensemble_dir"} for t, c in task_cfg.items()},
                      d.fine_tune_epochs, d.fine_tune_lr)
 
+    ray_train = storage.child(cache.location("distill", fp), "ray_train")  # checkpoints: straight to storage
+
     def run(out: Path) -> dict:
         streaming = cfg.labeling.stream and not all(s.is_complete() for s in stores.values())
         if streaming:
@@ -229,18 +235,19 @@ def distill_students(cfg: RunConfig, tasks: dict[str, TaskData], teacher_dirs: d
         with progress:
             result = run_distillation(datasets=datasets, loop_config=loop_config, num_workers=d.num_workers,
                                       cpus_per_worker=d.cpus_per_worker, max_failures=d.max_failures,
-                                      storage_path=str(out / "ray_train"), name="distill")
+                                      storage_path=ray_train, name="distill")
         if streaming:
             finish_labels(cfg, stores, plan, teacher_dirs, cache, time.perf_counter() - started)
         write_train_report(result, out / "train_report.json")
         where = placement(result.metrics["placement/nodes"], "train worker")
         checkpoint, config = result.checkpoint, loop_config
         if d.fine_tune_epochs:
-            checkpoint, config = fine_tune(cfg, training_datasets(stores, gold_only), loop_config, result.checkpoint, out)
+            checkpoint, config = fine_tune(cfg, training_datasets(stores, gold_only), loop_config, result.checkpoint,
+                                           out, ray_train)
         save_students(cfg, tasks, config, checkpoint, out / "students", enc)
         return {"where": where}
 
-    return str(cache.run("distill", fp, run) / "students")
+    return storage.child(cache.run("distill", fp, run), "students")
 
 
 def student_task(cfg: RunConfig, data: TaskData, store: SoftTargetStore | None, plan, teacher_dir: str | None) -> dict:
@@ -270,7 +277,7 @@ def gold_only_datasets(gold_only: dict[str, TaskData]) -> dict:
     return {name: gold_only_dataset(name, data.train) for name, data in gold_only.items()}
 
 
-def fine_tune(cfg: RunConfig, datasets: dict, loop_config: dict, multitask, out: Path):
+def fine_tune(cfg: RunConfig, datasets: dict, loop_config: dict, multitask, out: Path, ray_train: str):
     """MKD sec. 6.2: every task's student trained further on that task alone, from the multi-task weights.
 
     One Ray Train run (same loss, workers and fault tolerance) in which each step trains one task's own
@@ -281,7 +288,7 @@ def fine_tune(cfg: RunConfig, datasets: dict, loop_config: dict, multitask, out:
               "per_task": True, "init_weights": multitask}
     result = run_distillation(datasets=datasets, loop_config=config, num_workers=d.num_workers,
                               cpus_per_worker=d.cpus_per_worker, max_failures=d.max_failures,
-                              storage_path=str(out / "ray_train"), name="fine_tune")
+                              storage_path=ray_train, name="fine_tune")
     write_train_report(result, out / "fine_tune_report.json")
     return result.checkpoint, config
 
@@ -317,8 +324,8 @@ def save_students(cfg: RunConfig, tasks: dict[str, TaskData], loop_config: dict,
 
 
 def student_dirs(students_dir: str, names) -> dict[str, Path]:
-    """Each task's end-to-end student artifact: its fine-tuned copy, else the multi-task model."""
-    root = Path(students_dir)
+    """Each task's end-to-end student artifact (on this node's disk): its fine-tuned copy, else the multi-task model."""
+    root = storage.local_copy(students_dir)
     return {n: root / n if (root / n).exists() else root / "multitask" for n in names}
 
 
@@ -336,11 +343,11 @@ def check_stream_fits(cfg: RunConfig) -> None:
 def merge_students(cfg: RunConfig, tasks: dict[str, TaskData], students_dir: str, enc: dict,
                    cache: StageCache) -> str:
     """One artifact: the encoder's trunk up to the deepest branch point, every task's branch at its depth."""
-    fp = fingerprint("merge", Path(students_dir).parent.name)
+    fp = fingerprint("merge", storage.name(storage.parent(students_dir)))
 
     def run(out: Path) -> None:
         encoder = load_encoder(enc["source"], cfg.encoder.random_init, cfg.encoder.config_overrides, seed=cfg.seed)
-        students = [load_model(Path(students_dir) / name, encoder=encoder)[0] for name in tasks]
+        students = [load_model(storage.local_copy(students_dir) / name, encoder=encoder)[0] for name in tasks]
         merged = merge(encoder, students, cfg.encoder.pooling)
         save_model(merged, out / "model", tasks={n: {"kind": t.kind, "label_names": t.label_names,
                                                      "metric": t.metric} for n, t in tasks.items()},
@@ -348,7 +355,7 @@ def merge_students(cfg: RunConfig, tasks: dict[str, TaskData], students_dir: str
                           "config": cfg.model_dump(mode="json")})
         return {"where": f"driver ({ray.util.get_node_ip_address()})"}
 
-    return str(cache.run("merge", fp, run) / "model")
+    return storage.child(cache.run("merge", fp, run), "model")
 
 
 def evaluate(cfg: RunConfig, tasks: dict[str, TaskData], stores: dict[str, SoftTargetStore], model_dir: str,
@@ -358,7 +365,7 @@ def evaluate(cfg: RunConfig, tasks: dict[str, TaskData], stores: dict[str, SoftT
     tokenizer = load_tokenizer(enc["source"])
     branched = cfg.student.kind == BRANCHED
     if branched:
-        model, manifest = load_model(model_dir)
+        model, manifest = load_model(storage.local_copy(model_dir))
         models = {name: model for name in tasks}
     else:
         models = {name: load_student(path)[0] for name, path in student_dirs(model_dir, tasks).items()}
@@ -389,17 +396,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_run_config(config_path, overrides)
         started = time.perf_counter()
-        root = Path(cfg.storage_root).expanduser().resolve()
-        run_dir = root / cfg.run_name
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
+        run_dir = storage.child(cfg.storage_root, cfg.run_name)
+        dump_config(cfg, storage.child(run_dir, "config.yaml"))
         print(f"[run] {cfg.run_name}: config {config_path} -> {run_dir}")
 
         init_ray(cfg.ray.address, cfg.ray.num_cpus)
         source = resolve_encoder_path(cfg.encoder.name, cfg.encoder.path)
         enc = {"name": cfg.encoder.name, "source": source,
                "fingerprint": encoder_fingerprint(source, cfg.encoder.random_init, cfg.encoder.config_overrides, cfg.seed)}
-        cache = StageCache(root)
+        cache = StageCache(cfg.storage_root)
 
         tasks = load_tasks(cfg)
         for name, t in tasks.items():
@@ -423,9 +428,9 @@ def main(argv: list[str] | None = None) -> int:
                    stages=[vars(r) for r in cache.records])
     headers, rows = summary_rows(results["scores"], results["overhead"])
     table = markdown_table(headers, rows)
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-    (run_dir / "results.md").write_text(f"# {cfg.run_name}\n\n{table}\n\nmodel: `{model_dir}`\n\n"
-                                        f"## Stages\n\n{cache.table()}\n")
+    storage.write_text_at(storage.child(run_dir, "results.json"), json.dumps(results, indent=2))
+    storage.write_text_at(storage.child(run_dir, "results.md"), f"# {cfg.run_name}\n\n{table}\n\nmodel: `{model_dir}`"
+                                                               f"\n\n## Stages\n\n{cache.table()}\n")
     print(f"\n{cache.table()}")
     print(f"\n{table}\n\n{'merged model' if cfg.student.kind == BRANCHED else cfg.student.kind + ' student'}: {model_dir}\nresults: {run_dir}/results.json, results.md "
           f"({results['seconds']}s)")

@@ -3,9 +3,10 @@
 Locally (embedded Ray, 127.0.0.1:8000; Ctrl-C stops it):
     python jobs/serve.py --model runs/demo                      # a run folder (its results.json) or a model folder
     python jobs/serve.py --model runs/demo/model --port 8001 --quantize int8
+    python jobs/serve.py --model "s3://bucket/kdlib/demo"    # a run in remote storage: each replica mirrors it
     KDLIB_SERVE_TOKEN=$(cat ~/.kdlib_token) python jobs/serve.py --model runs/demo   # bearer token required
-On a running cluster (the application keeps running after the job exits; the model folder must be
-readable from every node, the token set in the nodes' environment or given as a file they mount):
+On a running cluster (the application keeps running after the job exits; the model must be readable from
+every node: a storage URI, or a path on a shared disk; the token set in the nodes' environment or given as a file they mount):
     RAY_AUTH_MODE=token ray job submit --working-dir . -- python jobs/serve.py --model $PWD/runs/demo
 Declaratively, with live model updates through user_config: serve deploy configs/serve/serve_config.yaml
 
@@ -23,7 +24,7 @@ import time
 from kdlib.artifact import ArtifactError
 from kdlib.cluster import init_ray
 from kdlib.serve.api import ServeArgs
-from kdlib.serve.model import resolve_model_dir
+from kdlib.serve.model import resolve_model_location
 
 APP_NAME = "kdlib"
 
@@ -46,7 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def serve_args(ns: argparse.Namespace) -> dict:
     """Validated application args; the model folder absolute, the token required when one is configured here."""
-    args = ServeArgs(model_dir=str(resolve_model_dir(ns.model)), quantize=ns.quantize, num_replicas=ns.num_replicas,
+    args = ServeArgs(model_dir=resolve_model_location(ns.model), quantize=ns.quantize, num_replicas=ns.num_replicas,
                      num_cpus=ns.num_cpus, max_batch_size=ns.max_batch_size,
                      batch_wait_timeout_s=ns.batch_wait_timeout_s, max_inputs_per_request=ns.max_inputs_per_request,
                      token_file=os.path.abspath(ns.token_file) if ns.token_file else None)

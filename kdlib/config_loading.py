@@ -14,9 +14,7 @@ Public API:
 from __future__ import annotations
 
 import copy
-import os
 import re
-import tempfile
 import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
@@ -26,6 +24,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from kdlib import storage
 from kdlib.errors import ConfigError
 
 __all__ = ["parse_overrides", "apply_overrides", "load_config", "dump_config"]
@@ -187,29 +186,16 @@ def load_config(
         raise error from None
 
 
-def dump_config(cfg: BaseModel, path: str | Path) -> None:
-    """Write a resolved config as YAML, so that :func:`load_config` reads back an equal model.
+def config_yaml(cfg: BaseModel) -> str:
+    """A resolved config as YAML that :func:`load_config` reads back as an equal model (field order kept)."""
+    return yaml.dump(cfg.model_dump(mode="json", by_alias=True), Dumper=_Dumper, sort_keys=False,
+                     allow_unicode=True, default_flow_style=False)
 
-    Keys keep the model's field order. The file is written atomically, so a crash never leaves
-    a half-written config in a run directory.
 
-    Args:
-        cfg: The validated config.
-        path: Destination file; its parent directories are created.
-    """
-    path = Path(path)
-    data = cfg.model_dump(mode="json", by_alias=True)
-    text = yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True,
-                     default_flow_style=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def dump_config(cfg: BaseModel, location: str | Path) -> None:
+    """Write a resolved config as YAML to a local path or a storage URI, atomically (a crash never leaves a
+    half-written config in a run directory); parent folders are created."""
+    storage.write_text_at(str(location), config_yaml(cfg))
 
 
 def _read_text(path: str) -> str:

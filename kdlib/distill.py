@@ -28,6 +28,7 @@ import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from kdlib import storage
 from kdlib.features import length_grouped_batches
 from kdlib.losses import binned_regression_loss, distillation_loss, teacher_annealing_weight
 from kdlib.optim import LazyAdamW, clip_grad_norm
@@ -281,14 +282,16 @@ def run_distillation(*, datasets: dict[str, ray.data.Dataset], loop_config: dict
 
     datasets: soft-target rows of any tasks (each split evenly across the workers): one per task when
     read from the store, so every worker gets an equal share of each task; one stream when labeling
-    feeds training directly.
+    feeds training directly. storage_path: a storage location (local path or URI) for its checkpoints.
     """
+    fs, path = storage.filesystem(storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={**loop_config, "datasets": sorted(datasets)},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=False,
                                      resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=storage_path,
+        run_config=RunConfig(name=name, storage_path=path,
+                             storage_filesystem=None if storage.is_local(storage_path) else fs,
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets=datasets,

@@ -19,6 +19,7 @@ import pandas as pd
 import ray
 import torch
 
+from kdlib import storage
 from kdlib.artifact import load_model
 from kdlib.encoder import load_encoder, load_tokenizer
 from kdlib.soft_targets import STORE_COLUMNS, Shard, SoftTargetStore
@@ -38,7 +39,7 @@ class ShardLabeler:
         encoder = load_encoder(encoder_source, random_init, config_overrides, seed=seed)
         self.models, self.members = {}, {}
         for task, folder in ensembles.items():  # every ensemble wraps the same encoder modules
-            self.models[task], manifest = load_model(folder, encoder=encoder)
+            self.models[task], manifest = load_model(storage.local_copy(folder), encoder=encoder)
             self.members[task] = [b["name"] for b in manifest["branches"]]
         self.stores = {task: SoftTargetStore(root, task, key) for task, (root, key) in stores.items()}
         self.tokenizer = load_tokenizer(encoder_source)

@@ -96,8 +96,8 @@ class SoftTargetStore:
 
     def __init__(self, root: str, task: str, key: str):
         self.root, self.task, self.key = root, task, key
-        self.fs, base = storage.filesystem(root)
-        self.base = storage.join(base, "soft_targets", task, key)
+        self.location = storage.child(root, "soft_targets", task, key)  # a local path or a URI
+        self.fs, self.base = storage.filesystem(self.location)
         self.shards_dir = storage.join(self.base, "shards")
         self.manifest_path = storage.join(self.base, "manifest.json")
 

@@ -1,6 +1,6 @@
 """Content-addressed stage outputs: a stage whose inputs did not change is not recomputed.
 
-Each stage writes into `<storage_root>/cache/<stage>/<fingerprint>/`, where the fingerprint hashes
+Each stage writes into `<storage_root>/cache/<stage>/<fingerprint>/` (a local path or a pyarrow.fs URI), where the fingerprint hashes
 everything the output depends on (settings, upstream fingerprints, data digests). A `_DONE.json`
 marker, written last, makes a folder count; an interrupted stage leaves no marker and reruns.
 """
@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+
+from kdlib import storage
 
 DONE = "_DONE.json"
 
@@ -35,52 +35,63 @@ class StageRecord:
 
 @dataclass
 class StageCache:
-    root: Path
+    """Stage outputs under `<root>/cache/`; `root` is a storage location (a local path or a URI).
+
+    A stage's output is a location string (see kdlib.storage); readers on any node use
+    `storage.local_copy(location)` to get its files on their own disk.
+    """
+
+    root: str
     records: list[StageRecord] = field(default_factory=list)
 
-    def path(self, stage: str, fp: str) -> Path:
-        return Path(self.root) / "cache" / stage / fp
+    def __post_init__(self):
+        self.root = str(self.root)
+
+    def location(self, stage: str, fp: str) -> str:
+        return storage.child(self.root, "cache", stage, fp)
 
     def is_done(self, stage: str, fp: str) -> bool:
-        return (self.path(stage, fp) / DONE).exists()
+        return storage.exists_at(storage.child(self.location(stage, fp), DONE))
 
-    def begin(self, stage: str, fp: str) -> tuple[Path, bool]:
-        """(output folder, already done). A folder without its marker is cleared for a fresh start."""
-        out = self.path(stage, fp)
+    def begin(self, stage: str, fp: str) -> tuple[str, bool]:
+        """(output location, already done). An output without its marker is cleared for a fresh start."""
+        out = self.location(stage, fp)
         if self.is_done(stage, fp):
             return out, True
-        if out.exists():  # a previous attempt died before writing its marker
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
+        storage.delete_dir(out)  # a previous attempt died before writing its marker
         return out, False
 
     def finish(self, stage: str, fp: str, seconds: float, info: dict | None = None) -> None:
         """Write the marker that makes the stage's output count, and record it for the run summary."""
-        out = self.path(stage, fp)
+        out = self.location(stage, fp)
         info = info or {}
-        (out / DONE).write_text(json.dumps({"stage": stage, "fingerprint": fp, "seconds": round(seconds, 2), **info}))
-        self.records.append(StageRecord(stage, fp, str(out), False, round(seconds, 2), info.get("where", "")))
+        storage.write_text_at(storage.child(out, DONE), json.dumps({"stage": stage, "fingerprint": fp,
+                                                                     "seconds": round(seconds, 2), **info}))
+        self.records.append(StageRecord(stage, fp, out, False, round(seconds, 2), info.get("where", "")))
 
     def record(self, stage: str, fp: str, path: str, *, cached: bool, seconds: float, where: str = "") -> None:
         """Record a stage whose output lives elsewhere (the soft-target store) in the run summary."""
         self.records.append(StageRecord(stage, fp, str(path), cached, round(seconds, 2), where))
 
     def reuse(self, stage: str, fp: str) -> None:
-        done = json.loads((self.path(stage, fp) / DONE).read_text())
-        self.records.append(StageRecord(stage, fp, str(self.path(stage, fp)), True, 0.0,
+        out = self.location(stage, fp)
+        done = json.loads(storage.read_text_at(storage.child(out, DONE)))
+        self.records.append(StageRecord(stage, fp, out, True, 0.0,
                                         f"reused (ran on {done['where']})" if done.get("where") else "reused"))
 
     def table(self) -> str:
         """The run's stages as a Markdown table: what ran, where, how long, and what was reused."""
         lines = ["| stage | output | where | seconds |", "|---|---|---|---|"]
         for r in self.records:
-            lines.append(f"| {r.name} | {Path(r.path).parent.name}/{Path(r.path).name} | {r.where or '-'} | "
-                         f"{'cached' if r.cached else f'{r.seconds:.1f}'} |")
+            lines.append(f"| {r.name} | {storage.name(storage.parent(r.path))}/{storage.name(r.path)} | "
+                         f"{r.where or '-'} | {'cached' if r.cached else f'{r.seconds:.1f}'} |")
         return "\n".join(lines)
 
-    def run(self, stage: str, fp: str, fn, *, log=print) -> Path:
-        """Run `fn(out_dir)` unless this stage's output for `fp` exists; returns the output folder.
-        `fn` may return a dict of facts for the marker (e.g. {"where": ...})."""
+    def run(self, stage: str, fp: str, fn, *, log=print) -> str:
+        """Run `fn(out_dir)` unless this stage's output for `fp` exists; returns the output location.
+
+        `out_dir` is a local folder: the output location itself on a local root, else a folder uploaded
+        to it once `fn` returns. `fn` may return a dict of facts for the marker (e.g. {"where": ...})."""
         out, done = self.begin(stage, fp)
         if done:
             log(f"[{stage}] inputs unchanged, reusing {out}")
@@ -88,7 +99,8 @@ class StageCache:
             return out
         log(f"[{stage}] running -> {out}")
         start = time.perf_counter()
-        info = fn(out)
+        with storage.staged_dir(out) as folder:
+            info = fn(folder)
         seconds = time.perf_counter() - start
         self.finish(stage, fp, seconds, info if isinstance(info, dict) else None)
         log(f"[{stage}] done in {seconds:.1f}s")

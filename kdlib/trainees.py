@@ -23,6 +23,7 @@ import copy
 import torch
 from torch import nn
 
+from kdlib import storage
 from kdlib.artifact import load_model
 from kdlib.branched import BranchSpec
 from kdlib.encoder import load_encoder, load_tokenizer
@@ -44,7 +45,7 @@ class BranchedTrainee:
         encoder = load_encoder(config["encoder_source"], config["random_init"], config["config_overrides"],
                                seed=config["seed"])
         tasks = config["tasks"]
-        teachers = {task: (load_model(t["ensemble_dir"], encoder=encoder)[0], t["init_member"])
+        teachers = {task: (load_model(storage.local_copy(t["ensemble_dir"]), encoder=encoder)[0], t["init_member"])
                     for task, t in tasks.items() if t["ensemble_dir"] is not None}
         n = encoder.config.num_hidden_layers
         untaught = [BranchSpec(task, t["kind"], t["num_outputs"], n - t["fine_tune_layers"], t["branch_layers"])

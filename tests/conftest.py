@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -13,6 +14,16 @@ import torch
 from transformers import BertConfig, BertModel
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Where this "node" mirrors folders from remote storage: set before Ray starts, so its workers share it and a
+# test can wipe it to play a fresh node.
+os.environ.setdefault("KDLIB_LOCAL_CACHE", tempfile.mkdtemp(prefix="kdlib-test-mirrors-"))
+# The AWS SDK in pyarrow sends uploads aws-chunked with a trailing checksum, which real S3 decodes and moto's
+# server (the tests' S3) stores verbatim; checksums only when required keeps the bodies plain. Set before Ray
+# starts, so its workers' uploads (labeling actors, teacher tasks, Ray Train) get it too.
+os.environ.setdefault("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
+# Signed requests: moto refuses anonymous overwrites (Ray Train re-creates its folder markers).
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "kdlib-tests")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "kdlib-tests")
 
 TINY_ENCODER = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2, "intermediate_size": 64}
 
@@ -48,6 +59,35 @@ def ray_session():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 endpoint (moto's server) on loopback for the session: 'host:port'. Ray workers reach it too."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_root(s3_endpoint, request):
+    """A fresh bucket as a storage root URI, e.g. s3://t-abc123/kdlib?endpoint_override=127.0.0.1:5123&..."""
+    import uuid
+
+    import pyarrow.fs as pafs
+
+    bucket = f"t-{uuid.uuid4().hex[:12]}"
+    query = f"endpoint_override={s3_endpoint}&scheme=http&region=us-east-1"
+    fs, _ = pafs.FileSystem.from_uri(f"s3://{bucket}?{query}&allow_bucket_creation=true")
+    fs.create_dir(bucket)
+    return f"s3://{bucket}/kdlib?{query}"
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from kdlib import storage
 from kdlib.augment import mask_words, masked_copies, read_unlabeled
 from kdlib.errors import DataError
 from kdlib.soft_targets import SoftTargetStore, StoreError, plan_shards, teacher_logits_array
@@ -28,6 +29,12 @@ def _labeled(examples: pd.DataFrame, k=2, c=2) -> pd.DataFrame:
     return frame
 
 
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path) -> str:
+    """The storage root: a local folder, or a bucket on the tests' S3 endpoint."""
+    return str(tmp_path) if request.param == "local" else request.getfixturevalue("s3_root")
+
+
 def test_plan_puts_dev_first_never_mixes_splits_and_is_deterministic():
     ex = _examples()
     plan = plan_shards("t", ex, shard_size=3)
@@ -38,14 +45,15 @@ def test_plan_puts_dev_first_never_mixes_splits_and_is_deterministic():
         plan_shards("t", pd.concat([ex, ex.iloc[:1]]), 3)
 
 
-def test_commit_finalize_read_round_trip(tmp_path):
-    store = SoftTargetStore(str(tmp_path), "t", "k1")
+def test_commit_finalize_read_round_trip(root):
+    store = SoftTargetStore(root, "t", "k1")
     plan = plan_shards("t", _examples(), shard_size=4)
     for shard, ex in plan:
         store.commit(shard, _labeled(ex))
     manifest = store.finalize([s for s, _ in plan], {"teachers": "x"})
     assert manifest["rows"] == 10 and manifest["rows_by_split"] == {"dev": 3, "train": 7}
-    assert json.loads((tmp_path / "soft_targets" / "t" / "k1" / "manifest.json").read_text())["teachers"] == "x"
+    manifest_at = storage.child(root, "soft_targets", "t", "k1", "manifest.json")
+    assert json.loads(storage.read_text_at(manifest_at))["teachers"] == "x"
     train = store.read(split="train")
     assert list(train["id"]) == [f"train{i}" for i in range(7)]
     assert teacher_logits_array(train).shape == (7, 2, 2)
@@ -62,16 +70,16 @@ def test_commit_rejects_rows_that_are_not_the_planned_shard(tmp_path):
         store.commit(shard, _labeled(ex.iloc[::-1]))
 
 
-def test_a_tampered_shard_is_not_counted_and_fails_reads(tmp_path):
-    store = SoftTargetStore(str(tmp_path), "t", "k")
+def test_a_tampered_shard_is_not_counted_and_fails_reads(root):
+    store = SoftTargetStore(root, "t", "k")
     plan = plan_shards("t", _examples(), shard_size=4)
     for shard, ex in plan:
         store.commit(shard, _labeled(ex))
     store.finalize([s for s, _ in plan], {})
-    path = tmp_path / "soft_targets" / "t" / "k" / "shards" / "00001.parquet"
-    data = bytearray(path.read_bytes())
+    fs, path = storage.filesystem(storage.child(root, "soft_targets", "t", "k", "shards", "00001.parquet"))
+    data = bytearray(storage.read_bytes(fs, path))
     data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
+    storage.write_atomic(fs, path, bytes(data))
     assert store.commit_record(plan[1][0]) is None  # a resume would relabel it
     assert store.commit_record(plan[0][0]) is not None
     with pytest.raises(StoreError, match="checksum"):

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import torch
 
@@ -18,14 +19,15 @@ def test_stage_runs_once_and_an_interrupted_stage_reruns(tmp_path):
         runs.append(out)
         (out / "x.txt").write_text("ok")
 
-    first = cache.run("s", "fp1", work, log=lambda *_: None)
-    second = cache.run("s", "fp1", work, log=lambda *_: None)
+    first = Path(cache.run("s", "fp1", work, log=lambda *_: None))
+    second = Path(cache.run("s", "fp1", work, log=lambda *_: None))
     assert first == second and len(runs) == 1 and [r.cached for r in cache.records] == [False, True]
     # A crash before the marker leaves a folder that does not count and is cleared.
     out, done = cache.begin("s", "fp2")
-    (out / "partial").write_text("half")
+    Path(out).mkdir(parents=True)
+    (Path(out) / "partial").write_text("half")
     out, done = cache.begin("s", "fp2")
-    assert not done and not (out / "partial").exists()
+    assert not done and not (Path(out) / "partial").exists()
     assert json.loads((first / "_DONE.json").read_text())["fingerprint"] == "fp1"
 
 

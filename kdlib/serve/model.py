@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kdlib import storage
 from kdlib.artifact import MANIFEST, WEIGHTS, ArtifactError, load_model
 from kdlib.branched import BranchedModel, attention_bias
 from kdlib.encoder import load_tokenizer, resolve_encoder_path
@@ -33,15 +34,24 @@ class Job:
     tasks: tuple[str, ...]
 
 
-def resolve_model_dir(path: str | Path) -> Path:
-    """A model artifact folder, or a run folder whose `results.json` names one (jobs/distill.py writes it)."""
-    folder = Path(path).expanduser()
-    if (folder / MANIFEST).exists():
-        return folder.resolve()
-    results = folder / "results.json"
-    if results.exists():
-        return resolve_model_dir(json.loads(results.read_text())["model_dir"])
+def resolve_model_location(path: str | Path) -> str:
+    """Where a model artifact lives: `path` itself, or for a run folder the artifact its `results.json` names
+    (jobs/distill.py writes it). Local paths come back absolute; storage URIs (`s3://bucket/runs/demo`) as
+    they are, so replicas on any node can read them."""
+    location = str(path)
+    if storage.is_local(location):
+        location = str(Path(location).expanduser().resolve())
+    if storage.exists_at(storage.child(location, MANIFEST)):
+        return location
+    results = storage.child(location, "results.json")
+    if storage.exists_at(results):
+        return resolve_model_location(json.loads(storage.read_text_at(results))["model_dir"])
     raise ArtifactError(f"{path}: neither a model artifact ({MANIFEST}) nor a run folder (results.json)")
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """The model artifact's folder on this node's disk (a mirror of it when it lives in remote storage)."""
+    return storage.local_copy(resolve_model_location(path))
 
 
 def tokenizer_source(manifest: dict, override: str | None = None) -> str:
@@ -81,12 +91,12 @@ class ServedModel:
         """Load and verify (SHA-256 of the safetensors weights against the manifest; ArtifactError if altered)."""
         if quantize not in QUANTIZE_MODES:
             raise ValueError(f"quantize={quantize!r}: must be one of {QUANTIZE_MODES}")
-        folder = resolve_model_dir(model_dir)
-        model, manifest = load_model(folder)
+        location = resolve_model_location(model_dir)
+        model, manifest = load_model(storage.local_copy(location))
         if quantize == "int8":
             model = quantize_int8(model)
         return cls(model, manifest, load_tokenizer(tokenizer_source(manifest, tokenizer_path)),
-                   model_dir=str(folder), quantize=quantize)
+                   model_dir=location, quantize=quantize)
 
     def describe(self) -> dict:
         return {"model_version": self.version, "model_dir": self.model_dir, "quantize": self.quantize,

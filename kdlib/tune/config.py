@@ -86,6 +86,10 @@ class TuneRunConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "TuneRunConfig":
+        if "://" in self.storage_root and not self.storage_root.startswith("file://"):
+            raise ValueError(f"storage_root: {self.storage_root!r} is a remote URI, but the depth search's caches "
+                             "let concurrent trials compute each cache once through file locks, which object stores "
+                             "lack; use a local path, or on a cluster a shared mount (NFS, EFS, a Kubernetes PVC)")
         if not self.tasks:
             raise ValueError("tasks: at least one task is needed")
         s = self.search
