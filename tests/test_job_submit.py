@@ -1,4 +1,4 @@
-"""`ray start --head` then `ray job submit --working-dir . -- python jobs/distill.py`, as README shows."""
+"""`ray start --head` then `ray job submit --working-dir . -- python jobs/<job>.py`, as README shows."""
 
 from __future__ import annotations
 
@@ -6,13 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
+import requests
 
 from conftest import tiny_run_overrides
 from kdlib.cluster import local_head, submit_job
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
-GCS_PORT, DASHBOARD_PORT, AGENT_PORT = 6399, 8299, 52399
+GCS_PORT, DASHBOARD_PORT, AGENT_PORT, SERVE_PORT = 6399, 8299, 52399, 8399
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,25 @@ def test_submitted_job_runs_the_pipeline(head_node, tmp_path):
     results = json.loads((store / "submitted" / "results.json").read_text())
     assert set(results["scores"]) == {"sentiment", "paraphrase", "similarity"}
     assert (Path(results["model_dir"]) / "weights.safetensors").exists()
+
+    # jobs/serve.py submitted the same way deploys the run's model on the cluster and returns; the
+    # application keeps answering over HTTP after the job has ended.
+    done = submit_job(head_node, ["python", "jobs/serve.py", "--model", str(store / "submitted"),
+                                  "--port", str(SERVE_PORT), "--num-cpus", "0.25"], ROOT, timeout=600)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0 and "succeeded" in out, out[-4000:]
+    try:
+        r = requests.post(f"http://127.0.0.1:{SERVE_PORT}/v1/predict", timeout=60,
+                          json={"tasks": ["sentiment", "similarity"],
+                                "inputs": [{"text": "a fine film", "text_pair": "a good movie"}]})
+        assert r.status_code == 200, r.text
+        answer = r.json()["results"][0]
+        assert answer["sentiment"]["label"] in ("negative", "positive") and "score" in answer["similarity"]
+        tasks = requests.get(f"http://127.0.0.1:{SERVE_PORT}/v1/tasks", timeout=30).json()
+        assert tasks["model_dir"] == results["model_dir"]
+    finally:  # free the CPUs for the next test
+        submit_job(head_node, ["python", "-c", "import ray; from ray import serve; ray.init(); serve.shutdown()"],
+                   ROOT, timeout=300)
 
 
 def test_submitted_depth_search_runs(head_node, tmp_path):
