@@ -1,7 +1,10 @@
 """Benchmarks: results as JSON, a Markdown table and a PNG plot in --out (default bench-results/).
 
     python jobs/benchmark.py distill --scale quick [--data-dir ../shared/data/glue-mini]
-    ray job submit --working-dir . -- python jobs/benchmark.py distill --scale quick --data-dir /abs/glue-mini
+    RAY_AUTH_MODE=token ray job submit --working-dir . -- python jobs/benchmark.py distill --scale quick
+        --data-dir /abs/glue-mini --out $PWD/bench-results --storage-root $PWD/runs   (one line)
+(a submitted job runs in a copy of the working directory: give --out and --storage-root absolutely, or the
+results stay in that copy)
 
 `demo`: `python jobs/distill.py` on the built-in demo from an empty storage root (targets: under
 5 minutes on 2 cores; the student within 3 points of its teacher ensemble on every task).

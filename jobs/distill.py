@@ -239,6 +239,7 @@ def distill_students(cfg: RunConfig, tasks: dict[str, TaskData], teacher_dirs: d
         if streaming:
             finish_labels(cfg, stores, plan, teacher_dirs, cache, time.perf_counter() - started)
         write_train_report(result, out / "train_report.json")
+        (out / "loop_config.json").write_text(json.dumps(loop_config, indent=1))  # what the workers trained with
         where = placement(result.metrics["placement/nodes"], "train worker")
         checkpoint, config = result.checkpoint, loop_config
         if d.fine_tune_epochs:

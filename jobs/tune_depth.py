@@ -26,6 +26,7 @@ import pandas as pd
 import ray
 from transformers import BertConfig
 
+from kdlib import storage
 from kdlib.cluster import init_ray
 from kdlib.config_loading import config_and_overrides, dump_config
 from kdlib.encoder import encoder_fingerprint, load_encoder, load_tokenizer, resolve_encoder_path
@@ -54,7 +55,7 @@ def encoder_layers(cfg: TuneRunConfig, source: str) -> int:
     return BertConfig.from_pretrained(source, **(e.config_overrides if e.random_init else {})).num_hidden_layers
 
 
-def task_settings(cfg: TuneRunConfig, data: TaskData, enc: dict, root: Path, run_dir: Path) -> dict:
+def task_settings(cfg: TuneRunConfig, data: TaskData, enc: dict, root: str, run_dir: str) -> dict:
     """Everything a trial of this task needs, as plain data (Ray Tune ships it once via with_parameters)."""
     t = cfg.tasks[data.name]
     cols = ["id", "text", "text_pair", "label"]
@@ -64,7 +65,7 @@ def task_settings(cfg: TuneRunConfig, data: TaskData, enc: dict, root: Path, run
                         "pooling": cfg.encoder.pooling, "max_length": cfg.encoder.max_length},
             "teachers": cfg.teachers.model_dump(exclude={"cpus_per_task"}), "student": cfg.student.model_dump(),
             "aggregation": t.resolved_aggregation, "wrong_teacher_weight": t.wrong_teacher_weight, "seed": cfg.seed,
-            "storage_root": str(root), "run_dir": str(run_dir), "caches": cfg.search.caches,
+            "storage_root": root, "run_dir": run_dir, "caches": cfg.search.caches,
             "inject_failures": list(cfg.search.inject_failures), "torch_threads": cfg.search.torch_threads}
 
 
@@ -96,13 +97,12 @@ def used_students(cfg: TuneRunConfig, table: pd.DataFrame, n_layers: int) -> set
 def run(cfg: TuneRunConfig, config_path: str = "") -> dict:
     """The whole search: sweeps, selection, merge, report. Returns results.json's content."""
     started = time.perf_counter()
-    root = Path(cfg.storage_root).expanduser().resolve()
-    out_dir = root / cfg.run_name / "tune"
+    root = storage.child(cfg.storage_root)  # a local path (made absolute) or a pyarrow.fs URI
+    out_dir = storage.child(root, cfg.run_name, "tune")
     source = resolve_encoder_path(cfg.encoder.name, cfg.encoder.path)
     n_layers = encoder_layers(cfg, source)
     check_feasible(cfg, n_layers)  # before any data is read or Ray starts
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out_dir / "config.yaml")
+    dump_config(cfg, storage.child(out_dir, "config.yaml"))
     print(f"[tune] {cfg.run_name}: config {config_path} -> {out_dir}")
     enc = {"name": cfg.encoder.name, "source": source,
            "fingerprint": encoder_fingerprint(source, cfg.encoder.random_init, cfg.encoder.config_overrides, cfg.seed)}
@@ -116,7 +116,7 @@ def run(cfg: TuneRunConfig, config_path: str = "") -> dict:
     for name in tasks:
         tables.append(run_task_search(
             task=name, sweep=f"{name}-{sweep_key(cfg, settings[name])}", settings=settings[name],
-            storage_path=str(out_dir / "ray"), min_L=s.min_fine_tune_layers,
+            storage_path=storage.child(out_dir, "ray"), min_L=s.min_fine_tune_layers,
             max_L=s.max_fine_tune_layers, max_l=s.max_branch_layers, num_samples=s.num_samples,
             max_concurrent_trials=s.max_concurrent_trials, cpus_per_trial=s.cpus_per_trial, sampler=s.sampler,
             epochs=cfg.student.epochs, grace_period=cfg.scheduler.grace_period,
@@ -125,7 +125,7 @@ def run(cfg: TuneRunConfig, config_path: str = "") -> dict:
     # Selections choose among fully trained branches only: what ASHA stopped and a selection wants is finished.
     table = finish_used_trials(table, settings, lambda t: used_students(cfg, t, n_layers),
                                cpus_per_trial=s.cpus_per_trial)
-    table.to_csv(out_dir / "table.csv", index=False)
+    storage.write_text_at(storage.child(out_dir, "table.csv"), table.to_csv(index=False))
     sweep_seconds = time.perf_counter() - sweep_started
     reference = None
     if cfg.reference.full_fine_tuning:  # after the sweeps, so their wall time is theirs alone
@@ -137,13 +137,13 @@ def run(cfg: TuneRunConfig, config_path: str = "") -> dict:
     cands = candidates(table, s.include_teacher)
     missing = sorted(set(tasks) - {c.task for c in cands})
     if missing:
-        raise KdlibError(f"no successful trial for tasks {missing}; see {out_dir / 'table.csv'}")
+        raise KdlibError(f"no successful trial for tasks {missing}; see {storage.child(out_dir, 'table.csv')}")
     by_threshold = threshold_select(cands, cfg.selection.threshold)
     budget = cfg.selection.budget or by_threshold.total_layers(n_layers)
     by_budget = budget_select(cands, budget, n_layers)
     if cfg.selection.rule == "budget" and by_budget is None:
         raise ConfigError(f"selection.budget={budget}: no combination of the tried branches fits "
-                          f"(see {out_dir / 'table.csv'})")
+                          f"(see {storage.child(out_dir, 'table.csv')})")
     chosen, other = (by_budget, by_threshold) if cfg.selection.rule == "budget" else (by_threshold, by_budget)
 
     encoder = load_encoder(source, cfg.encoder.random_init, cfg.encoder.config_overrides, seed=cfg.seed)
@@ -151,12 +151,6 @@ def run(cfg: TuneRunConfig, config_path: str = "") -> dict:
     texts = {n: (d.dev["text"].tolist(), None if d.dev["text_pair"].iloc[0] is None else d.dev["text_pair"].tolist())
              for n, d in tasks.items()}
     diffs = max_output_difference(merged, singles, load_tokenizer(source), texts, cfg.encoder.max_length)
-    model_dir = save_merged(merged, out_dir / "model",
-                            tasks={n: {"kind": d.kind, "label_names": d.label_names, "metric": d.metric}
-                                   for n, d in tasks.items()},
-                            extra={"encoder": enc, "max_length": cfg.encoder.max_length,
-                                   "selection": {"rule": chosen.rule, "setting": chosen.setting}})
-
     points = curve(cands, n_layers, cfg.selection.sweep_thresholds, cfg.selection.sweep_budgets)
     ref_avg = sum(reference.values()) / len(reference) if reference else None
     for p in points:
@@ -164,8 +158,13 @@ def run(cfg: TuneRunConfig, config_path: str = "") -> dict:
     summary = {"rule": chosen.rule, "setting": chosen.setting, "average": chosen.average(),
                "overhead": chosen.overhead(n_layers), "total_layers": chosen.total_layers(n_layers),
                "share_of_full_ft": 100 * chosen.average() / ref_avg if ref_avg else None}
-    plot_tasks(cands, out_dir / "tasks.png")
-    plot_curve(points, summary, ref_avg, out_dir / "curve.png")
+    with storage.staged_dir(out_dir) as local_out:  # the model and plots (uploaded at the end if remote)
+        save_merged(merged, local_out / "model",
+                    tasks={n: {"kind": d.kind, "label_names": d.label_names, "metric": d.metric} for n, d in tasks.items()},
+                    extra={"encoder": enc, "max_length": cfg.encoder.max_length,
+                           "selection": {"rule": chosen.rule, "setting": chosen.setting}})
+        plot_tasks(cands, local_out / "tasks.png")
+        plot_curve(points, summary, ref_avg, local_out / "curve.png")
     rows = {n: (len(d.train), len(d.dev)) for n, d in tasks.items()}
     cost = {c: layer_passes(table, encoder_layers=n_layers, rows=rows, members=cfg.teachers.members,
                             teacher_epochs=cfg.teachers.epochs, cached=c) for c in (True, False)}
@@ -179,9 +178,9 @@ def run(cfg: TuneRunConfig, config_path: str = "") -> dict:
                .to_dict("records"), "layer_passes": {"cached": cost[True], "uncached": cost[False],
                                                     "theoretical_speedup": cost[False] / max(1, cost[True])},
                "sweep_seconds": round(sweep_seconds, 1), "seconds": round(time.perf_counter() - started, 1),
-               "model_dir": str(model_dir), "out_dir": str(out_dir)}
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    (out_dir / "summary.md").write_text(summary_markdown(
+               "model_dir": storage.child(out_dir, "model"), "out_dir": out_dir}
+    storage.write_text_at(storage.child(out_dir, "results.json"), json.dumps(results, indent=2, default=str))
+    storage.write_text_at(storage.child(out_dir, "summary.md"), summary_markdown(
         run_name=cfg.run_name, chosen=chosen, other=other, encoder_layers=n_layers, reference=reference,
         table=table, diffs=diffs, seconds=results["seconds"], cands=cands))
     return results
@@ -217,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     except KdlibError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(Path(results["out_dir"], "summary.md").read_text())
+    print(storage.read_text_at(storage.child(results["out_dir"], "summary.md")))
     print(f"results: {results['out_dir']}/results.json ({results['seconds']}s)")
     return 0
 

@@ -141,8 +141,7 @@ def download(fs: pafs.FileSystem, path: str, folder: Path) -> None:
 def staged_dir(location: str) -> Iterator[Path]:
     """A local folder whose contents end up at `location` when the block ends without an error.
 
-    Local: the location itself (created). Remote: a temporary folder, uploaded at the end and kept as
-    this node's mirror of the location (so a reader here does not download it again).
+    Local: the location itself (created). Remote: a temporary folder, uploaded at the end and removed.
     """
     fs, path = filesystem(location)
     if isinstance(fs, pafs.LocalFileSystem):
@@ -151,16 +150,10 @@ def staged_dir(location: str) -> Iterator[Path]:
         return
     tmp = Path(tempfile.mkdtemp(dir=local_cache_dir(), prefix=".upload-"))
     try:
-        (tmp / "d").mkdir()
-        yield tmp / "d"
-        upload(tmp / "d", fs, path)
-    except BaseException:
+        yield tmp
+        upload(tmp, fs, path)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if _mirror(location).exists():
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        _publish_mirror(tmp, _mirror(location))
 
 
 def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:

@@ -20,7 +20,6 @@ from conftest import tiny_run_overrides
 from kdlib import storage
 from kdlib.artifact import load_model
 from kdlib.encoder import load_tokenizer, resolve_encoder_path
-from kdlib.errors import ConfigError
 from kdlib.predict import predict
 from kdlib.stages import StageCache
 
@@ -88,13 +87,6 @@ def test_stage_cache_in_a_bucket_reruns_only_unfinished_stages(s3_root):
     assert not done and listing(out) == {}
 
 
-def test_tune_refuses_a_remote_storage_root():
-    from kdlib.tune.config import load_tune_config
-
-    with pytest.raises(ConfigError, match="storage_root.*file locks"):
-        load_tune_config(ROOT / "configs" / "tune" / "demo.yaml", ["storage_root=s3://bucket/kdlib"])
-
-
 @pytest.mark.slow
 def test_distill_job_keeps_every_output_in_the_bucket_and_a_fresh_node_reuses_them(ray_session, s3_root):
     job = runpy.run_path(str(ROOT / "jobs" / "distill.py"), run_name="distill_job")
@@ -139,3 +131,37 @@ def test_distill_job_keeps_every_output_in_the_bucket_and_a_fresh_node_reuses_th
     probs = np.exp(ref) / np.exp(ref).sum(1, keepdims=True)
     np.testing.assert_allclose([[g["sentiment"]["probabilities"][n] for n in ("negative", "positive")] for g in got],
                                probs, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_depth_search_keeps_its_caches_sweep_and_model_in_the_bucket(ray_session, s3_root, tmp_path, capsys):
+    """jobs/tune_depth.py on a bucket: trials share teachers and trunk states through it (computed once, the
+    entry leases held by a Ray actor), Tune keeps its experiment there, and a rerun resumes from it."""
+    from test_tune import tiny_config, tiny_overrides
+
+    from kdlib.tune.caches import computed_entries
+
+    job = runpy.run_path(str(ROOT / "jobs" / "tune_depth.py"), run_name="tune_job")
+    config = tiny_config(tmp_path, ("sentiment",))
+    overrides = tiny_overrides(s3_root, ("sentiment",)) + ["search.num_samples=4"]
+    assert job["main"]([config, *overrides]) == 0
+    out = storage.child(s3_root, "tune_demo", "tune")
+    results = json.loads(storage.read_text_at(storage.child(out, "results.json")))
+    files = listing(out)
+    assert {"config.yaml", "table.csv", "summary.md", "tasks.png", "curve.png", "model/weights.safetensors"} <= set(files)
+    assert any(f.startswith("ray/sentiment-") and "experiment_state-" in f for f in files), files
+    assert results["model_dir"] == storage.child(out, "model") and results["max_output_difference"]["sentiment"] <= 1e-5
+    teachers = computed_entries(s3_root, "teacher")
+    assert sorted(t["L"] for t in teachers) == [2, 3]  # one per L, whatever the number of trials
+    assert len(computed_entries(s3_root, "trunk_states")) == 2
+    students = computed_entries(s3_root, "student")
+    assert students and len({s["entry"] for s in students}) == len(students)
+    assert all(c["path"].startswith("s3://") for c in results["choice"].values())
+
+    wipe_mirrors()  # a fresh node: the rerun resumes the sweep from the bucket and computes nothing again
+    before = {k: len(computed_entries(s3_root, k)) for k in ("teacher", "trunk_states", "student")}
+    assert job["main"]([config, *overrides]) == 0
+    assert "resuming the sweep" in capsys.readouterr().out
+    assert {k: len(computed_entries(s3_root, k)) for k in before} == before
+    again = json.loads(storage.read_text_at(storage.child(out, "results.json")))
+    assert again["choice"] == results["choice"]

@@ -106,7 +106,7 @@ def students_benchmark(scale: str, data_dir: str, out: Path, storage_root: str) 
     # Ray Train against one process, back to back so that the machine's load is the same for both: a
     # 2-epoch BiLSTM run (its last epoch timed by the workers), then one epoch of the plain loop.
     timing = run("bilstm_timing", STUDENTS["bilstm"] + ["distill.epochs=2"])
-    train_speed = ray_train_vs_single_process(timing, cfg, storage_root)
+    train_speed = ray_train_vs_single_process(timing, storage_root)
 
     targets = {
         "students_90pct_at_3x": {k: rows[k]["share_of_ensemble_pct"] >= 90 and rows[k]["speedup_vs_teacher"] >= 3
@@ -163,7 +163,7 @@ def teacher_throughput(branched_run: dict, cfg) -> float:
     return _timed(lambda: ensemble(x.input_ids, x.attention_mask, x.token_type_ids, names=[member_name("sst2", 0)]))
 
 
-def ray_train_vs_single_process(run: dict, cfg, storage_root: str) -> dict:
+def ray_train_vs_single_process(run: dict, storage_root: str) -> dict:
     """Training rows/s of the run's last Ray Train epoch (2 workers x 1 thread) against one epoch of the same
     loop in one process with 2 threads (same student, rows, batch size, MT-DNN schedule and loss)."""
     distilled = Path(next(s["path"] for s in run["stages"] if s["name"] == "distill"))
@@ -171,7 +171,7 @@ def ray_train_vs_single_process(run: dict, cfg, storage_root: str) -> dict:
     rows_total = sum(v for k, v in report.items() if k.startswith("rows/"))
     ray_rate = rows_total / report["seconds"]
 
-    loop_config = _loop_config(run, cfg)
+    loop_config = json.loads((distilled / "loop_config.json").read_text())  # exactly what Ray Train ran
     torch.set_num_threads(2)
     trainee = make_trainee(loop_config)
     data = {}
@@ -201,28 +201,6 @@ def ray_train_vs_single_process(run: dict, cfg, storage_root: str) -> dict:
     return {"student": "bilstm", "rows_per_epoch": rows_total, "ray_train_rows_per_s": ray_rate,
             "single_process_rows_per_s": single_rate, "ray_train_share": ray_rate / single_rate,
             "ray_train": "2 workers x 1 torch thread (0.9 CPU each), gloo", "single_process": "1 process, 2 torch threads"}
-
-
-def _loop_config(run: dict, cfg) -> dict:
-    """The loop config of the BiLSTM run, rebuilt as jobs/distill.py builds it (its tasks' heads and losses)."""
-    from kdlib.encoder import resolve_encoder_path
-
-    scores = run["scores"]
-    tasks = {}
-    for t in TASKS:
-        tc = cfg.tasks[t]
-        kind = tc.kind
-        tasks[t] = {"kind": kind, "num_outputs": 2 if kind == "classification" else 1,
-                    "pair": tc.text_pair_column is not None, "aggregation": tc.resolved_aggregation,
-                    "wrong_teacher_weight": tc.wrong_teacher_weight, "objective": tc.objective or cfg.distill.objective}
-    assert set(scores) == set(tasks)
-    d = cfg.distill
-    return {"tasks": tasks, "encoder_source": resolve_encoder_path(cfg.encoder.name, cfg.encoder.path),
-            "random_init": False, "config_overrides": {}, "max_length": cfg.encoder.max_length, "seed": cfg.seed,
-            "student": {"kind": cfg.student.kind, "hparams": cfg.student.hparams()},
-            "epochs": d.epochs, "batch_size": d.batch_size, "lr": d.lr, "weight_decay": d.weight_decay,
-            "temperature": d.temperature, "alpha": d.alpha, "teacher_annealing": False, "schedule": "mtdnn",
-            "sampling_tau": d.sampling_tau, "road_k": d.road_k}
 
 
 def _table(result: dict) -> str:

@@ -71,7 +71,7 @@ class ReferenceConfig(_Strict):
 
 class TuneRunConfig(_Strict):
     run_name: str = Field("tune_demo", pattern=r"^[A-Za-z0-9_.-]+$")
-    storage_root: str = "runs"  # caches under <storage_root>/cache/, results under <storage_root>/<run_name>/tune/
+    storage_root: str = "runs"  # a path or pyarrow.fs URI: caches in <root>/cache/, results in <root>/<run_name>/tune/
     data_dir: str | None = None
     seed: int = 0
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
@@ -86,10 +86,6 @@ class TuneRunConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "TuneRunConfig":
-        if "://" in self.storage_root and not self.storage_root.startswith("file://"):
-            raise ValueError(f"storage_root: {self.storage_root!r} is a remote URI, but the depth search's caches "
-                             "let concurrent trials compute each cache once through file locks, which object stores "
-                             "lack; use a local path, or on a cluster a shared mount (NFS, EFS, a Kubernetes PVC)")
         if not self.tasks:
             raise ValueError("tasks: at least one task is needed")
         s = self.search

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kdlib import storage
 from kdlib.artifact import load_model, save_model
 from kdlib.branched import BranchedModel
 from kdlib.merge import merge, overhead
@@ -15,7 +16,7 @@ from kdlib.tune.selection import Candidate
 
 def merge_choice(encoder, choice: dict[str, Candidate], pooling: str) -> tuple[BranchedModel, dict[str, BranchedModel]]:
     """(merged model, {task: its single-task model}) from the chosen candidates' artifacts."""
-    singles = {t: load_model(c.path, encoder=encoder)[0] for t, c in choice.items()}
+    singles = {t: load_model(storage.local_copy(c.path), encoder=encoder)[0] for t, c in choice.items()}
     return merge(encoder, list(singles.values()), pooling), singles
 
 

@@ -1,6 +1,6 @@
 """One Ray Tune sweep per task over (L, l): OptunaSearch proposes, ASHA stops weak trials early.
 
-A sweep lives in `<storage_path>/<task>-<settings key>/`; rerunning with the same storage and settings restores it
+A sweep lives in `<storage_path>/<task>-<settings key>/` (a local path or a pyarrow.fs URI); rerunning with the same storage and settings restores it
 (`Tuner.can_restore` / `Tuner.restore`): finished trials are kept, unfinished ones rerun, and a rerun
 trial whose student is already in the cache only replays its stored scores. A failing trial is
 recorded (`ResultGrid.errors`) and the sweep goes on.
@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
-
 import pandas as pd
+import pyarrow.fs as pafs
 
+from kdlib import storage
 from kdlib.tune.selection import Candidate
 from kdlib.tune.trial import finish_trial, run_trial
 
@@ -53,13 +52,17 @@ def run_task_search(*, task: str, sweep: str, settings: dict, storage_path: str,
     from ray.tune.search.optuna import OptunaSearch
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings), {"cpu": cpus_per_trial})
-    path = Path(storage_path) / sweep
-    if tune.Tuner.can_restore(str(path)) and not any(path.glob("experiment_state-*.json")):
+    location = storage.child(storage_path, sweep)
+    fs, path = storage.filesystem(location)
+    custom_fs = None if storage.is_local(location) else fs  # Tune takes a URI's filesystem, not its query string
+    saved = [n for n in storage.list_names(fs, path, ".json") if n.startswith("experiment_state-")]
+    if tune.Tuner.can_restore(path, storage_filesystem=custom_fs) and not saved:
         # A driver that died before Tune saved its first state left only the Tuner: nothing to resume.
-        shutil.rmtree(path)
-    if tune.Tuner.can_restore(str(path)):
-        log(f"[tune:{task}] resuming the sweep in {path}")
-        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=False)
+        storage.delete_dir(location)
+    if tune.Tuner.can_restore(path, storage_filesystem=custom_fs):
+        log(f"[tune:{task}] resuming the sweep in {location}")
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False,
+                                   storage_filesystem=custom_fs)
     else:
         # metric/mode go to the searcher and scheduler themselves: a define-by-run OptunaSearch is not
         # handed TuneConfig's.
@@ -73,10 +76,11 @@ def run_task_search(*, task: str, sweep: str, settings: dict, storage_path: str,
             trainable,
             tune_config=tune.TuneConfig(search_alg=search, reuse_actors=True, scheduler=scheduler,
                                         num_samples=num_samples, max_concurrent_trials=max_concurrent_trials),
-            run_config=tune.RunConfig(storage_path=str(storage_path), name=sweep, verbose=0,
+            run_config=tune.RunConfig(storage_path=storage.filesystem(storage_path)[1], storage_filesystem=custom_fs,
+                                      name=sweep, verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=max_failures)),
         )
-        log(f"[tune:{task}] {num_samples} trials over L in [{min_L}, {max_L}], l in [1, {max_l}] -> {path}")
+        log(f"[tune:{task}] {num_samples} trials over L in [{min_L}, {max_L}], l in [1, {max_l}] -> {location}")
     grid = tuner.fit()
     rows = [result_row(task, r, epochs) for r in grid]
     for err in grid.errors:
@@ -86,9 +90,10 @@ def run_task_search(*, task: str, sweep: str, settings: dict, storage_path: str,
 
 def result_row(task: str, result, epochs: int) -> dict:
     m, cfg = result.metrics or {}, result.config or {}
-    params = Path(result.path or "") / "params.json"
-    if "L" not in cfg and params.exists():  # a restored errored trial comes back without its config
-        cfg = json.loads(params.read_text())
+    fs = getattr(result, "filesystem", None) or pafs.LocalFileSystem()
+    params = storage.join(result.path or "", "params.json")
+    if "L" not in cfg and result.path and storage.exists(fs, params):  # a restored errored trial lacks its config
+        cfg = json.loads(storage.read_bytes(fs, params))
     failed = result.error is not None
     done = int(m.get("epoch", 0))
     return {"task": task, "L": int(cfg.get("L", m.get("L", -1))), "l": int(cfg.get("l", m.get("l", -1))),

@@ -11,6 +11,7 @@ which is what ASHA stops on.
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
 import uuid
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from kdlib import storage
 from kdlib.artifact import load_model, save_model
 from kdlib.branched import BranchedModel, member_name
 from kdlib.encoder import load_encoder, load_tokenizer
@@ -50,8 +52,9 @@ def _encoder(s: dict):
     return load_encoder(e["source"], e["random_init"], e["config_overrides"], seed=s["seed"])
 
 
-def ensure_teacher(s: dict, L: int, folder: Path, members: int | None = None) -> tuple[Path, bool]:
-    """The (task, L) ensemble artifact in `folder` (trained here unless done); (artifact dir, trained now)."""
+def ensure_teacher(s: dict, L: int, location: str, members: int | None = None) -> tuple[Path, bool]:
+    """The (task, L) ensemble artifact at `location` (trained here unless done); (its folder on this node,
+    trained now)."""
     t, e = s["teachers"], s["encoder"]
 
     def build(out: Path) -> dict:
@@ -64,7 +67,7 @@ def ensure_teacher(s: dict, L: int, folder: Path, members: int | None = None) ->
                               out_dir=str(out / "ensemble"), log=lambda *_: None)
         return {"task": s["task"], "L": L, "train_seconds": info["seconds"]}
 
-    out, trained = caches.once(folder, build, "teacher")
+    out, trained = caches.once(location, build, "teacher")
     return out / "ensemble", trained
 
 
@@ -132,27 +135,30 @@ def prepare(s: dict, L: int, scratch: Path | None) -> dict:
     """Teacher, trunk states and teacher outputs for (task, L): from the caches, or into `scratch` without them.
 
     Returns:
-        {"encoder", "ensemble", "feats", "teacher", "depth", "computed": {what this call computed}}.
+        {"encoder", "ensemble", "feats", "teacher", "teacher_dir" (a location), "depth",
+         "computed": {what this call computed}}.
     """
-    root = Path(s["storage_root"]) / "cache"
+    def entry(kind: str, key: str) -> str:  # a shared cache entry, or the trial's private scratch
+        return str(scratch / key) if scratch else storage.child(s["storage_root"], "cache", kind, key)
+
     encoder = _encoder(s)
     depth = encoder.config.num_hidden_layers - L
     tfp = teacher_fingerprint(s, L)
-    teacher_dir, trained = ensure_teacher(s, L, (scratch or root / "teachers") / tfp)
+    teacher_dir, trained = ensure_teacher(s, L, entry("teachers", tfp))
     ensemble, _ = load_model(teacher_dir, encoder=encoder)
-    states_dir = (scratch or root / "trunk_states" / s["task"]) / fingerprint(
-        "trunk-states", s["encoder"]["fingerprint"], s["digest"], depth, s["encoder"]["max_length"])
-    feats, computed = caches.trunk_states(states_dir, lambda split: compute_states(s, ensemble, depth, split))
-    out_dir = (scratch or root / "tune_teacher_outputs") / f"{tfp}-outputs"
-    _, labeled = caches.once(out_dir, lambda out: save_teacher_outputs(out, s, encoder, ensemble,
-                                                                         teacher_outputs(s, ensemble, feats, L), L),
-                             "teacher_outputs")
-    return {"encoder": encoder, "ensemble": ensemble, "feats": feats, "teacher": load_teacher_outputs(out_dir),
-            "teacher_dir": str(out_dir), "depth": depth,
+    states_key = fingerprint("trunk-states", s["encoder"]["fingerprint"], s["digest"], depth, s["encoder"]["max_length"])
+    feats, computed = caches.trunk_states(entry(f"trunk_states/{s['task']}", states_key),
+                                          lambda split: compute_states(s, ensemble, depth, split))
+    outputs = entry("tune_teacher_outputs", f"{tfp}-outputs")
+    folder, labeled = caches.once(outputs, lambda out: save_teacher_outputs(out, s, encoder, ensemble,
+                                                                            teacher_outputs(s, ensemble, feats, L), L),
+                                  "teacher_outputs")
+    return {"encoder": encoder, "ensemble": ensemble, "feats": feats, "teacher": load_teacher_outputs(folder),
+            "teacher_dir": outputs, "depth": depth,
             "computed": {"teacher": trained, "trunk_states": computed, "teacher_outputs": labeled}}
 
 
-def distill_student(s: dict, prep: dict, L: int, l: int, out: Path, report) -> list[float]:
+def distill_student(s: dict, prep: dict, L: int, l: int, out: Path, report, publish=lambda: None) -> list[float]:
     """Train the l-layer branch on cached states against the teacher ensemble; `report(epoch, score, scores,
     last)` after every epoch.
 
@@ -193,6 +199,7 @@ def distill_student(s: dict, prep: dict, L: int, l: int, out: Path, report) -> l
         scores.append(score)
         save_model(single_task(student, task), out / "student", include_trunk=False, tasks=_task_meta(s),
                    extra={"role": "tune_student", "L": L, "l": l, "epochs_done": epoch + 1, "scores": scores})
+        publish()  # in the storage before its score is reported: Tune may stop the trial at any report
         report(epoch, score, list(scores), epoch + 1 == st["epochs"])
     return scores
 
@@ -207,6 +214,13 @@ def run_trial(config: dict, settings: dict) -> None:
     if f"{task}:{L}:{l}" in s["inject_failures"]:
         raise RuntimeError(f"injected failure (search.inject_failures) in trial {task} L={L} l={l}")
     scratch, student_dir = _trial_dirs(s, L, l)
+    try:
+        _run_trial(s, task, L, l, scratch, student_dir, tune)
+    finally:
+        _drop(scratch)
+
+
+def _run_trial(s: dict, task: str, L: int, l: int, scratch: Path | None, student_dir: str, tune) -> None:
     started = time.perf_counter()
     base = _base(L, l, student_dir)
 
@@ -218,17 +232,8 @@ def run_trial(config: dict, settings: dict) -> None:
             _replay(student_dir, base, tune)
             return
         caches.clear_unfinished(student_dir)
-        prep = prepare(s, L, scratch)
-        base = _base(L, l, student_dir, prep)
-
-        def report(epoch: int, score: float, scores: list[float], last: bool) -> None:
-            if last:  # before the report: Tune may end the trial at its final report (max_t reached)
-                caches.mark_done(student_dir, {"kind": "student", "task": task, "L": L, "l": l, "scores": scores,
-                                               "base": {k: v for k, v in base.items() if not k.startswith("computed_")}})
-            tune.report({**base, "score": score, "epoch": epoch + 1, "cached": False,
-                         "seconds": round(time.perf_counter() - started, 2)})
-
-        distill_student(s, prep, L, l, student_dir, report)
+        _train_student(s, L, l, scratch, student_dir, lambda base, epoch, score: tune.report(
+            {**base, "score": score, "epoch": epoch + 1, "cached": False, "seconds": round(time.perf_counter() - started, 2)}))
 
 
 def finish_trial(settings: dict, L: int, l: int) -> dict:
@@ -241,54 +246,71 @@ def finish_trial(settings: dict, L: int, l: int) -> dict:
     s = settings
     torch.set_num_threads(s["torch_threads"])
     scratch, student_dir = _trial_dirs(s, L, l)
+    try:
+        return _finish_trial(s, L, l, scratch, student_dir)
+    finally:
+        _drop(scratch)
+
+
+def _finish_trial(s: dict, L: int, l: int, scratch: Path | None, student_dir: str) -> dict:
     with caches.locked(student_dir):
         if not caches.is_done(student_dir):
             caches.clear_unfinished(student_dir)
-            prep = prepare(s, L, scratch)
-
-            base = _base(L, l, student_dir, prep)
-
-            def report(epoch: int, score: float, scores: list[float], last: bool) -> None:
-                if last:
-                    caches.mark_done(student_dir, {"kind": "student", "task": s["task"], "L": L, "l": l,
-                                                   "scores": scores, "finished_after_stop": True,
-                                                   "base": {k: v for k, v in base.items() if not k.startswith("computed_")}})
-
-            distill_student(s, prep, L, l, student_dir, report)
-        scores = json.loads((student_dir / caches.DONE).read_text())["scores"]
-    return {"score": scores[-1], "epochs": len(scores), "student_dir": str(student_dir / "student")}
+            _train_student(s, L, l, scratch, student_dir, lambda *_: None, finished_after_stop=True)
+        scores = caches.done_info(student_dir)["scores"]
+    return {"score": scores[-1], "epochs": len(scores), "student_dir": storage.child(student_dir, "student")}
 
 
-def _base(L: int, l: int, student_dir: Path, prep: dict | None = None) -> dict:
+def _train_student(s: dict, L: int, l: int, scratch: Path | None, student_dir: str, on_epoch, **facts) -> None:
+    """Distil the (L, l) student into its entry: the artifact published after every epoch, then
+    `on_epoch(base, epoch, score)`; the entry marked done (with its scores and `facts`) before the last call."""
+    prep = prepare(s, L, scratch)
+    base = _base(L, l, student_dir, prep)
+    with caches.writing(student_dir) as out:
+
+        def report(epoch: int, score: float, scores: list[float], last: bool) -> None:
+            if last:  # before the last report: Tune may end the trial there (max_t reached)
+                caches.mark_done(student_dir, {"kind": "student", "task": s["task"], "L": L, "l": l, "scores": scores,
+                                               **facts, "base": {k: v for k, v in base.items()
+                                                                 if not k.startswith("computed_")}})
+            on_epoch(base, epoch, score)
+
+        distill_student(s, prep, L, l, out, report, lambda: caches.publish(out, student_dir, "student"))
+
+
+def _base(L: int, l: int, student_dir: str, prep: dict | None = None) -> dict:
     """What every report of an (L, l) trial carries besides its score (the teacher's facts once prepared)."""
-    base = {"L": L, "l": l, "branch_layers": l, "fine_tune_layers": L, "student_dir": str(student_dir / "student")}
+    base = {"L": L, "l": l, "branch_layers": l, "fine_tune_layers": L, "student_dir": storage.child(student_dir, "student")}
     if prep is not None:
         t = prep["teacher"]
         base.update(depth=prep["depth"], teacher_score=t["ensemble_score"], teacher_best_member=max(t["member_scores"]),
-                    teacher_branch_dir=str(Path(prep["teacher_dir"]) / "branch"),
+                    teacher_branch_dir=storage.child(prep["teacher_dir"], "branch"),
                     **{f"computed_{k}": v for k, v in prep["computed"].items()})
     return base
 
 
-def _trial_dirs(s: dict, L: int, l: int) -> tuple[Path | None, Path]:
-    """(private scratch folder when caches are off, else None; the (L, l) student's folder)."""
-    task = s["task"]
-    root = Path(s["storage_root"]) / "cache"
-    scratch = None if s["caches"] else Path(tempfile.mkdtemp(dir=_mkdir(Path(s["run_dir"]) / "nocache"),
-                                                             prefix=f"{task}-L{L}-l{l}-{uuid.uuid4().hex[:6]}-"))
-    return scratch, (scratch or root / "tune_students") / student_fingerprint(s, L, l)
+def _trial_dirs(s: dict, L: int, l: int) -> tuple[Path | None, str]:
+    """(a private scratch folder on this node when caches are off, else None; the (L, l) student's location).
+
+    Without caches the teacher, trunk states and teacher outputs go to the scratch folder (removed after the
+    trial), and the student to the run folder, where the merge finds it."""
+    fp = student_fingerprint(s, L, l)
+    if s["caches"]:
+        return None, storage.child(s["storage_root"], "cache", "tune_students", fp)
+    private = f"{s['task']}-L{L}-l{l}-{uuid.uuid4().hex[:6]}"
+    return Path(tempfile.mkdtemp(prefix=f"kdlib-{private}-")), storage.child(s["run_dir"], "nocache", private, fp)
 
 
-def _replay(student_dir: Path, base: dict, tune) -> None:
-    done = json.loads((student_dir / caches.DONE).read_text())
+def _drop(scratch: Path | None) -> None:
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _replay(student_dir: str, base: dict, tune) -> None:
+    done = caches.done_info(student_dir)
     for epoch, score in enumerate(done["scores"]):
         tune.report({**base, **done["base"], "score": score, "epoch": epoch + 1, "cached": True, "seconds": 0.0,
                      "computed_teacher": False, "computed_trunk_states": False, "computed_teacher_outputs": False})
-
-
-def _mkdir(p: Path) -> str:
-    p.mkdir(parents=True, exist_ok=True)
-    return str(p)
 
 
 def full_fine_tuning_score(s: dict, encoder_layers: int) -> float:
@@ -300,8 +322,8 @@ def full_fine_tuning_score(s: dict, encoder_layers: int) -> float:
     from kdlib.predict import predict
 
     torch.set_num_threads(s["torch_threads"])
-    folder = Path(s["storage_root"]) / "cache" / "teachers" / teacher_fingerprint(s, encoder_layers, members=1)
-    artifact, _ = ensure_teacher(s, encoder_layers, folder, members=1)
+    location = storage.child(s["storage_root"], "cache", "teachers", teacher_fingerprint(s, encoder_layers, members=1))
+    artifact, _ = ensure_teacher(s, encoder_layers, location, members=1)
     model, _ = load_model(artifact, encoder=_encoder(s))
     dev = s["dev"]
     pairs = dev["text_pair"].tolist()
