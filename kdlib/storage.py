@@ -138,10 +138,11 @@ def download(fs: pafs.FileSystem, path: str, folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def staged_dir(location: str) -> Iterator[Path]:
+def staged_dir(location: str, *, mirror: bool = False) -> Iterator[Path]:
     """A local folder whose contents end up at `location` when the block ends without an error.
 
-    Local: the location itself (created). Remote: a temporary folder, uploaded at the end and removed.
+    Local: the location itself (created). Remote: a temporary folder, uploaded at the end, then removed, or
+    with `mirror` kept as this node's `local_copy(location)` (for a writer that reads the folder back).
     """
     fs, path = filesystem(location)
     if isinstance(fs, pafs.LocalFileSystem):
@@ -149,9 +150,12 @@ def staged_dir(location: str) -> Iterator[Path]:
         yield Path(path)
         return
     tmp = Path(tempfile.mkdtemp(dir=local_cache_dir(), prefix=".upload-"))
+    (tmp / "d").mkdir()
     try:
-        yield tmp
-        upload(tmp, fs, path)
+        yield tmp / "d"
+        upload(tmp / "d", fs, path)
+        if mirror:
+            _publish_mirror(tmp, _mirror(location))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -77,7 +77,7 @@ def s3_endpoint():
 
 
 @pytest.fixture
-def s3_root(s3_endpoint, request):
+def s3_root(s3_endpoint):
     """A fresh bucket as a storage root URI, e.g. s3://t-abc123/kdlib?endpoint_override=127.0.0.1:5123&..."""
     import uuid
 

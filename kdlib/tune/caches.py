@@ -47,7 +47,7 @@ def locked(location: str):
     """Exclusive hold on a cache entry for the block: other trials (any node) wait at the same call."""
     if storage.is_local(location):
         folder = Path(storage.filesystem(location)[1])
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
         with open(folder.parent / f".{folder.name}.lock", "w") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
@@ -122,14 +122,6 @@ def clear_unfinished(location: str) -> None:
     storage.delete_dir(location)
 
 
-@contextlib.contextmanager
-def writing(location: str):
-    """A local folder for the entry's files: the entry itself on a local root, else one uploaded when the
-    block ends (see `publish` for files that must reach the storage before then)."""
-    with storage.staged_dir(location) as out:
-        yield out
-
-
 def publish(folder: Path, location: str, sub: str) -> None:
     """Upload `folder/sub` to the entry now (a no-op on a local root, where the files are already there)."""
     fs, path = storage.filesystem(location)
@@ -163,7 +155,7 @@ def once(location: str, build, kind: str) -> tuple[Path, bool]:
             return storage.local_copy(location), False
         clear_unfinished(location)
         start = time.perf_counter()
-        with writing(location) as out:
+        with storage.staged_dir(location, mirror=True) as out:  # read back below without a download
             info = build(out) or {}
         mark_done(location, {"kind": kind, "seconds": round(time.perf_counter() - start, 2), **info})
         return storage.local_copy(location), True

@@ -266,7 +266,7 @@ def _train_student(s: dict, L: int, l: int, scratch: Path | None, student_dir: s
     `on_epoch(base, epoch, score)`; the entry marked done (with its scores and `facts`) before the last call."""
     prep = prepare(s, L, scratch)
     base = _base(L, l, student_dir, prep)
-    with caches.writing(student_dir) as out:
+    with storage.staged_dir(student_dir) as out:
 
         def report(epoch: int, score: float, scores: list[float], last: bool) -> None:
             if last:  # before the last report: Tune may end the trial there (max_t reached)
