@@ -23,7 +23,7 @@ from kdlib import storage
 from kdlib.artifact import load_model
 from kdlib.encoder import load_encoder, load_tokenizer
 from kdlib.soft_targets import STORE_COLUMNS, Shard, SoftTargetStore
-from kdlib.tokenize import tokenize
+from kdlib.tokenize import length_sorted_batches
 
 SHARD_FIELDS = list(Shard.__dataclass_fields__)
 EXAMPLE_LISTS = {"ids": "id", "texts": "text", "pairs": "text_pair", "labels": "label", "sources": "source"}
@@ -67,20 +67,13 @@ class ShardLabeler:
                 out.append(pd.DataFrame([{**asdict(shard), "relabeled": record is None}]))
         return pd.concat(out, ignore_index=True)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def label(self, task: str, examples: pd.DataFrame) -> pd.DataFrame:
         """Every member's logits for every example; mini-batches of similar length, original order kept."""
         model, names = self.models[task], self.members[task]
-        texts, pairs = examples["text"].tolist(), examples["text_pair"].tolist()
-        has_pairs = pairs[0] is not None
-        lengths = [len(ids) for ids in self.tokenizer(texts, pairs if has_pairs else None, truncation=True,
-                                                         max_length=self.max_length)["input_ids"]]
-        order = np.argsort(lengths, kind="stable")
-        logits = [None] * len(texts)
-        for s in range(0, len(order), self.batch_size):
-            idx = order[s:s + self.batch_size]
-            enc = tokenize(self.tokenizer, [texts[i] for i in idx], [pairs[i] for i in idx] if has_pairs else None,
-                           max_length=self.max_length)
+        logits = [None] * len(examples)
+        for idx, enc in length_sorted_batches(self.tokenizer, examples["text"].tolist(), examples["text_pair"].tolist(),
+                                              max_length=self.max_length, batch_size=self.batch_size):
             enc = {k: torch.from_numpy(v) for k, v in enc.items()}
             out = model(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"], names=names)
             block = torch.stack([out[n] for n in names], dim=1).float().numpy()  # (B, K, C)

@@ -48,3 +48,30 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, texts, pairs=None, *, max_lengt
                     max_length=max_length, padding="max_length" if pad_to_max else "longest",
                     return_token_type_ids=True, return_tensors="np")
     return {k: enc[k].astype(np.int64) for k in INPUT_KEYS}
+
+
+def length_sorted_batches(tokenizer: PreTrainedTokenizerBase, texts, pairs=None, *, max_length: int,
+                          batch_size: int):
+    """Tokenize once, then yield (row indices, inputs) for batches of similar length, right-padded.
+
+    Each batch equals `tokenize` of its rows (padding to the longest), without tokenizing twice to sort.
+    Yields:
+        (idx, {"input_ids", "attention_mask", "token_type_ids"}): idx an int array of row positions,
+        the arrays int64 of shape (len(idx), T).
+    """
+    texts = [str(t) for t in texts]
+    enc = tokenizer(texts, text_pairs(pairs), truncation=True, max_length=max_length, return_token_type_ids=True)
+    ids, types = enc["input_ids"], enc["token_type_ids"]
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    order = np.argsort(lengths, kind="stable")
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        t = int(lengths[idx].max())
+        batch = {"input_ids": np.full((len(idx), t), tokenizer.pad_token_id, dtype=np.int64),
+                 "attention_mask": np.zeros((len(idx), t), dtype=np.int64),
+                 "token_type_ids": np.zeros((len(idx), t), dtype=np.int64)}
+        for j, i in enumerate(idx):
+            n = lengths[i]
+            batch["input_ids"][j, :n], batch["token_type_ids"][j, :n] = ids[i], types[i]
+            batch["attention_mask"][j, :n] = 1
+        yield idx, batch

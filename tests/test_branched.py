@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kdlib.branched import BranchedModel, BranchSpec
+from kdlib.branched import BranchedModel, BranchSpec, attention_bias
 
 
 def _bert_states(encoder, batch, depth):
@@ -16,8 +16,6 @@ def test_trunk_and_branch_reproduce_the_encoder(tiny_encoder, tiny_batch):
     with torch.no_grad():
         h = model.trunk_states(tiny_batch["input_ids"], tiny_batch["attention_mask"], tiny_batch["token_type_ids"], 1)
         torch.testing.assert_close(h, _bert_states(tiny_encoder, tiny_batch, 1), atol=1e-6, rtol=0)
-        from kdlib.branched import attention_bias
-
         for layer in model.branches["a"].layers:
             h = layer(h, attention_mask=attention_bias(tiny_batch["attention_mask"]))
         ref = tiny_encoder(**tiny_batch).last_hidden_state
@@ -48,7 +46,10 @@ def test_padding_does_not_change_outputs(tiny_encoder, tiny_batch):
     model = BranchedModel.from_encoder(tiny_encoder, [BranchSpec("a", "classification", 2, 2, 2)]).eval()
     with torch.no_grad():
         full = model(**tiny_batch)["a"][3]
-        short = model(**{k: v[3:4, :4] for k, v in tiny_batch.items()})["a"][0]
+        unpadded = {k: v[3:4, :4] for k, v in tiny_batch.items()}
+        short = model(**unpadded)["a"][0]
+    assert attention_bias(unpadded["attention_mask"]) is None  # the unmasked kernel, checked against the masked one
+    assert attention_bias(tiny_batch["attention_mask"]) is not None
     torch.testing.assert_close(full, short, atol=1e-5, rtol=0)
 
 

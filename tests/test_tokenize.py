@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kdlib.tokenize import text_pairs, tokenize
+from kdlib.tokenize import length_sorted_batches, text_pairs, tokenize
 
 
 def test_missing_pairs_from_a_parquet_string_column_mean_no_pair(tmp_path, tokenizer):
@@ -27,3 +27,18 @@ def test_pairs_are_kept_and_a_mixed_batch_is_refused(tokenizer):
     assert enc["token_type_ids"].sum() > 0
     with pytest.raises(ValueError, match="mixes rows with and without text_pair"):
         text_pairs(["c", float("nan")])
+
+
+@pytest.mark.parametrize("with_pairs", [False, True])
+def test_length_sorted_batches_equal_tokenizing_each_batch(tokenizer, with_pairs):
+    texts = ["a good film", "bad", "the plot was long and the actors were very tired indeed", "ok then", "fine"]
+    pairs = ["it was", "so bad", "yes", "the end of the long long story", "x"] if with_pairs else None
+    seen, lengths = [], []
+    for idx, batch in length_sorted_batches(tokenizer, texts, pairs, max_length=12, batch_size=2):
+        want = tokenize(tokenizer, [texts[i] for i in idx], [pairs[i] for i in idx] if pairs else None, max_length=12)
+        for key in want:
+            np.testing.assert_array_equal(batch[key], want[key])
+        seen += idx.tolist()
+        lengths += batch["attention_mask"].sum(1).tolist()
+    assert sorted(seen) == list(range(len(texts)))  # every row once
+    assert lengths == sorted(lengths) and max(lengths) == 12  # shortest first; truncated at max_length
