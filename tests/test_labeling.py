@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -69,8 +70,13 @@ def test_stored_logits_equal_each_member_run_on_its_own(ray_session, ensembles, 
     """Every member's logits per example, from the shared-trunk actor, equal the member's own forward pass."""
     stores = {t: SoftTargetStore(str(tmp_path), t, "k") for t in TASKS}
     plan = _plan()
-    stats = run_labeling(plan, stores=stores, progress_seconds=1, **_settings(ensembles))
+    lines = []
+    stats = run_labeling(plan, stores=stores, progress_seconds=1, log=lines.append, **_settings(ensembles))
     assert stats["labeled"] == len(plan) and stats["already_committed"] == 0
+    # Progress: the plan, then examples done, rate and ETA, ending at all examples.
+    n = sum(shard.rows for shard, _ in plan)
+    assert lines[0] == f"[labels] {len(plan)} shards planned, 0 already in the store, labeling {len(plan)} ({n} examples)"
+    assert re.fullmatch(rf"\[labels\] {n}/{n} examples \(100\.0%\), [\d.]+ ex/s, elapsed \d+s, ETA 0s", lines[-1])
     from kdlib.artifact import load_model
 
     encoder = load_encoder(SOURCE, True, TINY, seed=0)
