@@ -135,7 +135,7 @@ def prepare(s: dict, L: int, scratch: Path | None) -> dict:
     """Teacher, trunk states and teacher outputs for (task, L): from the caches, or into `scratch` without them.
 
     Returns:
-        {"encoder", "ensemble", "feats", "teacher", "teacher_dir" (a location), "depth",
+        {"encoder", "ensemble", "feats", "teacher", "teacher_outputs" (where "teacher" is stored), "depth",
          "computed": {what this call computed}}.
     """
     def entry(kind: str, key: str) -> str:  # a shared cache entry, or the trial's private scratch
@@ -154,7 +154,7 @@ def prepare(s: dict, L: int, scratch: Path | None) -> dict:
                                                                             teacher_outputs(s, ensemble, feats, L), L),
                                   "teacher_outputs")
     return {"encoder": encoder, "ensemble": ensemble, "feats": feats, "teacher": load_teacher_outputs(folder),
-            "teacher_dir": outputs, "depth": depth,
+            "teacher_outputs": outputs, "depth": depth,
             "computed": {"teacher": trained, "trunk_states": computed, "teacher_outputs": labeled}}
 
 
@@ -284,7 +284,7 @@ def _base(L: int, l: int, student_dir: str, prep: dict | None = None) -> dict:
     if prep is not None:
         t = prep["teacher"]
         base.update(depth=prep["depth"], teacher_score=t["ensemble_score"], teacher_best_member=max(t["member_scores"]),
-                    teacher_branch_dir=storage.child(prep["teacher_dir"], "branch"),
+                    teacher_branch_dir=storage.child(prep["teacher_outputs"], "branch"),
                     **{f"computed_{k}": v for k, v in prep["computed"].items()})
     return base
 
