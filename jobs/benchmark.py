@@ -294,7 +294,8 @@ def labeling_benchmark(scale: str, data_dir: str, out: Path, storage_root: str) 
     steady, startup = stage_one["steady_examples_per_s"], max(0.0, stage_one["startup_seconds"])
     crossover = (startup / (1 / (0.9 * best_baseline) - 1 / steady)) if steady > 0.9 * best_baseline else None
     result = {
-        "benchmark": "labeling", "scale": scale, "examples": n, "examples_k3": n_three, "seq_len": seq, "batch_size": bs, "threads": threads,
+        "benchmark": "labeling", "scale": scale, "examples": n, "examples_k3": n_three, "seq_len": seq,
+        "batch_size": bs, "threads": threads,
         "labeling_config": cfg.labeling.model_dump(),
         "k1": {"single_process_loop": single, "transformers_pipeline": hf, "labeling_stage": stage_one,
                "stage_vs_best_baseline": stage_one["examples_per_s"] / best_baseline,
@@ -327,7 +328,8 @@ def labeling_benchmark(scale: str, data_dir: str, out: Path, storage_root: str) 
              f"{result['k3']['shared_gain']:.2f}x (theory 1.80x)"],
             ["kdlib labeling stage (K=3 shared)", stage_three["examples_per_s"], "", ""]]
     table = markdown_table(["method", "examples/s", "GFLOP/s", "note"], rows)
-    table += (f"\n\nSequence length {seq}, batch {bs}, {threads} threads in total, {n} examples for K=1 and {n_three} for K=3. Dense matmul peak "
+    table += (f"\n\nSequence length {seq}, batch {bs}, {threads} threads in total, {n} examples for K=1 and {n_three} "
+              f"for K=3. Dense matmul peak "
               f"(2048x2048 fp32, {threads} threads): {peak:.1f} / {peak_after:.1f} GFLOP/s (before / after); the stage "
               f"reaches {100 * result['flops']['stage_share_of_peak']:.0f}% of it.\n\n"
               f"Streaming (demo config, MiniLM, teachers cached): label-then-distill {streaming['label_then_distill_s']:.0f} s, "

@@ -133,10 +133,14 @@ class BranchedModel(nn.Module):
             h = _first(layer(h, attention_mask=bias))
         return h
 
-    def branch_forward(self, name: str, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Run branch `name` on trunk states at its depth: (B, T, H) -> (B, C)."""
+    def branch_forward(self, name: str, h: torch.Tensor, attention_mask: torch.Tensor,
+                       bias: torch.Tensor | None = ...) -> torch.Tensor:
+        """Run branch `name` on trunk states at its depth: (B, T, H) -> (B, C).
+
+        bias: `attention_bias(attention_mask)` when the caller already has it (forward: once for all branches).
+        """
         branch = self.branches[name]
-        bias = attention_bias(attention_mask)
+        bias = attention_bias(attention_mask) if bias is ... else bias
         for layer in branch.layers:
             h = _first(layer(h, attention_mask=bias))
         return branch.head(h, attention_mask)
@@ -161,7 +165,7 @@ class BranchedModel(nn.Module):
         out: dict[str, torch.Tensor] = {}
         for depth in range(max(by_depth) + 1):
             for n in by_depth.get(depth, []):
-                out[n] = self.branch_forward(n, h, attention_mask)
+                out[n] = self.branch_forward(n, h, attention_mask, bias)
             if depth < max(by_depth):
                 h = _first(self.trunk[depth](h, attention_mask=bias))
         return {n: out[n] for n in names}

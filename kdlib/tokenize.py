@@ -61,17 +61,9 @@ def length_sorted_batches(tokenizer: PreTrainedTokenizerBase, texts, pairs=None,
     """
     texts = [str(t) for t in texts]
     enc = tokenizer(texts, text_pairs(pairs), truncation=True, max_length=max_length, return_token_type_ids=True)
-    ids, types = enc["input_ids"], enc["token_type_ids"]
-    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-    order = np.argsort(lengths, kind="stable")
+    rows = [{"input_ids": ids, "token_type_ids": types} for ids, types in zip(enc["input_ids"], enc["token_type_ids"])]
+    order = np.argsort([len(r["input_ids"]) for r in rows], kind="stable")
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
-        t = int(lengths[idx].max())
-        batch = {"input_ids": np.full((len(idx), t), tokenizer.pad_token_id, dtype=np.int64),
-                 "attention_mask": np.zeros((len(idx), t), dtype=np.int64),
-                 "token_type_ids": np.zeros((len(idx), t), dtype=np.int64)}
-        for j, i in enumerate(idx):
-            n = lengths[i]
-            batch["input_ids"][j, :n], batch["token_type_ids"][j, :n] = ids[i], types[i]
-            batch["attention_mask"][j, :n] = 1
-        yield idx, batch
+        batch = tokenizer.pad([rows[i] for i in idx], padding="longest", return_attention_mask=True, return_tensors="np")
+        yield idx, {k: batch[k].astype(np.int64) for k in INPUT_KEYS}
