@@ -381,13 +381,13 @@ def _plot_labeling(result: dict, path: Path) -> None:
 
 TUNE_SCALES = {  # the sweep trains teachers for every L it tries
     "quick": ["tasks.sst2.max_train_examples=600", "tasks.mrpc.max_train_examples=600",
-              "tasks.stsb.max_train_examples=600", "search.num_samples=6", "encoder.max_length=96"],
-    "full": []}  # configs/tune/glue_mini.yaml as it is: 1,500 rows per task, 12 samples, 128 tokens
+              "tasks.stsb.max_train_examples=600", "encoder.max_length=96"],
+    "full": []}  # configs/tune/glue_mini.yaml as it is: 1,500 rows per task, every (L, l) pair, 128 tokens
 # The caches' wall-time gain needs the sweep run twice, the second time without caches (several times slower):
 # at quick scale a smaller sweep of the same shape, at full scale the full one.
 TUNE_CACHE_SCALES = {
     "quick": ["tasks.sst2.max_train_examples=200", "tasks.mrpc.max_train_examples=200",
-              "tasks.stsb.max_train_examples=200", "search.num_samples=4", "encoder.max_length=64",
+              "tasks.stsb.max_train_examples=200", "search.num_samples=4", "search.sampler=tpe", "encoder.max_length=64",
               "reference.full_fine_tuning=false", "selection.rule=threshold"],  # timing only: any rule that fits
     "full": []}
 
