@@ -48,6 +48,7 @@ from kdlib.merge import merge, overhead, single_task
 from kdlib.predict import predict, predict_student
 from kdlib.soft_targets import (
     SoftTargetStore,
+    carry_over,
     gold_only_dataset,
     plan_shards,
     teacher_logits_array,
@@ -154,13 +155,20 @@ def label_tasks(cfg: RunConfig, stores: dict[str, SoftTargetStore], plan, teache
                 cache: StageCache, splits=("dev", "train")) -> None:
     """Fill the soft-target stores: label every planned shard of `splits` that is not committed yet.
 
-    Complete stores (a manifest written by any earlier run with the same inputs) are reused as they are.
+    Complete stores (a manifest written by any earlier run with the same inputs) are reused as they are;
+    shards whose examples another version labeled with the same teachers are copied from it (carry_over).
     """
     todo = {name for name, store in stores.items() if not store.is_complete()}
     for name in stores.keys() - todo:
         _record(cache, stores[name], cached=True, seconds=0.0)
     if not todo:
         return
+    for name in sorted(todo):  # what another version of the store labeled with these teachers is copied
+        carried = carry_over(stores[name], plan, teachers=storage.name(storage.parent(teacher_dirs[name])),
+                             max_length=cfg.encoder.max_length)
+        if carried["shards"]:
+            print(f"[labels:{name}] {carried['rows']} examples ({carried['shards']} shards) carried over from "
+                  f"{', '.join(carried['from'])}: same teachers, not labeled again")
     stats = run_labeling([(s, ex) for s, ex in plan if s.split in splits and s.task in todo], stores=stores,
                          progress_seconds=cfg.labeling.progress_seconds, **labeling_settings(cfg, teacher_dirs, enc))
     if set(splits) == {"dev", "train"}:

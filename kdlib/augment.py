@@ -75,6 +75,25 @@ def read_unlabeled(path: str, *, task: str, has_pair: bool) -> pd.DataFrame:
     return _frame(rows, task=task, source="unlabeled")
 
 
+def write_unlabeled(texts, pairs, path: str) -> int:
+    """Write examples as read_unlabeled reads them: one per line, a pair's sentences split by a tab.
+
+    Whitespace inside a sentence (tabs and line breaks included) becomes single spaces, so every example
+    stays one line; blank sentences are skipped, since read_unlabeled would reject them. Returns the lines
+    written.
+    """
+    pairs = [None] * len(texts) if pairs is None else pairs
+    written = 0
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for text, pair in zip(texts, pairs):
+            fields = [" ".join(str(text).split())] + ([] if pair is None else [" ".join(str(pair).split())])
+            if all(fields):
+                f.write("\t".join(fields) + "\n")
+                written += 1
+    return written
+
+
 def file_digest(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 

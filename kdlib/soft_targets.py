@@ -236,6 +236,52 @@ class SoftTargetStore:
         return data
 
 
+def carry_over(store: SoftTargetStore, plan: list[tuple[Shard, pd.DataFrame]], *, teachers: str,
+               max_length: int) -> dict:
+    """Commit the planned shards of `store` whose every example another complete version of the task's
+    store has labeled with the same teachers: their logits are copied there, not computed again.
+
+    A version's key hashes its whole input set, so adding an unlabeled file or more masked copies makes a
+    new version; the examples the old one holds need no teacher again. Another version qualifies when its
+    manifest names the same teachers (fingerprint) and max_length; an example matches when its id, text
+    and text pair are equal (a masked copy's id alone does not fix its text). A shard with any unmatched
+    example is left to label.
+
+    Returns {"shards": carried, "rows": carried rows, "from": [keys of the versions used]}.
+    """
+    carried = {"shards": 0, "rows": 0, "from": []}
+    todo = [(s, ex) for s, ex in plan if s.task == store.task and store.commit_record(s) is None]
+    if not todo:
+        return carried
+    task_dir = storage.parent(store.base)
+    known: dict[tuple, tuple[list, str]] = {}
+    for key in storage.list_folders(store.fs, task_dir):
+        other = SoftTargetStore(store.root, store.task, key)
+        if key == store.key or not other.is_complete():
+            continue
+        m = other.manifest()
+        if (m.get("teachers") or {}).get("fingerprint") != teachers or m.get("max_length") != max_length:
+            continue
+        rows = other.read()
+        for ex_id, text, pair, logits in zip(rows["id"], rows["text"], rows["text_pair"], rows["teacher_logits"]):
+            known.setdefault(_example_key(ex_id, text, pair), (logits, key))
+    used = set()
+    for shard, ex in todo:
+        hits = [known.get(_example_key(i, a, b)) for i, a, b in zip(ex["id"], ex["text"], ex["text_pair"])]
+        if not hits or any(h is None for h in hits):
+            continue
+        store.commit(shard, ex.assign(teacher_logits=[h[0] for h in hits]), seconds=0.0, node="carried-over")
+        used |= {h[1] for h in hits}
+        carried["shards"] += 1
+        carried["rows"] += shard.rows
+    carried["from"] = sorted(used)
+    return carried
+
+
+def _example_key(ex_id, text, pair) -> tuple:
+    return str(ex_id), str(text), pair if isinstance(pair, str) else None
+
+
 def teacher_logits_array(df: pd.DataFrame) -> np.ndarray:
     """The nested `teacher_logits` column as a float32 array of shape (N, K, C); (N, 0, 1) for rows of a
     task without teachers."""

@@ -191,6 +191,14 @@ def exists(fs: pafs.FileSystem, path: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def list_folders(fs: pafs.FileSystem, folder: str) -> list[str]:
+    """Base names of the folders directly in `folder` (none if it is absent)."""
+    if not exists(fs, folder):
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(folder, recursive=False))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+
 def list_names(fs: pafs.FileSystem, folder: str, suffix: str = "") -> list[str]:
     """Base names of the files directly in `folder` ending in `suffix` (none if the folder is absent)."""
     if not exists(fs, folder):

@@ -16,7 +16,7 @@ from conftest import kill_once_when, tiny_run_overrides
 from kdlib.artifact import load_model, read_manifest
 from kdlib.config import load_run_config
 from kdlib.encoder import load_encoder, load_tokenizer, resolve_encoder_path
-from kdlib.soft_targets import SoftTargetStore, ids_digest
+from kdlib.soft_targets import SoftTargetStore, ids_digest, teacher_logits_array
 from kdlib.metrics import task_metrics
 from kdlib.predict import predict, predict_student
 from kdlib.students.artifact import load_student
@@ -112,6 +112,43 @@ def test_rerun_reuses_every_stage(tiny_run, job, capsys):
     results = json.loads((root / "demo" / "results.json").read_text())
     assert all(s["cached"] for s in results["stages"]), results["stages"]
     assert "inputs unchanged" in capsys.readouterr().out
+
+
+def test_a_third_masked_copy_labels_only_the_shards_it_adds(tiny_run, job, capsys):
+    """More masked copies make a new store version; the shards whose examples the first run's version holds
+    (dev, train and the first two copies, which come out the same) are carried over with its logits, and
+    only shards with a third copy's row go to the teachers. The other tasks' stores are reused whole."""
+    from kdlib.stages import StageCache
+    from kdlib.tasks import load_tasks
+
+    root, overrides = tiny_run
+    cfg = load_run_config(ROOT / "configs" / "demo.yaml", [*overrides, "tasks.sentiment.augment.copies=3"])
+    source = resolve_encoder_path(cfg.encoder.name)
+    enc = {"name": cfg.encoder.name, "source": source, "fingerprint": job["encoder_fingerprint"](
+        source, cfg.encoder.random_init, cfg.encoder.config_overrides, cfg.seed)}
+    cache, tasks = StageCache(cfg.storage_root), load_tasks(cfg)
+    teacher_dirs = job["train_teachers"](cfg, tasks, enc, cache)
+    stores, plan = job["plan_labels"](cfg, tasks, teacher_dirs, enc)
+    capsys.readouterr()
+    job["label_tasks"](cfg, stores, plan, teacher_dirs, enc, cache)
+    out = capsys.readouterr().out
+    mine = [(s, ex) for s, ex in plan if s.task == "sentiment"]
+    fresh = [s for s, ex in mine if ex["id"].str.endswith("~m2").any()]
+    assert 0 < len(fresh) < len(mine)
+    carried_rows = sum(s.rows for s, _ in mine) - sum(s.rows for s in fresh)
+    assert f"[labels:sentiment] {carried_rows} examples ({len(mine) - len(fresh)} shards) carried over" in out
+    assert f"labeling {len(fresh)} ({sum(s.rows for s in fresh)} examples)" in out
+    assert all(s.cached for s in cache.records if s.name == "labels" and s.path != stores["sentiment"].location)
+    first = json.loads((root / "demo" / "results.json").read_text())
+    key = next(s["fingerprint"] for s in first["stages"] if s["name"] == "labels" and Path(s["path"]).parent.name == "sentiment")
+    old = SoftTargetStore(str(root), "sentiment", key).read().set_index("id")
+    new = stores["sentiment"].read().set_index("id")
+    assert len(new) == len(old) + 200 and new.index.is_unique
+    carried_ids = [i for s, ex in mine if s not in fresh for i in ex["id"]]
+    np.testing.assert_array_equal(teacher_logits_array(new.loc[carried_ids].reset_index()),
+                                  teacher_logits_array(old.loc[carried_ids].reset_index()))  # copied, bit for bit
+    np.testing.assert_allclose(teacher_logits_array(new.loc[old.index].reset_index()),
+                               teacher_logits_array(old.reset_index()), atol=1e-5)  # relabeled ones agree too
 
 
 def test_bad_override_fails_fast_with_the_key(job, capsys, tmp_path):

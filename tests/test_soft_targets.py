@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 
 from kdlib import storage
-from kdlib.augment import mask_words, masked_copies, read_unlabeled
+from kdlib.augment import mask_words, masked_copies, read_unlabeled, write_unlabeled
 from kdlib.errors import DataError
-from kdlib.soft_targets import SoftTargetStore, StoreError, plan_shards, teacher_logits_array
+from kdlib.soft_targets import SoftTargetStore, StoreError, carry_over, plan_shards, teacher_logits_array
 
 
 def _examples(n_train=7, n_dev=3, task="t") -> pd.DataFrame:
@@ -146,3 +146,45 @@ def test_unlabeled_text_files(tmp_path):
         read_unlabeled(str(pairs), task="t", has_pair=False)
     with pytest.raises(DataError, match="not found"):
         read_unlabeled(str(tmp_path / "missing.txt"), task="t", has_pair=False)
+
+
+def test_written_unlabeled_text_reads_back(tmp_path):
+    """write_unlabeled keeps every example on one line (tabs and line breaks inside become spaces) and
+    skips blank ones, so read_unlabeled returns the same sentences."""
+    texts, pairs = ["a\tfirst\nsentence", "  ", "second  one"], ["right\r\none", "x", "right two"]
+    assert write_unlabeled(texts, pairs, str(tmp_path / "p.txt")) == 2
+    back = read_unlabeled(str(tmp_path / "p.txt"), task="t", has_pair=True)
+    assert list(zip(back["text"], back["text_pair"])) == [("a first sentence", "right one"), ("second one", "right two")]
+    assert write_unlabeled(["only", "two"], None, str(tmp_path / "s.txt")) == 2
+    assert list(read_unlabeled(str(tmp_path / "s.txt"), task="t", has_pair=False)["text"]) == ["only", "two"]
+
+
+def test_carry_over_copies_what_another_version_labeled_with_the_same_teachers(root):
+    """A new version (more examples) gets the shards whose every example an older complete version holds,
+    with the older logits; shards with a new example, a changed text under the same id, or only in a version
+    of other teachers or another max_length are left to label."""
+    old = _examples(n_train=6, n_dev=3)
+    first = SoftTargetStore(root, "t", "v1")
+    plan = plan_shards("t", old, shard_size=3)
+    for shard, ex in plan:
+        first.commit(shard, _labeled(ex))
+    first.finalize([s for s, _ in plan], {"teachers": {"fingerprint": "T"}, "max_length": 64})
+    other = SoftTargetStore(root, "t", "v0")  # other teachers: must not be used even though it holds train9
+    more = _examples(n_train=10, n_dev=3)
+    plan_other = plan_shards("t", more, shard_size=3)
+    for shard, ex in plan_other:
+        other.commit(shard, _labeled(ex).assign(teacher_logits=[[[99.0, 99.0]] * 2] * len(ex)))
+    other.finalize([s for s, _ in plan_other], {"teachers": {"fingerprint": "U"}, "max_length": 64})
+
+    more.loc[more["id"] == "train4", "text"] = "a masked copy with an old id"
+    new = SoftTargetStore(root, "t", "v2")
+    plan_new = plan_shards("t", more, shard_size=3)  # dev0-2 | train0-2 | train3-5 | train6-8 | train9
+    assert carry_over(new, plan_new, teachers="U", max_length=32) == {"shards": 0, "rows": 0, "from": []}
+    carried = carry_over(new, plan_new, teachers="T", max_length=64)
+    assert carried == {"shards": 2, "rows": 6, "from": ["v1"]}  # dev and train0-2; train4's text changed
+    committed = [s.index for s, _ in plan_new if new.commit_record(s) is not None]
+    assert committed == [0, 1]
+    rows = new.read_committed([s for s, _ in plan_new[:2]])
+    assert list(rows["id"]) == ["dev0", "dev1", "dev2", "train0", "train1", "train2"]
+    np.testing.assert_array_equal(teacher_logits_array(rows)[:, 0, 0], [0, 1, 2, 0, 1, 2])  # v1's, not v0's 99s
+    assert carry_over(new, plan_new, teachers="T", max_length=64)["shards"] == 0  # committed now: nothing to do
