@@ -250,7 +250,8 @@ def carry_over(store: SoftTargetStore, plan: list[tuple[Shard, pd.DataFrame]], *
     Returns {"shards": carried, "rows": carried rows, "from": [keys of the versions used]}.
     """
     carried = {"shards": 0, "rows": 0, "from": []}
-    todo = [(s, ex) for s, ex in plan if s.task == store.task and store.commit_record(s) is None]
+    # Unverified here (no shard read): a corrupt commit is not carried over, and labeling's own check relabels it.
+    todo = [(s, ex) for s, ex in plan if s.task == store.task and store.commit_record(s, verify=False) is None]
     if not todo:
         return carried
     task_dir = storage.parent(store.base)
