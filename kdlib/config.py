@@ -136,6 +136,10 @@ class StudentConfig(_Strict):
     ffn_dim: int = Field(300, ge=1)  # bilstm: ReLU feed-forward width on the embeddings
     matrix_dim: int = Field(20, ge=1)  # cmow: d of the d x d token matrices (paper: 20)
     cbow_dim: int = Field(400, ge=0)  # cmow: CBOW vector width (paper: 400)
+    # cmow: "encoder" starts the CBOW vectors from the encoder's word embeddings (cbow_dim = its hidden
+    # size), as the paper starts from pretrained embeddings; "random": N(0, 0.1)
+    cbow_init: Literal["random", "encoder"] = "random"
+    pair_product: bool = False  # cmow: add s_a * s_b to DiffCat's [s_a ; s_b ; |s_a - s_b|] (Mou et al.)
     head_hidden: int = Field(512, ge=1)  # every end-to-end kind: each task head's ReLU layer (MKD: 512)
     dropout: float = Field(0.1, ge=0, lt=1)
 
@@ -144,7 +148,8 @@ class StudentConfig(_Strict):
         common = {"head_hidden": self.head_hidden, "dropout": self.dropout}
         return {"branched": {}, "small_transformer": {"num_layers": self.num_layers, **common},
                 "bilstm": {"hidden": self.hidden, "ffn_dim": self.ffn_dim, **common},
-                "cmow": {"matrix_dim": self.matrix_dim, "cbow_dim": self.cbow_dim, **common}}[self.kind]
+                "cmow": {"matrix_dim": self.matrix_dim, "cbow_dim": self.cbow_dim, "cbow_init": self.cbow_init,
+                         "pair_product": self.pair_product, **common}}[self.kind]
 
 
 class DistillConfig(_Strict):

@@ -141,10 +141,11 @@ def build_end_to_end_student(config: dict, tokenizer):
     """The configured student with a seeded initialisation (identical on every worker and the driver).
 
     The small transformer copies the pretrained encoder's embeddings and first layers; the BiLSTM starts
-    from its WordPiece embeddings; CMOW from identity-plus-noise matrices."""
+    from its WordPiece embeddings; CMOW from identity-plus-noise matrices (and its CBOW vectors from the
+    encoder's word embeddings with cbow_init "encoder")."""
     student = config["student"]
     encoder = None
-    if student["kind"] in ("small_transformer", "bilstm"):
+    if student["kind"] in ("small_transformer", "bilstm") or student["hparams"].get("cbow_init") == "encoder":
         encoder = load_encoder(config["encoder_source"], config["random_init"], config["config_overrides"],
                                seed=config["seed"])
     torch.manual_seed(config["seed"])

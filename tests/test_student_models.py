@@ -140,6 +140,28 @@ def test_diffcat_by_hand():
     a = torch.tensor([[1.0, -2.0, 0.5]])
     b = torch.tensor([[3.0, 5.0, 0.5]])
     assert_close(diffcat(a, b), torch.tensor([[1.0, -2.0, 0.5, 3.0, 5.0, 0.5, 2.0, 7.0, 0.0]]))
+    assert_close(diffcat(a, b, product=True),
+                 torch.tensor([[1.0, -2.0, 0.5, 3.0, 5.0, 0.5, 2.0, 7.0, 0.0, 3.0, -10.0, 0.25]]))
+
+
+def test_cmow_pair_product_widens_pair_heads_only():
+    model = CMOWStudent(TASKS, vocab_size=VOCAB, matrix_dim=3, cbow_dim=2, head_hidden=5, pair_product=True)
+    d = model.encoder.output_dim
+    assert {t: h.fc.in_features for t, h in model.heads.items()} == {"sent": d, "acc": d, "para": 4 * d,
+                                                                      "sim": 4 * d}
+
+
+def test_cmow_cbow_starts_from_encoder_word_embeddings(tiny_bert):
+    model = build_student_model("cmow", tasks=SINGLE, vocab_size=VOCAB, encoder=tiny_bert, matrix_dim=3,
+                                cbow_dim=32, cbow_init="encoder")
+    assert torch.equal(model.encoder.cbow.weight, tiny_bert.embeddings.word_embeddings.weight)
+    eye = torch.eye(3).flatten()  # the matrices still start as identity plus noise
+    assert (model.encoder.forward_matrices.weight - eye).abs().mean() < 0.2
+    with pytest.raises(ValueError, match="student.cbow_dim.*must be 32"):
+        build_student_model("cmow", tasks=SINGLE, vocab_size=VOCAB, encoder=tiny_bert, cbow_dim=400,
+                            cbow_init="encoder")
+    with pytest.raises(ValueError, match="needs the pretrained `encoder`"):
+        build_student_model("cmow", tasks=SINGLE, vocab_size=VOCAB, cbow_init="encoder")
 
 
 def test_cmow_encoding_and_diffcat_by_hand():

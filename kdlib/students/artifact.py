@@ -47,6 +47,7 @@ def load_student(folder: str | Path) -> tuple[MultiTaskStudent, dict]:
     hparams = dict(manifest["hparams"])
     if manifest["student"] == "small_transformer":
         hparams["config"] = BertConfig.from_dict(manifest["encoder_config"])
+    hparams.pop("cbow_init", None)  # how training started the CBOW vectors; the saved weights replace them
     model = build_student_model(manifest["student"], tasks=heads, vocab_size=manifest["vocab_size"], **hparams)
     result = model.load_state_dict(load_file(str(Path(folder) / WEIGHTS)), strict=False)
     if result.missing_keys or result.unexpected_keys:

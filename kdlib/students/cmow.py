@@ -25,9 +25,13 @@ from kdlib.students.inputs import StudentInputs
 from kdlib.students.prefix_product import matrix_product, prefix_products
 
 
-def diffcat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """DiffCat (CMOW paper sec. III-C): (B, D), (B, D) -> (B, 3D) = [a ; b ; |a - b|]."""
-    return torch.cat([a, b, (a - b).abs()], dim=-1)
+def diffcat(a: torch.Tensor, b: torch.Tensor, product: bool = False) -> torch.Tensor:
+    """DiffCat (CMOW paper sec. III-C): (B, D), (B, D) -> (B, 3D) = [a ; b ; |a - b|].
+
+    With `product`, also a * b -> (B, 4D): the elementwise product of Mou et al. (the paper DiffCat takes
+    its inspiration from), which lets a head read a dot product, i.e. a similarity, off one linear layer."""
+    parts = [a, b, (a - b).abs()] + ([a * b] if product else [])
+    return torch.cat(parts, dim=-1)
 
 
 class CMOWEncoder(nn.Module):
@@ -41,10 +45,12 @@ class CMOWEncoder(nn.Module):
         noise_std: std of the Gaussian noise added to the identity at initialisation (Mai et al. use 0.1;
             the figure is lost from our copy of the CMOW paper).
         dropout: dropout on the aggregated sequence representation.
+        cbow_embeddings: optional (vocab_size, cbow_dim) weights to start the CBOW vectors from (e.g. the
+            teacher encoder's word embeddings, as the paper starts from pretrained embeddings); None: N(0, 0.1).
     """
 
     def __init__(self, vocab_size: int, matrix_dim: int = 20, cbow_dim: int = 400, bidirectional: bool = True,
-                 noise_std: float = 0.1, dropout: float = 0.1):
+                 noise_std: float = 0.1, dropout: float = 0.1, cbow_embeddings: torch.Tensor | None = None):
         super().__init__()
         d = matrix_dim
         self.matrix_dim, self.cbow_dim, self.noise_std = d, cbow_dim, noise_std
@@ -54,6 +60,13 @@ class CMOWEncoder(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.output_dim = d * d * (2 if bidirectional else 1) + cbow_dim
         self.reset_parameters()
+        if cbow_embeddings is not None:
+            if tuple(cbow_embeddings.shape) != (vocab_size, cbow_dim):
+                raise ValueError(f"student.cbow_dim: the CBOW vectors start from embeddings of shape "
+                                 f"{tuple(cbow_embeddings.shape)}, so cbow_dim must be {cbow_embeddings.shape[1]} "
+                                 f"(it is {cbow_dim}) and the vocabulary {vocab_size}")
+            with torch.no_grad():
+                self.cbow.weight.copy_(cbow_embeddings)
 
     def reset_parameters(self) -> None:
         eye = torch.eye(self.matrix_dim).flatten()
@@ -101,17 +114,22 @@ class CMOWStudent(MultiTaskStudent):
 
     Args:
         tasks: {name: TaskHead}; `pair` decides DiffCat (3 x output_dim features) or s_a alone.
-        vocab_size, matrix_dim, cbow_dim, bidirectional, noise_std, dropout: see `CMOWEncoder`.
+        vocab_size, matrix_dim, cbow_dim, bidirectional, noise_std, dropout, cbow_embeddings: see `CMOWEncoder`.
+        pair_product: add s_a * s_b to DiffCat (4 x output_dim features; see `diffcat`).
         head_hidden: output size of each head's ReLU layer (MKD sec. 6.2: 512; the CMOW paper's MLP
             head size is not stated in our copy).
     """
 
     def __init__(self, tasks: dict[str, TaskHead], vocab_size: int, matrix_dim: int = 20, cbow_dim: int = 400,
-                 bidirectional: bool = True, noise_std: float = 0.1, head_hidden: int = 512, dropout: float = 0.1):
+                 bidirectional: bool = True, noise_std: float = 0.1, head_hidden: int = 512, dropout: float = 0.1,
+                 pair_product: bool = False, cbow_embeddings: torch.Tensor | None = None):
         super().__init__(tasks)
-        self.encoder = CMOWEncoder(vocab_size, matrix_dim, cbow_dim, bidirectional, noise_std, dropout)
-        d = self.encoder.output_dim
-        self._build_heads({t: 3 * d if spec.pair else d for t, spec in self.tasks.items()}, head_hidden, dropout)
+        self.encoder = CMOWEncoder(vocab_size, matrix_dim, cbow_dim, bidirectional, noise_std, dropout,
+                                   cbow_embeddings)
+        self.pair_product = pair_product
+        d, pair_width = self.encoder.output_dim, 4 if pair_product else 3
+        self._build_heads({t: pair_width * d if spec.pair else d for t, spec in self.tasks.items()},
+                          head_hidden, dropout)
 
     def encode(self, inputs: StudentInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
         a = self.encoder(inputs.a_ids, inputs.a_mask)  # (B, D)
@@ -120,4 +138,4 @@ class CMOWStudent(MultiTaskStudent):
 
     def task_features(self, encoded, task: str) -> torch.Tensor:
         a, b = encoded
-        return diffcat(a, b) if self.tasks[task].pair else a
+        return diffcat(a, b, self.pair_product) if self.tasks[task].pair else a

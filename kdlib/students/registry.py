@@ -25,7 +25,7 @@ def build_student_model(name: str, *, tasks: dict[str, TaskHead], vocab_size: in
         vocab_size: the tokenizer's vocabulary size (checked against the encoder's when one is given).
         encoder: the pretrained teacher encoder. small_transformer copies its embeddings and first layers
             (required, unless hparams holds a `config` to build a randomly initialised one); bilstm starts
-            from its word embeddings; cmow does not use it.
+            from its word embeddings; cmow starts its CBOW vectors from them with `cbow_init="encoder"`.
         hparams: the student class's architecture arguments (e.g. num_layers, hidden, matrix_dim).
     """
     if encoder is not None and encoder.config.vocab_size != vocab_size:
@@ -41,6 +41,10 @@ def build_student_model(name: str, *, tasks: dict[str, TaskHead], vocab_size: in
             hparams["embeddings"] = encoder.get_input_embeddings().weight.detach()
         return BiAttentiveLSTMStudent(tasks, vocab_size, **hparams)
     if name == "cmow":
+        if hparams.pop("cbow_init", "random") == "encoder":
+            if encoder is None:
+                raise ValueError("cmow with cbow_init='encoder' needs the pretrained `encoder`")
+            hparams["cbow_embeddings"] = encoder.get_input_embeddings().weight.detach()
         return CMOWStudent(tasks, vocab_size, **hparams)
     raise ValueError(f"unknown student {name!r}; known: {list(STUDENT_NAMES)}")
 
