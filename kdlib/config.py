@@ -139,7 +139,9 @@ class StudentConfig(_Strict):
     # cmow: "encoder" starts the CBOW vectors from the encoder's word embeddings (cbow_dim = its hidden
     # size), as the paper starts from pretrained embeddings; "random": N(0, 0.1)
     cbow_init: Literal["random", "encoder"] = "random"
-    pair_product: bool = False  # cmow: add s_a * s_b to DiffCat's [s_a ; s_b ; |s_a - s_b|] (Mou et al.)
+    # bilstm, cmow: how a sentence pair's two representations combine (kdlib.students.pairs): concat,
+    # diffcat or diff_product (diffcat plus a * b); null: the paper's (bilstm concat, cmow diffcat)
+    pair_features: Literal["concat", "diffcat", "diff_product"] | None = None
     head_hidden: int = Field(512, ge=1)  # every end-to-end kind: each task head's ReLU layer (MKD: 512)
     dropout: float = Field(0.1, ge=0, lt=1)
 
@@ -147,9 +149,10 @@ class StudentConfig(_Strict):
         """The architecture arguments of `kind` (kdlib.students.build_student_model)."""
         common = {"head_hidden": self.head_hidden, "dropout": self.dropout}
         return {"branched": {}, "small_transformer": {"num_layers": self.num_layers, **common},
-                "bilstm": {"hidden": self.hidden, "ffn_dim": self.ffn_dim, **common},
+                "bilstm": {"hidden": self.hidden, "ffn_dim": self.ffn_dim,
+                           "pair_features": self.pair_features or "concat", **common},
                 "cmow": {"matrix_dim": self.matrix_dim, "cbow_dim": self.cbow_dim, "cbow_init": self.cbow_init,
-                         "pair_product": self.pair_product, **common}}[self.kind]
+                         "pair_features": self.pair_features or "diffcat", **common}}[self.kind]
 
 
 class DistillConfig(_Strict):

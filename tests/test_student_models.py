@@ -20,7 +20,7 @@ from kdlib.students import (
     TaskHead,
     build_student_model,
     count_parameters,
-    diffcat,
+    combine_pair,
     make_student_inputs,
     matrix_product,
     prefix_products,
@@ -136,19 +136,32 @@ def test_cmow_defaults_match_the_paper():
     assert count_parameters(model, True) - count_parameters(model, False) == 36_626_400
 
 
-def test_diffcat_by_hand():
+def test_pair_features_by_hand():
     a = torch.tensor([[1.0, -2.0, 0.5]])
     b = torch.tensor([[3.0, 5.0, 0.5]])
-    assert_close(diffcat(a, b), torch.tensor([[1.0, -2.0, 0.5, 3.0, 5.0, 0.5, 2.0, 7.0, 0.0]]))
-    assert_close(diffcat(a, b, product=True),
+    assert_close(combine_pair(a, b, "concat"), torch.tensor([[1.0, -2.0, 0.5, 3.0, 5.0, 0.5]]))
+    assert_close(combine_pair(a, b, "diffcat"), torch.tensor([[1.0, -2.0, 0.5, 3.0, 5.0, 0.5, 2.0, 7.0, 0.0]]))
+    assert_close(combine_pair(a, b, "diff_product"),
                  torch.tensor([[1.0, -2.0, 0.5, 3.0, 5.0, 0.5, 2.0, 7.0, 0.0, 3.0, -10.0, 0.25]]))
+    with pytest.raises(ValueError, match="unknown pair features 'sum'"):
+        combine_pair(a, b, "sum")
 
 
-def test_cmow_pair_product_widens_pair_heads_only():
-    model = CMOWStudent(TASKS, vocab_size=VOCAB, matrix_dim=3, cbow_dim=2, head_hidden=5, pair_product=True)
-    d = model.encoder.output_dim
-    assert {t: h.fc.in_features for t, h in model.heads.items()} == {"sent": d, "acc": d, "para": 4 * d,
-                                                                      "sim": 4 * d}
+def test_diff_product_widens_pair_heads_only_and_feeds_them_by_hand():
+    torch.manual_seed(0)
+    cmow = CMOWStudent(TASKS, vocab_size=VOCAB, matrix_dim=3, cbow_dim=2, head_hidden=5, pair_features="diff_product")
+    lstm = BiAttentiveLSTMStudent(TASKS, vocab_size=VOCAB, embedding_dim=6, ffn_dim=5, hidden=2, head_hidden=5,
+                                  pair_features="diff_product")
+    for model, single, pooled in ((cmow, cmow.encoder.output_dim, cmow.encoder.output_dim), (lstm, 24, 12)):
+        assert {t: h.fc.in_features for t, h in model.heads.items()} == {
+            "sent": single, "acc": single, "para": 4 * pooled, "sim": 4 * pooled}
+    lstm.eval()
+    a, am = _ids([3, 5], 5, seed=1)
+    b, bm = _ids([4, 2], 4, seed=2)
+    inputs = StudentInputs(a, am, torch.zeros_like(a), a, am, b, bm)
+    px, py = lstm.encode(inputs).chunk(2, dim=-1)
+    expected = torch.cat([px, py, (px - py).abs(), px * py], dim=-1)
+    assert_close(lstm(inputs, "sim"), lstm.heads["sim"](expected))
 
 
 def test_cmow_cbow_starts_from_encoder_word_embeddings(tiny_bert):

@@ -7,8 +7,9 @@ soft-target store are trained and labeled once and reused by every student):
 
 - every student (branched transformer, small transformer, bi-attentive LSTM, CMOW/CBOW-Hybrid), distilled
   multi-task on Ray Train: per-task dev scores against the teacher ensemble, parameters with and without
-  embeddings, CPU inference throughput at batch 128 x sequence length 128 against one teacher (a full
-  6-layer MiniLM pass plus a head; the K-member ensemble costs more);
+  embeddings, CPU inference throughput at batch 128 x sequence length 128 against the SST-2 teacher
+  ensemble (K members sharing their frozen bottom layers, as labeling runs them) and against one member
+  (a full 6-layer MiniLM pass plus a head);
 - the ablation of MKD Table 2 on the BiLSTM: multi-task distillation, single-task distillation (one
   student per task, distill.per_task_students) and no distillation (objective hard: gold labels only);
 - Ray Train's training throughput with 2 workers against a plain single-process loop (same student,
@@ -95,7 +96,8 @@ def students_benchmark(scale: str, data_dir: str, out: Path, storage_root: str) 
         rows[kind] = {"scores": scores, "average": float(np.mean(list(scores.values()))),
                       "parameters": count_parameters(model),
                       "parameters_without_embeddings": count_parameters(model, include_embeddings=False),
-                      "examples_per_s": speed, "speedup_vs_teacher": speed / teacher_speed,
+                      "examples_per_s": speed, "speedup_vs_teacher": speed / teacher_speed["member"],
+                      "speedup_vs_ensemble": speed / teacher_speed["ensemble"],
                       "distill_seconds": next(r["seconds"] for r in results["stages"] if r["name"] == "distill")}
     ensemble = {t: runs["branched"]["scores"][t]["primary"]["ensemble"] for t in TASKS}
     ensemble_avg = float(np.mean(list(ensemble.values())))
@@ -109,13 +111,14 @@ def students_benchmark(scale: str, data_dir: str, out: Path, storage_root: str) 
     train_speed = ray_train_vs_single_process(timing, storage_root)
 
     targets = {
-        "students_90pct_at_3x": {k: rows[k]["share_of_ensemble_pct"] >= 90 and rows[k]["speedup_vs_teacher"] >= 3
+        "students_90pct_at_3x": {k: rows[k]["share_of_ensemble_pct"] >= 90 and rows[k]["speedup_vs_ensemble"] >= 3
                                  for k in ("bilstm", "cmow")},
         "multitask_beats_single_task": ablation_avg["multi-task KD"] > ablation_avg["single-task KD"],
         "ray_train_overhead_at_most_15pct": train_speed["ray_train_share"] >= 0.85,
     }
     result = {"benchmark": "students", "scale": scale, "ensemble": ensemble, "ensemble_average": ensemble_avg,
-              "teacher_examples_per_s": teacher_speed, "inference": INFERENCE, "students": rows,
+              "teacher_examples_per_s": teacher_speed["member"], "teacher_ensemble": teacher_speed,
+              "inference": INFERENCE, "students": rows,
               "ablation_bilstm": {label: {"scores": {t: res["scores"][t]["primary"]["student"] for t in TASKS},
                                           "average": ablation_avg[label]} for label, res in ablation.items()},
               "training_throughput": train_speed, "targets": targets,
@@ -151,16 +154,25 @@ def throughput(model, kind: str) -> float:
     return _timed(lambda: model(x, "sst2"))
 
 
-def teacher_throughput(branched_run: dict, cfg) -> float:
-    """One SST-2 teacher member: the frozen pretrained bottom and its fine-tuned top layers, 6 in all."""
+def teacher_throughput(branched_run: dict, cfg) -> dict:
+    """The SST-2 teachers' examples/s: one member (the frozen pretrained bottom and its fine-tuned top
+    layers, 6 in all) and the whole K-member ensemble as kdlib runs it (the bottom once, each member's top)."""
     from kdlib.encoder import load_encoder, resolve_encoder_path
 
     folder = next(Path(s["path"]) / "ensemble" for s in branched_run["stages"] if s["name"] == "teachers"
                   and "sst2" in read_manifest(Path(s["path"]) / "ensemble", verify=False)["tasks"])
     encoder = load_encoder(resolve_encoder_path(cfg.encoder.name, cfg.encoder.path))
-    ensemble, _ = load_model(folder, encoder=encoder)
+    ensemble, manifest = load_model(folder, encoder=encoder)
+    members = [b["name"] for b in manifest["branches"]]
+    assert members[0] == member_name("sst2", 0), members
     x = _random_batch(INFERENCE["batch"], INFERENCE["seq"])
-    return _timed(lambda: ensemble(x.input_ids, x.attention_mask, x.token_type_ids, names=[member_name("sst2", 0)]))
+
+    def speed(names: list[str]) -> float:
+        return _timed(lambda: ensemble(x.input_ids, x.attention_mask, x.token_type_ids, names=names))
+
+    layers = manifest["trunk_depth"] + sum(b["layers"] for b in manifest["branches"])
+    return {"member": speed(members[:1]), "ensemble": speed(members), "members": len(members),
+            "ensemble_layers": layers}
 
 
 def ray_train_vs_single_process(run: dict, storage_root: str) -> dict:
@@ -204,21 +216,25 @@ def ray_train_vs_single_process(run: dict, storage_root: str) -> dict:
 
 
 def _table(result: dict) -> str:
+    te = result["teacher_ensemble"]
     rows = [["teacher ensemble", *(result["ensemble"][t] for t in TASKS), result["ensemble_average"], 100.0, "-", "-",
-             result["teacher_examples_per_s"], 1.0]]
+             te["ensemble"], te["ensemble"] / te["member"], 1.0],
+            ["one teacher member", "-", "-", "-", "-", "-", "-", "-", te["member"], 1.0, te["member"] / te["ensemble"]]]
     for kind, r in result["students"].items():
         rows.append([kind, *(r["scores"][t] for t in TASKS), r["average"], r["share_of_ensemble_pct"],
                      f"{r['parameters'] / 1e6:.1f}M", f"{r['parameters_without_embeddings'] / 1e6:.2f}M",
-                     r["examples_per_s"], r["speedup_vs_teacher"]])
+                     r["examples_per_s"], r["speedup_vs_teacher"], r["speedup_vs_ensemble"]])
     table = markdown_table(["model", "SST-2 acc", "MRPC F1", "STS-B Pearson", "average", "% of ensemble",
                             "params", "params w/o embeddings", f"examples/s (batch {INFERENCE['batch']}, "
-                            f"seq {INFERENCE['seq']})", "x teacher"], rows)
+                            f"seq {INFERENCE['seq']})", "x one member", "x ensemble"], rows)
     abl = markdown_table(["BiLSTM (MKD Table 2)", *TASKS, "average"],
                          [[label, *(a["scores"][t] for t in TASKS), a["average"]]
                           for label, a in result["ablation_bilstm"].items()])
     ts = result["training_throughput"]
     t = result["targets"]
-    return (f"{table}\n\nThe teacher row's throughput is one ensemble member (6 layers); the ensemble runs more.\n\n"
+    return (f"{table}\n\nThroughput is the SST-2 head's. The SST-2 teacher ensemble is {te['members']} members on a "
+            f"shared frozen bottom, {te['ensemble_layers']} layer passes per input, against 6 for one member; the "
+            f"throughput target is judged against the ensemble, as the issue states it.\n\n"
             f"{abl}\n\nTraining throughput (BiLSTM, last epoch): Ray Train {ts['ray_train_rows_per_s']:.1f} rows/s "
             f"({ts['ray_train']}) vs single process {ts['single_process_rows_per_s']:.1f} rows/s "
             f"({ts['single_process']}): {ts['ray_train_share']:.2f}x.\n\nTargets: >= 90% of the ensemble at >= 3x "
@@ -235,7 +251,7 @@ def _plot(result: dict, path: Path) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     kinds = list(result["students"])
-    xs = [result["students"][k]["speedup_vs_teacher"] for k in kinds]
+    xs = [result["students"][k]["speedup_vs_ensemble"] for k in kinds]
     ys = [result["students"][k]["share_of_ensemble_pct"] for k in kinds]
     a.scatter(xs, ys)
     for k, x, y in zip(kinds, xs, ys):
@@ -243,7 +259,7 @@ def _plot(result: dict, path: Path) -> None:
     a.axhline(90, ls="--", c="grey", lw=0.8)
     a.axvline(3, ls="--", c="grey", lw=0.8)
     a.set_xscale("log")
-    a.set_xlabel("inference throughput / teacher's (batch 128, seq 128)")
+    a.set_xlabel("inference throughput / the teacher ensemble's (batch 128, seq 128)")
     a.set_ylabel("average dev score, % of the teacher ensemble")
     a.set_title("students: quality against speed")
     labels = list(result["ablation_bilstm"])

@@ -7,9 +7,10 @@ Every student shares one encoder across tasks and has one head per task:
 from kdlib.students.base import MultiTaskStudent
 from kdlib.students.bilstm import BiAttentiveLSTMEncoder, BiAttentiveLSTMStudent
 from kdlib.students.binning import ScoreBins
-from kdlib.students.cmow import CMOWEncoder, CMOWStudent, diffcat
+from kdlib.students.cmow import CMOWEncoder, CMOWStudent
 from kdlib.students.heads import MLPHead, TaskHead
 from kdlib.students.inputs import StudentInputs, make_student_inputs
+from kdlib.students.pairs import PAIR_FEATURES, combine_pair
 from kdlib.students.prefix_product import (
     matrix_product,
     prefix_products,
@@ -20,6 +21,7 @@ from kdlib.students.registry import STUDENT_NAMES, build_student_model, count_pa
 from kdlib.students.small_transformer import SmallTransformerStudent
 
 __all__ = [
+    "PAIR_FEATURES",
     "STUDENT_NAMES",
     "BiAttentiveLSTMEncoder",
     "BiAttentiveLSTMStudent",
@@ -32,8 +34,8 @@ __all__ = [
     "StudentInputs",
     "TaskHead",
     "build_student_model",
+    "combine_pair",
     "count_parameters",
-    "diffcat",
     "make_student_inputs",
     "matrix_product",
     "prefix_products",

@@ -5,7 +5,8 @@ Y (B, Ty, 2H). Bi-attention: A = X Y^T; each token's context is the attention-we
 sequence's states, C = softmax(A) Y for x and softmax(A^T) X for y, normalised over the other sequence's
 real tokens (MKD eq. 3). The three combinations [X; X - C; X * C] go through a second BiLSTM, then max,
 mean and self-attentive pooling, concatenated. The pair representation is [pool(x); pool(y)]. For
-single-sentence tasks y is x itself (MKD: "w^y is the same as w^x"), so every task reads a (B, 12H) vector.
+single-sentence tasks y is x itself (MKD: "w^y is the same as w^x"), so every task reads a (B, 12H) vector;
+with `pair_features="diff_product"` pair tasks also read |pool(x) - pool(y)| and pool(x) * pool(y).
 
 Padding is ignored exactly: the LSTMs run on packed sequences, attention and pooling are masked, so
 right-padding a batch further does not change its outputs.
@@ -20,6 +21,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from kdlib.students.base import MultiTaskStudent
 from kdlib.students.heads import TaskHead
 from kdlib.students.inputs import StudentInputs
+from kdlib.students.pairs import PAIR_FEATURES, combine_pair
 
 
 class BiAttentiveLSTMEncoder(nn.Module):
@@ -105,17 +107,24 @@ class BiAttentiveLSTMStudent(MultiTaskStudent):
         tasks: {name: TaskHead}.
         vocab_size, embedding_dim, ffn_dim, hidden, dropout, embeddings: see `BiAttentiveLSTMEncoder`.
         head_hidden: output size of each head's ReLU layer (MKD sec. 6.2: 512).
+        pair_features: how a pair task combines pool(x) and pool(y) (kdlib.students.pairs; MKD: "concat").
     """
 
     def __init__(self, tasks: dict[str, TaskHead], vocab_size: int, embedding_dim: int = 300,
                  ffn_dim: int = 300, hidden: int = 256, head_hidden: int = 512, dropout: float = 0.1,
-                 embeddings: torch.Tensor | None = None):
+                 embeddings: torch.Tensor | None = None, pair_features: str = "concat"):
         super().__init__(tasks)
         self.encoder = BiAttentiveLSTMEncoder(vocab_size, embedding_dim, ffn_dim, hidden, dropout, embeddings)
-        self._build_heads({t: self.encoder.output_dim for t in self.tasks}, head_hidden, dropout)
+        self.pair_features = pair_features
+        pooled = self.encoder.output_dim // 2  # one sequence's (B, 6H)
+        self._build_heads({t: PAIR_FEATURES[pair_features] * pooled if spec.pair else self.encoder.output_dim
+                           for t, spec in self.tasks.items()}, head_hidden, dropout)
 
     def encode(self, inputs: StudentInputs) -> torch.Tensor:
         return self.encoder(inputs.a_ids, inputs.a_mask, inputs.b_ids, inputs.b_mask)  # (B, 12H)
 
     def task_features(self, encoded: torch.Tensor, task: str) -> torch.Tensor:
-        return encoded
+        if not self.tasks[task].pair:
+            return encoded
+        px, py = encoded.chunk(2, dim=-1)  # [pool(x) ; pool(y)]
+        return combine_pair(px, py, self.pair_features)

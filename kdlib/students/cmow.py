@@ -22,16 +22,8 @@ from torch import nn
 from kdlib.students.base import MultiTaskStudent
 from kdlib.students.heads import TaskHead
 from kdlib.students.inputs import StudentInputs
+from kdlib.students.pairs import PAIR_FEATURES, combine_pair
 from kdlib.students.prefix_product import matrix_product, prefix_products
-
-
-def diffcat(a: torch.Tensor, b: torch.Tensor, product: bool = False) -> torch.Tensor:
-    """DiffCat (CMOW paper sec. III-C): (B, D), (B, D) -> (B, 3D) = [a ; b ; |a - b|].
-
-    With `product`, also a * b -> (B, 4D): the elementwise product of Mou et al. (the paper DiffCat takes
-    its inspiration from), which lets a head read a dot product, i.e. a similarity, off one linear layer."""
-    parts = [a, b, (a - b).abs()] + ([a * b] if product else [])
-    return torch.cat(parts, dim=-1)
 
 
 class CMOWEncoder(nn.Module):
@@ -113,21 +105,21 @@ class CMOWStudent(MultiTaskStudent):
     """Shared `CMOWEncoder`; per task an `MLPHead` on s_a (single sentence) or DiffCat(s_a, s_b) (pairs).
 
     Args:
-        tasks: {name: TaskHead}; `pair` decides DiffCat (3 x output_dim features) or s_a alone.
+        tasks: {name: TaskHead}; `pair` decides the pair features (DiffCat: 3 x output_dim) or s_a alone.
         vocab_size, matrix_dim, cbow_dim, bidirectional, noise_std, dropout, cbow_embeddings: see `CMOWEncoder`.
-        pair_product: add s_a * s_b to DiffCat (4 x output_dim features; see `diffcat`).
+        pair_features: how a pair's s_a and s_b combine (kdlib.students.pairs; the paper's: "diffcat").
         head_hidden: output size of each head's ReLU layer (MKD sec. 6.2: 512; the CMOW paper's MLP
             head size is not stated in our copy).
     """
 
     def __init__(self, tasks: dict[str, TaskHead], vocab_size: int, matrix_dim: int = 20, cbow_dim: int = 400,
                  bidirectional: bool = True, noise_std: float = 0.1, head_hidden: int = 512, dropout: float = 0.1,
-                 pair_product: bool = False, cbow_embeddings: torch.Tensor | None = None):
+                 pair_features: str = "diffcat", cbow_embeddings: torch.Tensor | None = None):
         super().__init__(tasks)
         self.encoder = CMOWEncoder(vocab_size, matrix_dim, cbow_dim, bidirectional, noise_std, dropout,
                                    cbow_embeddings)
-        self.pair_product = pair_product
-        d, pair_width = self.encoder.output_dim, 4 if pair_product else 3
+        self.pair_features = pair_features
+        d, pair_width = self.encoder.output_dim, PAIR_FEATURES[pair_features]
         self._build_heads({t: pair_width * d if spec.pair else d for t, spec in self.tasks.items()},
                           head_hidden, dropout)
 
@@ -138,4 +130,4 @@ class CMOWStudent(MultiTaskStudent):
 
     def task_features(self, encoded, task: str) -> torch.Tensor:
         a, b = encoded
-        return diffcat(a, b, self.pair_product) if self.tasks[task].pair else a
+        return combine_pair(a, b, self.pair_features) if self.tasks[task].pair else a
