@@ -58,6 +58,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from kdlib.artifact import load_model  # noqa: E402
 from kdlib.benchmarks.cluster import cluster_benchmark  # noqa: E402
 from kdlib.benchmarks.serve import serve_benchmark  # noqa: E402
+from kdlib.benchmarks.students import SCALES as STUDENT_SCALES  # noqa: E402
 from kdlib.benchmarks.students import students_benchmark  # noqa: E402
 from kdlib.branched import member_name  # noqa: E402
 from kdlib.cluster import init_ray  # noqa: E402
@@ -506,11 +507,14 @@ BENCHMARKS = {"distill": distill_benchmark, "demo": demo_benchmark, "labeling": 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", choices=sorted(BENCHMARKS))
-    p.add_argument("--scale", choices=sorted(SCALES), default="quick")
+    p.add_argument("--scale", choices=sorted({*SCALES, *STUDENT_SCALES}), default="quick",
+                   help="quick or full; the students benchmark also has transfer")
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "glue-mini"))
     p.add_argument("--out", default=str(ROOT / "bench-results"))
     p.add_argument("--storage-root", default=str(ROOT / "runs"))
     args = p.parse_args()
+    if args.scale not in (STUDENT_SCALES if args.name == "students" else SCALES):
+        p.error(f"--scale {args.scale} is for the students benchmark only")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     init_ray(None, None)

@@ -15,12 +15,17 @@ def _tsv(path: Path, header: list[str], rows: list[list[str]]) -> None:
     path.write_text("\n".join("\t".join(r) for r in [header, *rows]) + "\n")
 
 
-def test_rows_past_the_cap_become_unlabeled_files(tmp_path, capsys):
+def _glue(tmp_path: Path) -> Path:
     data = tmp_path / "glue"
     _tsv(data / "sst2" / "train.tsv", ["sentence", "label"], [[f"film {i} is fine", str(i % 2)] for i in range(7)])
     _tsv(data / "mrpc" / "train.tsv", ["label", "id1", "id2", "sentence1", "sentence2"],
          [[str(i % 2), "a", "b", f"left {i}", f"right {i}"] for i in range(5)])
     _tsv(data / "stsb" / "train.tsv", ["sentence1", "sentence2", "score"], [[f"s {i}", f"t {i}", "2.5"] for i in range(3)])
+    return data
+
+
+def test_rows_past_the_cap_become_unlabeled_files(tmp_path, capsys):
+    data = _glue(tmp_path)
     out = tmp_path / "transfer"
     job = runpy.run_path(str(ROOT / "jobs" / "transfer_set.py"), run_name="transfer_job")
     code = job["main"]([str(ROOT / "configs" / "glue_mini.yaml"), f"data_dir={data}", "tasks.sst2.max_train_examples=4",
@@ -33,3 +38,15 @@ def test_rows_past_the_cap_become_unlabeled_files(tmp_path, capsys):
     assert not (out / "stsb.txt").exists()  # nothing past the cap: no file, no override
     printed = capsys.readouterr().out.strip().splitlines()[-1].split()
     assert printed == [f"tasks.sst2.unlabeled={out / 'sst2.txt'}", f"tasks.mrpc.unlabeled={out / 'mrpc.txt'}"]
+
+
+def test_students_benchmark_transfer_scale_adds_the_files_and_the_masked_copies(tmp_path):
+    from kdlib.benchmarks.students import SCALES, transfer_overrides
+
+    data = _glue(tmp_path)
+    base = [f"data_dir={data}", "tasks.sst2.max_train_examples=4", "tasks.mrpc.max_train_examples=2",
+            "tasks.stsb.max_train_examples=3"]
+    out = tmp_path / "transfer"
+    overrides = transfer_overrides(str(ROOT / "configs" / "glue_mini.yaml"), base, out, SCALES["transfer"]["copies"])
+    assert overrides == [f"tasks.sst2.unlabeled={out / 'sst2.txt'}", f"tasks.mrpc.unlabeled={out / 'mrpc.txt'}",
+                         "tasks.sst2.augment.copies=10", "tasks.mrpc.augment.copies=10", "tasks.stsb.augment.copies=40"]
