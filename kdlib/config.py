@@ -148,11 +148,11 @@ class StudentConfig(_Strict):
     def hparams(self) -> dict:
         """The architecture arguments of `kind` (kdlib.students.build_student_model)."""
         common = {"head_hidden": self.head_hidden, "dropout": self.dropout}
+        pairs = {} if self.pair_features is None else {"pair_features": self.pair_features}  # else the paper's
         return {"branched": {}, "small_transformer": {"num_layers": self.num_layers, **common},
-                "bilstm": {"hidden": self.hidden, "ffn_dim": self.ffn_dim,
-                           "pair_features": self.pair_features or "concat", **common},
+                "bilstm": {"hidden": self.hidden, "ffn_dim": self.ffn_dim, **pairs, **common},
                 "cmow": {"matrix_dim": self.matrix_dim, "cbow_dim": self.cbow_dim, "cbow_init": self.cbow_init,
-                         "pair_features": self.pair_features or "diffcat", **common}}[self.kind]
+                         **pairs, **common}}[self.kind]
 
 
 class DistillConfig(_Strict):

@@ -73,11 +73,11 @@ def test_student_kinds_and_their_architecture_arguments(tmp_path):
     path = _write(tmp_path, "tasks:\n  t: {kind: regression, format: demo, train: similarity, dev: similarity}\n")
     assert load_run_config(path).student.kind == "branched"
     cfg = load_run_config(path, ["student.kind=cmow", "student.matrix_dim=8"])
-    assert cfg.student.hparams() == {"matrix_dim": 8, "cbow_dim": 400, "cbow_init": "random", "pair_features": "diffcat",
+    assert cfg.student.hparams() == {"matrix_dim": 8, "cbow_dim": 400, "cbow_init": "random",
                                      "head_hidden": 512, "dropout": 0.1}
     with pytest.raises(ConfigError, match="student.cbow_init"):
         load_run_config(path, ["student.kind=cmow", "student.cbow_init=glove"])
-    assert load_run_config(path, ["student.kind=bilstm"]).student.hparams()["pair_features"] == "concat"
+    assert "pair_features" not in load_run_config(path, ["student.kind=bilstm"]).student.hparams()  # the paper's
     cfg = load_run_config(path, ["student.kind=bilstm", "student.pair_features=diff_product"])
     assert cfg.student.hparams()["pair_features"] == "diff_product"
     with pytest.raises(ConfigError, match="student.kind"):
