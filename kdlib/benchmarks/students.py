@@ -325,7 +325,7 @@ def _plot(result: dict, path: Path) -> None:
     if labels:
         b.set_xticks(range(len(TASKS)), TASKS)
         b.set_title("BiLSTM: multi-task vs single-task vs no KD")
-        b.legend(fontsize=7, loc="lower right")
+        b.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
