@@ -145,6 +145,15 @@ class StudentConfig(_Strict):
     head_hidden: int = Field(512, ge=1)  # every end-to-end kind: each task head's ReLU layer (MKD: 512)
     dropout: float = Field(0.1, ge=0, lt=1)
 
+    @model_validator(mode="after")
+    def _options_fit_kind(self) -> "StudentConfig":
+        if self.pair_features is not None and self.kind not in ("bilstm", "cmow"):
+            raise ValueError(f"pair_features applies to bilstm and cmow (which encode a pair's sentences apart); "
+                             f"student.kind is {self.kind}")
+        if self.cbow_init != "random" and self.kind != "cmow":
+            raise ValueError(f"cbow_init applies to cmow; student.kind is {self.kind}")
+        return self
+
     def hparams(self) -> dict:
         """The architecture arguments of `kind` (kdlib.students.build_student_model)."""
         common = {"head_hidden": self.head_hidden, "dropout": self.dropout}

@@ -80,6 +80,10 @@ def test_student_kinds_and_their_architecture_arguments(tmp_path):
     assert "pair_features" not in load_run_config(path, ["student.kind=bilstm"]).student.hparams()  # the paper's
     cfg = load_run_config(path, ["student.kind=bilstm", "student.pair_features=diff_product"])
     assert cfg.student.hparams()["pair_features"] == "diff_product"
+    with pytest.raises(ConfigError, match="pair_features applies to bilstm and cmow.*small_transformer"):
+        load_run_config(path, ["student.kind=small_transformer", "student.pair_features=diffcat"])
+    with pytest.raises(ConfigError, match="cbow_init applies to cmow; student.kind is bilstm"):
+        load_run_config(path, ["student.kind=bilstm", "student.cbow_init=encoder"])
     with pytest.raises(ConfigError, match="student.kind"):
         load_run_config(path, ["student.kind=gru"])
     assert load_run_config(path, ["student.kind=cmow", "tasks.t.bins=[0, 5, 0.2]"]).tasks["t"].bins == (0, 5, 0.2)
