@@ -32,7 +32,7 @@ from kdlib.merge import build_student
 from kdlib.optim import sparse_embeddings
 from kdlib.students.features import TokenFeatures
 from kdlib.students.heads import TaskHead
-from kdlib.students.registry import build_student_model
+from kdlib.students.registry import build_student_model, needs_encoder
 from kdlib.train_state import load_weights
 
 BRANCHED = "branched"
@@ -145,7 +145,7 @@ def build_end_to_end_student(config: dict, tokenizer):
     encoder's word embeddings with cbow_init "encoder")."""
     student = config["student"]
     encoder = None
-    if student["kind"] in ("small_transformer", "bilstm") or student["hparams"].get("cbow_init") == "encoder":
+    if needs_encoder(student["kind"], student["hparams"]):
         encoder = load_encoder(config["encoder_source"], config["random_init"], config["config_overrides"],
                                seed=config["seed"])
     torch.manual_seed(config["seed"])

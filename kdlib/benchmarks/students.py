@@ -139,7 +139,7 @@ def students_benchmark(scale: str, data_dir: str, out: Path, storage_root: str) 
         targets["multitask_beats_single_task"] = ablation_avg["multi-task KD"] > ablation_avg["single-task KD"]
         targets["ray_train_overhead_at_most_15pct"] = train_speed["ray_train_share"] >= 0.85
     result = {"benchmark": "students", "scale": scale, "ensemble": ensemble, "ensemble_average": ensemble_avg,
-              "teacher_examples_per_s": teacher_speed["member"], "teacher_ensemble": teacher_speed,
+              "teacher_ensemble": teacher_speed,
               "inference": INFERENCE, "students": rows,
               "ablation_bilstm": {label: {"scores": {t: res["scores"][t]["primary"]["student"] for t in TASKS},
                                           "average": ablation_avg[label]} for label, res in ablation.items()},

@@ -14,6 +14,11 @@ from kdlib.students.small_transformer import SmallTransformerStudent
 STUDENT_NAMES = ("small_transformer", "bilstm", "cmow")
 
 
+def needs_encoder(name: str, hparams: dict) -> bool:
+    """Whether building student `name` with `hparams` takes the pretrained encoder (see build_student_model)."""
+    return name in ("small_transformer", "bilstm") or (name == "cmow" and hparams.get("cbow_init") == "encoder")
+
+
 def build_student_model(name: str, *, tasks: dict[str, TaskHead], vocab_size: int,
                         encoder: BertModel | None = None, **hparams) -> MultiTaskStudent:
     """A multi-task student by name.
