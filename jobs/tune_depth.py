@@ -37,7 +37,7 @@ from kdlib.tune.config import TuneRunConfig, check_feasible, load_tune_config
 from kdlib.tune.costs import layer_passes
 from kdlib.tune.merged import max_output_difference, merge_choice, save_merged
 from kdlib.tune.report import plot_curve, plot_tasks, summary_markdown
-from kdlib.tune.search import candidates, finish_used_trials, run_task_search
+from kdlib.tune.search import candidates, finish_used_trials, prepare_teachers, run_task_search, scored_epochs
 from kdlib.tune.selection import budget_select, curve, threshold_select
 from kdlib.tune.trial import full_fine_tuning_score
 
@@ -66,7 +66,9 @@ def task_settings(cfg: TuneRunConfig, data: TaskData, enc: dict, root: str, run_
             "teachers": cfg.teachers.model_dump(exclude={"cpus_per_task"}), "student": cfg.student.model_dump(),
             "aggregation": t.resolved_aggregation, "wrong_teacher_weight": t.wrong_teacher_weight, "seed": cfg.seed,
             "storage_root": root, "run_dir": run_dir, "caches": cfg.search.caches,
-            "inject_failures": list(cfg.search.inject_failures), "torch_threads": cfg.search.torch_threads}
+            "inject_failures": list(cfg.search.inject_failures), "torch_threads": cfg.search.torch_threads,
+            "scored_epochs": scored_epochs(cfg.student.epochs, cfg.scheduler.grace_period,
+                                           cfg.scheduler.reduction_factor)}
 
 
 def sweep_key(cfg: TuneRunConfig, settings: dict) -> str:
@@ -112,6 +114,9 @@ def run(cfg: TuneRunConfig, config_path: str = "") -> dict:
 
     s = cfg.search
     sweep_started = time.perf_counter()
+    if s.caches:  # every (task, L) teacher before the trials, so that no trial waits for another's
+        prepare_teachers(settings, range(s.min_fine_tune_layers, s.max_fine_tune_layers + 1),
+                         cpus_per_trial=s.cpus_per_trial)
     tables = []
     for name in tasks:
         tables.append(run_task_search(
@@ -167,7 +172,8 @@ def run(cfg: TuneRunConfig, config_path: str = "") -> dict:
         plot_curve(points, summary, ref_avg, local_out / "curve.png")
     rows = {n: (len(d.train), len(d.dev)) for n, d in tasks.items()}
     cost = {c: layer_passes(table, encoder_layers=n_layers, rows=rows, members=cfg.teachers.members,
-                            teacher_epochs=cfg.teachers.epochs, cached=c) for c in (True, False)}
+                            teacher_epochs=cfg.teachers.epochs, cached=c,
+                            scored_epochs=next(iter(settings.values()))["scored_epochs"]) for c in (True, False)}
     results = {"run_name": cfg.run_name, "encoder_layers": n_layers, "chosen": summary,
                "choice": {t: c.to_dict() for t, c in chosen.choice.items()}, "reasons": chosen.reasons,
                "other_rule": None if other is None else {

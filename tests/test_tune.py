@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -98,7 +99,9 @@ def test_every_branch_a_selection_uses_is_fully_trained(sweep):
 
 
 def test_trunk_states_and_teachers_are_computed_once(sweep):
-    root, _, _, results, _ = sweep
+    root, _, _, results, out = sweep
+    table = pd.read_csv(out / "table.csv")
+    assert not table["computed_teacher"].fillna(False).astype(bool).any()  # all prepared before the trials
     states = computed_entries(root, "trunk_states")
     # one computation per (task, depth): depths 2 (L=2) and 1 (L=3) for both tasks
     assert len(states) == 4 and len({s["entry"] for s in states}) == 4
@@ -221,3 +224,30 @@ def test_impossible_settings_fail_before_anything_runs(job, tmp_path, capsys, ov
     assert job["main"]([tiny_config(tmp_path), *tiny_overrides(root), override]) == 2
     assert message in capsys.readouterr().err
     assert not (root / "cache").exists()  # nothing trained, nothing cached
+
+
+def test_a_trial_scores_dev_only_at_ashas_rungs_and_its_last_epoch(job, tmp_path):
+    """5 epochs, grace 1, reduction factor 2: ASHA decides at epochs 1, 2 and 4, so dev is scored (and the
+    student saved) after epochs 1, 2, 4 and 5, not 3; the costs count the same four dev passes."""
+    from kdlib.tune.costs import layer_passes
+    from kdlib.tune.trial import distill_student, prepare
+
+    overrides = tiny_overrides(tmp_path, ("sentiment",)) + ["student.epochs=5", "scheduler.reduction_factor=2"]
+    cfg = job["load_tune_config"](tiny_config(tmp_path, ("sentiment",)), overrides)
+    source = resolve_encoder_path(cfg.encoder.name, cfg.encoder.path)
+    enc = {"name": cfg.encoder.name, "source": source, "fingerprint": "test"}
+    data = job["load_tasks"](cfg)["sentiment"]
+    s = job["task_settings"](cfg, data, enc, str(tmp_path), str(tmp_path / "run"))
+    assert s["scored_epochs"] == [1, 2, 4, 5]
+    reports = []
+    scores = distill_student(s, prepare(s, 2, tmp_path / "scratch"), 2, 1, tmp_path / "student",
+                             lambda epoch, score, seen, last: reports.append((epoch + 1, last, seen)))
+    assert [(e, last) for e, last, _ in reports] == [(1, False), (2, False), (4, False), (5, True)]
+    assert [e for e, _ in scores] == [1, 2, 4, 5] and reports[-1][2] == [list(x) for x in scores]
+    n_tr, n_dev = len(data.train), len(data.dev)
+    table = pd.DataFrame([{"task": "sentiment", "L": 2, "l": 1, "status": "ok", "epochs": 5}])
+    cached = layer_passes(table, encoder_layers=4, rows={"sentiment": (n_tr, n_dev)}, members=2, teacher_epochs=1,
+                          scored_epochs=s["scored_epochs"], cached=True)
+    # trunk states at depth 2, the teachers' trunk pass, 2 members x 1 epoch x 2 layers x 3, their logits,
+    # then the student: 5 epochs x 1 layer x 3 passes on train, 4 dev passes
+    assert cached == 2 * (n_tr + n_dev) + 2 * n_tr + 2 * 2 * 3 * n_tr + 2 * 2 * (n_tr + n_dev) + 5 * 3 * n_tr + 4 * n_dev

@@ -10,6 +10,7 @@ import pytest
 
 from kdlib.errors import ConfigError
 from kdlib.tune.config import check_feasible, load_tune_config
+from kdlib.tune.search import scored_epochs
 from kdlib.tune.selection import Candidate, brute_force_select, budget_select, curve, threshold_select, total_layers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,3 +148,13 @@ def test_impossible_settings_fail_fast():
     with pytest.raises(ConfigError, match="cannot hold the smallest merged model"):
         check_feasible(load_tune_config(path, ["selection.sweep_budgets=[5]"]), 6)  # trunk 3 + 3 branches = 6
     check_feasible(load_tune_config(path, ["selection.budget=6"]), 6)
+
+
+@pytest.mark.parametrize("epochs, grace, factor", [(10, 2, 2.0), (10, 2, 3.0), (4, 1, 3.0), (2, 1, 2.0), (8, 1, 2.0)])
+def test_scored_epochs_are_ashas_rungs_and_the_last(epochs, grace, factor):
+    from ray.tune.schedulers import ASHAScheduler
+
+    asha = ASHAScheduler(time_attr="epoch", metric="score", mode="max", max_t=epochs, grace_period=grace,
+                         reduction_factor=factor)
+    rungs = {int(milestone) for milestone, _ in asha._brackets[0]._rungs}  # where ASHA decides
+    assert scored_epochs(epochs, grace, factor) == sorted(rungs | {epochs})

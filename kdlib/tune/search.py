@@ -17,7 +17,7 @@ import pyarrow.fs as pafs
 
 from kdlib import storage
 from kdlib.tune.selection import Candidate
-from kdlib.tune.trial import finish_trial, run_trial
+from kdlib.tune.trial import finish_trial, prepare_cached, run_trial
 
 TABLE_COLUMNS = ["task", "L", "l", "status", "score", "epochs", "stopped_early", "finished_after_stop", "cached",
                  "teacher_score",
@@ -39,6 +39,17 @@ class DepthSpace:
     def __call__(self, trial) -> None:
         L = trial.suggest_int("L", self.min_L, self.max_L)
         trial.suggest_int("l", 1, min(self.max_l, L))
+
+
+def scored_epochs(epochs: int, grace_period: int, reduction_factor: float) -> list[int]:
+    """The epochs after which a trial scores dev: ASHA's rungs (grace_period x reduction_factor^k below
+    `epochs`, as ray.tune.schedulers.ASHAScheduler places them) and the last epoch.
+
+    ASHA decides only when a trial's reported epoch reaches a rung, so a dev pass at any other epoch
+    would be read by no one; skipping them leaves every decision and every final score as they were.
+    """
+    rungs = math.floor(math.log(epochs / grace_period) / math.log(reduction_factor)) + 1
+    return sorted({int(grace_period * reduction_factor ** k) for k in range(rungs)} | {epochs})
 
 
 def run_task_search(*, task: str, sweep: str, settings: dict, storage_path: str, min_L: int, max_L: int, max_l: int,
@@ -70,7 +81,8 @@ def run_task_search(*, task: str, sweep: str, settings: dict, storage_path: str,
         samplers = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
                     "brute_force": lambda: optuna.samplers.BruteForceSampler(seed=seed)}
         search = OptunaSearch(space=DepthSpace(min_L, max_L, max_l), metric="score", mode="max", sampler=samplers[sampler]())
-        scheduler = ASHAScheduler(time_attr="training_iteration", metric="score", mode="max", max_t=epochs, grace_period=grace_period,
+        # time_attr "epoch": a trial reports at scored_epochs only, so its reports are not its epochs
+        scheduler = ASHAScheduler(time_attr="epoch", metric="score", mode="max", max_t=epochs, grace_period=grace_period,
                                   reduction_factor=reduction_factor)
         tuner = tune.Tuner(
             trainable,
@@ -127,6 +139,33 @@ def candidates(table: pd.DataFrame, include_teacher: bool) -> list[Candidate]:
             out.append(Candidate(task, int(L), int(L), float(r["teacher_best_member"]), float(r["teacher_score"]),
                                  "teacher", r["teacher_branch_dir"]))
     return out
+
+
+def prepare_teachers(settings: dict[str, dict], fine_tune_layers: range, *, cpus_per_trial: float,
+                     log=print) -> list[tuple[str, int]]:
+    """With caches, before the sweeps: every task's teacher, trunk states and teacher outputs for every L
+    the sweeps may try, as Ray tasks in parallel (kdlib.tune.trial.prepare_cached).
+
+    Done lazily by the trials instead, two concurrent trials that need the same (task, L) teacher would
+    leave one waiting at its lock, holding its CPU, for the whole teacher training. Every L is needed
+    anyway: the threshold rule compares the teachers of all tried L (and a brute_force sweep tries them all).
+    A preparation that fails is logged and left to the trials that need it (which retry it and, failing
+    again, are reported as failed trials). Returns the (task, L) pairs that failed.
+    """
+    import ray
+
+    remote = ray.remote(num_cpus=cpus_per_trial)(prepare_cached)
+    refs = {(task, L): remote.remote(s, L) for task, s in settings.items() for L in fine_tune_layers}
+    log(f"[tune] preparing {len(refs)} teachers (trunk states, teacher logits) for the sweeps: L in "
+        f"[{fine_tune_layers.start}, {fine_tune_layers.stop - 1}] for {', '.join(settings)}")
+    failed = []
+    for (task, L), ref in refs.items():
+        try:
+            ray.get(ref)
+        except Exception as err:  # noqa: BLE001 - any failure is the trials' to meet and report
+            failed.append((task, L))
+            log(f"[tune:{task}] preparing L={L} failed (its trials will retry it): {_first_line(err)}")
+    return failed
 
 
 def finish_used_trials(table: pd.DataFrame, settings: dict[str, dict], used, *, cpus_per_trial: float,

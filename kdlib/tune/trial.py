@@ -4,8 +4,9 @@ What a trial needs is cached (kdlib.tune.caches): the teacher ensemble that fine
 (kdlib.teachers.train_ensemble, trained by the first trial that needs it), the frozen trunk's states at
 depth N - L for train and dev, and the teacher's logits on them. So a trial trains only its l layers and
 head (Hinton KD against the ensemble, flexible-multitask-bert-serving sec. 3.2, initialised from the best
-member's bottommost l fine-tuned layers) and scores dev after every epoch: one `tune.report` per epoch,
-which is what ASHA stops on.
+member's bottommost l fine-tuned layers) and scores dev after the epochs ASHA decides at and the last
+(settings["scored_epochs"], kdlib.tune.search.scored_epochs): one `tune.report` each, which is what ASHA
+stops on.
 """
 
 from __future__ import annotations
@@ -158,12 +159,19 @@ def prepare(s: dict, L: int, scratch: Path | None) -> dict:
             "computed": {"teacher": trained, "trunk_states": computed, "teacher_outputs": labeled}}
 
 
+def prepare_cached(settings: dict, L: int) -> dict:
+    """`prepare` into the shared caches, as a Ray task of its own (kdlib.tune.search.prepare_teachers):
+    what it computed."""
+    torch.set_num_threads(settings["torch_threads"])
+    return prepare(settings, L, None)["computed"]
+
+
 def distill_student(s: dict, prep: dict, L: int, l: int, out: Path, report, publish=lambda: None) -> list[float]:
     """Train the l-layer branch on cached states against the teacher ensemble; `report(epoch, score, scores,
-    last)` after every epoch.
+    last)` after each epoch in settings["scored_epochs"] and the last (`scores`: [[epoch, score], ...]).
 
-    The student after each epoch is saved to `out/student` before its score is reported, so a trial that
-    ASHA stops leaves the artifact its last reported score belongs to.
+    The student is saved to `out/student` before each score is reported, so a trial that ASHA stops
+    leaves the artifact its last reported score belongs to.
     """
     task, st = s["task"], s["student"]
     feats, teacher = prep["feats"], prep["teacher"]
@@ -195,12 +203,15 @@ def distill_student(s: dict, prep: dict, L: int, l: int, out: Path, report, publ
             torch.nn.utils.clip_grad_norm_(branch.parameters(), 1.0)
             optim.step()
             sched.step()
+        last = epoch + 1 == st["epochs"]
+        if not last and epoch + 1 not in s["scored_epochs"]:
+            continue
         score = task_metrics(kind, branch_outputs(student, task, feats["dev"]), labels_of(s, "dev"))[s["metric"]]
-        scores.append(score)
+        scores.append([epoch + 1, score])
         save_model(single_task(student, task), out / "student", include_trunk=False, tasks=_task_meta(s),
                    extra={"role": "tune_student", "L": L, "l": l, "epochs_done": epoch + 1, "scores": scores})
         publish()  # in the storage before its score is reported: Tune may stop the trial at any report
-        report(epoch, score, list(scores), epoch + 1 == st["epochs"])
+        report(epoch, score, [list(x) for x in scores], last)
     return scores
 
 
@@ -257,8 +268,15 @@ def _finish_trial(s: dict, L: int, l: int, scratch: Path | None, student_dir: st
         if not caches.is_done(student_dir):
             caches.clear_unfinished(student_dir)
             _train_student(s, L, l, scratch, student_dir, lambda *_: None, finished_after_stop=True)
-        scores = caches.done_info(student_dir)["scores"]
-    return {"score": scores[-1], "epochs": len(scores), "student_dir": storage.child(student_dir, "student")}
+        epoch, score = epoch_scores(caches.done_info(student_dir))[-1]
+    return {"score": score, "epochs": epoch, "student_dir": storage.child(student_dir, "student")}
+
+
+def epoch_scores(done: dict) -> list[tuple[int, float]]:
+    """(epoch, dev score) pairs of a finished student entry (entries from before scored_epochs hold one
+    score per epoch)."""
+    scores = done["scores"]
+    return [tuple(x) if isinstance(x, list) else (i + 1, x) for i, x in enumerate(scores)]
 
 
 def _train_student(s: dict, L: int, l: int, scratch: Path | None, student_dir: str, on_epoch, **facts) -> None:
@@ -308,8 +326,8 @@ def _drop(scratch: Path | None) -> None:
 
 def _replay(student_dir: str, base: dict, tune) -> None:
     done = caches.done_info(student_dir)
-    for epoch, score in enumerate(done["scores"]):
-        tune.report({**base, **done["base"], "score": score, "epoch": epoch + 1, "cached": True, "seconds": 0.0,
+    for epoch, score in epoch_scores(done):
+        tune.report({**base, **done["base"], "score": score, "epoch": epoch, "cached": True, "seconds": 0.0,
                      "computed_teacher": False, "computed_trunk_states": False, "computed_teacher_outputs": False})
 
 
