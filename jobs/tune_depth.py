@@ -37,7 +37,8 @@ from kdlib.tune.config import TuneRunConfig, check_feasible, load_tune_config
 from kdlib.tune.costs import layer_passes
 from kdlib.tune.merged import max_output_difference, merge_choice, save_merged
 from kdlib.tune.report import plot_curve, plot_tasks, summary_markdown
-from kdlib.tune.search import candidates, finish_used_trials, prepare_teachers, run_task_search, scored_epochs
+from kdlib.tune.search import (candidates, finish_used_trials, prepare_teachers, run_task_search, scored_epochs,
+                               space_pairs)
 from kdlib.tune.selection import budget_select, curve, threshold_select
 from kdlib.tune.trial import full_fine_tuning_score
 
@@ -114,8 +115,10 @@ def run(cfg: TuneRunConfig, config_path: str = "") -> dict:
 
     s = cfg.search
     sweep_started = time.perf_counter()
-    if s.caches:  # every (task, L) teacher before the trials, so that no trial waits for another's
-        prepare_teachers(settings, range(s.min_fine_tune_layers, s.max_fine_tune_layers + 1),
+    tries_every_L = s.sampler == "brute_force" and s.num_samples >= space_pairs(
+        s.min_fine_tune_layers, s.max_fine_tune_layers, s.max_branch_layers)
+    if s.caches and tries_every_L:  # every (task, L) teacher before the trials: no trial waits for another's
+        prepare_teachers(settings, range(s.min_fine_tune_layers, s.max_fine_tune_layers + 1), n_layers,
                          cpus_per_trial=s.cpus_per_trial)
     tables = []
     for name in tasks:

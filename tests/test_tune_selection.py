@@ -3,6 +3,7 @@ rule against brute force, the curve, and the fail-fast settings checks. No Ray, 
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 
 from kdlib.errors import ConfigError
 from kdlib.tune.config import check_feasible, load_tune_config
-from kdlib.tune.search import scored_epochs
+from kdlib.tune.search import scored_epochs, space_pairs
 from kdlib.tune.selection import Candidate, brute_force_select, budget_select, curve, threshold_select, total_layers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,11 +151,25 @@ def test_impossible_settings_fail_fast():
     check_feasible(load_tune_config(path, ["selection.budget=6"]), 6)
 
 
-@pytest.mark.parametrize("epochs, grace, factor", [(10, 2, 2.0), (10, 2, 3.0), (4, 1, 3.0), (2, 1, 2.0), (8, 1, 2.0)])
+@pytest.mark.parametrize("epochs, grace, factor", [(10, 2, 2.0), (10, 2, 3.0), (4, 1, 3.0), (2, 1, 2.0), (8, 1, 2.0),
+                                                   (10, 1, 2.5), (10, 2, 1.5)])
 def test_scored_epochs_are_ashas_rungs_and_the_last(epochs, grace, factor):
     from ray.tune.schedulers import ASHAScheduler
 
     asha = ASHAScheduler(time_attr="epoch", metric="score", mode="max", max_t=epochs, grace_period=grace,
                          reduction_factor=factor)
-    rungs = {int(milestone) for milestone, _ in asha._brackets[0]._rungs}  # where ASHA decides
+    # ASHA decides a rung at the first report whose epoch reaches its milestone (2.5 -> epoch 3)
+    rungs = {math.ceil(milestone) for milestone, _ in asha._brackets[0]._rungs}
     assert scored_epochs(epochs, grace, factor) == sorted(rungs | {epochs})
+
+
+def test_space_pairs_counts_the_depth_space():
+    assert space_pairs(2, 5, 3) == 2 + 3 + 3 + 3  # the glue-mini sweep's 11 pairs
+    assert space_pairs(4, 10, 3) == 21  # a 12-layer encoder's L in [4, 10] (the paper's setting)
+
+
+def test_old_student_entries_read_as_one_score_per_epoch():
+    from kdlib.tune.trial import epoch_scores
+
+    assert epoch_scores({"scores": [0.5, 0.6, 0.7]}) == [(1, 0.5), (2, 0.6), (3, 0.7)]
+    assert epoch_scores({"scores": [[2, 0.6], [4, 0.8]]}) == [(2, 0.6), (4, 0.8)]

@@ -40,7 +40,7 @@ class SearchConfig(_Strict):
 class StudentConfig(_Strict):
     """One trial's single-task distillation on cached trunk states (sec. 3.2; Hinton KD)."""
 
-    epochs: int = Field(4, ge=1)  # each epoch is one report, i.e. one ASHA rung step
+    epochs: int = Field(4, ge=1)  # ASHA's max_t; dev is scored at its rungs and the last epoch
     batch_size: int = Field(32, ge=1)
     lr: float = Field(5e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)

@@ -42,14 +42,20 @@ class DepthSpace:
 
 
 def scored_epochs(epochs: int, grace_period: int, reduction_factor: float) -> list[int]:
-    """The epochs after which a trial scores dev: ASHA's rungs (grace_period x reduction_factor^k below
-    `epochs`, as ray.tune.schedulers.ASHAScheduler places them) and the last epoch.
+    """The epochs after which a trial scores dev: the first epoch at or past each of ASHA's rungs
+    (grace_period x reduction_factor^k below `epochs`, as ray.tune.schedulers.ASHAScheduler places them)
+    and the last epoch.
 
-    ASHA decides only when a trial's reported epoch reaches a rung, so a dev pass at any other epoch
+    ASHA decides a rung at the first report whose epoch reaches it, so a dev pass at any other epoch
     would be read by no one; skipping them leaves every decision and every final score as they were.
     """
     rungs = math.floor(math.log(epochs / grace_period) / math.log(reduction_factor)) + 1
-    return sorted({int(grace_period * reduction_factor ** k) for k in range(rungs)} | {epochs})
+    return sorted({math.ceil(grace_period * reduction_factor ** k) for k in range(rungs)} | {epochs})
+
+
+def space_pairs(min_L: int, max_L: int, max_l: int) -> int:
+    """How many (L, l) pairs the search space holds (DepthSpace: l in [1, min(l_max, L)])."""
+    return sum(min(max_l, L) for L in range(min_L, max_L + 1))
 
 
 def run_task_search(*, task: str, sweep: str, settings: dict, storage_path: str, min_L: int, max_L: int, max_l: int,
@@ -141,21 +147,21 @@ def candidates(table: pd.DataFrame, include_teacher: bool) -> list[Candidate]:
     return out
 
 
-def prepare_teachers(settings: dict[str, dict], fine_tune_layers: range, *, cpus_per_trial: float,
-                     log=print) -> list[tuple[str, int]]:
-    """With caches, before the sweeps: every task's teacher, trunk states and teacher outputs for every L
-    the sweeps may try, as Ray tasks in parallel (kdlib.tune.trial.prepare_cached).
+def prepare_teachers(settings: dict[str, dict], fine_tune_layers: range, encoder_layers: int, *,
+                     cpus_per_trial: float, log=print) -> list[tuple[str, int]]:
+    """With caches, before sweeps that try every L: each task's teacher, trunk states and teacher outputs
+    for every L, as Ray tasks in parallel (kdlib.tune.trial.prepare_cached; entries already cached are
+    left alone).
 
     Done lazily by the trials instead, two concurrent trials that need the same (task, L) teacher would
-    leave one waiting at its lock, holding its CPU, for the whole teacher training. Every L is needed
-    anyway: the threshold rule compares the teachers of all tried L (and a brute_force sweep tries them all).
-    A preparation that fails is logged and left to the trials that need it (which retry it and, failing
-    again, are reported as failed trials). Returns the (task, L) pairs that failed.
+    leave one waiting at its lock, holding its CPU, for the whole teacher training. A preparation that
+    fails is logged and left to the trials that need it (which retry it and, failing again, are reported
+    as failed trials). Returns the (task, L) pairs that failed.
     """
     import ray
 
     remote = ray.remote(num_cpus=cpus_per_trial)(prepare_cached)
-    refs = {(task, L): remote.remote(s, L) for task, s in settings.items() for L in fine_tune_layers}
+    refs = {(task, L): remote.remote(s, L, encoder_layers) for task, s in settings.items() for L in fine_tune_layers}
     log(f"[tune] preparing {len(refs)} teachers (trunk states, teacher logits) for the sweeps: L in "
         f"[{fine_tune_layers.start}, {fine_tune_layers.stop - 1}] for {', '.join(settings)}")
     failed = []

@@ -139,18 +139,13 @@ def prepare(s: dict, L: int, scratch: Path | None) -> dict:
         {"encoder", "ensemble", "feats", "teacher", "teacher_outputs" (where "teacher" is stored), "depth",
          "computed": {what this call computed}}.
     """
-    def entry(kind: str, key: str) -> str:  # a shared cache entry, or the trial's private scratch
-        return str(scratch / key) if scratch else storage.child(s["storage_root"], "cache", kind, key)
-
     encoder = _encoder(s)
     depth = encoder.config.num_hidden_layers - L
-    tfp = teacher_fingerprint(s, L)
-    teacher_dir, trained = ensure_teacher(s, L, entry("teachers", tfp))
+    entries = cache_entries(s, L, encoder.config.num_hidden_layers, scratch)
+    teacher_dir, trained = ensure_teacher(s, L, entries["teacher"])
     ensemble, _ = load_model(teacher_dir, encoder=encoder)
-    states_key = fingerprint("trunk-states", s["encoder"]["fingerprint"], s["digest"], depth, s["encoder"]["max_length"])
-    feats, computed = caches.trunk_states(entry(f"trunk_states/{s['task']}", states_key),
-                                          lambda split: compute_states(s, ensemble, depth, split))
-    outputs = entry("tune_teacher_outputs", f"{tfp}-outputs")
+    feats, computed = caches.trunk_states(entries["trunk_states"], lambda split: compute_states(s, ensemble, depth, split))
+    outputs = entries["teacher_outputs"]
     folder, labeled = caches.once(outputs, lambda out: save_teacher_outputs(out, s, encoder, ensemble,
                                                                             teacher_outputs(s, ensemble, feats, L), L),
                                   "teacher_outputs")
@@ -159,14 +154,29 @@ def prepare(s: dict, L: int, scratch: Path | None) -> dict:
             "computed": {"teacher": trained, "trunk_states": computed, "teacher_outputs": labeled}}
 
 
-def prepare_cached(settings: dict, L: int) -> dict:
-    """`prepare` into the shared caches, as a Ray task of its own (kdlib.tune.search.prepare_teachers):
-    what it computed."""
+def cache_entries(s: dict, L: int, encoder_layers: int, scratch: Path | None = None) -> dict[str, str]:
+    """Where `prepare` keeps the (task, L) teacher, trunk states and teacher outputs: shared cache entries
+    under the storage root, or the trial's private scratch folder (caches off)."""
+    def entry(kind: str, key: str) -> str:
+        return str(scratch / key) if scratch else storage.child(s["storage_root"], "cache", kind, key)
+
+    tfp, depth = teacher_fingerprint(s, L), encoder_layers - L
+    states_key = fingerprint("trunk-states", s["encoder"]["fingerprint"], s["digest"], depth, s["encoder"]["max_length"])
+    return {"teacher": entry("teachers", tfp), "trunk_states": entry(f"trunk_states/{s['task']}", states_key),
+            "teacher_outputs": entry("tune_teacher_outputs", f"{tfp}-outputs")}
+
+
+def prepare_cached(settings: dict, L: int, encoder_layers: int) -> dict:
+    """`prepare` into the shared caches, as a Ray task of its own (kdlib.tune.search.prepare_teachers),
+    unless all three entries are cached already: what it computed."""
+    if all(caches.is_done(e) for e in cache_entries(settings, L, encoder_layers).values()):
+        return {"teacher": False, "trunk_states": False, "teacher_outputs": False}
     torch.set_num_threads(settings["torch_threads"])
     return prepare(settings, L, None)["computed"]
 
 
-def distill_student(s: dict, prep: dict, L: int, l: int, out: Path, report, publish=lambda: None) -> list[float]:
+def distill_student(s: dict, prep: dict, L: int, l: int, out: Path, report,
+                    publish=lambda: None) -> list[list[float]]:
     """Train the l-layer branch on cached states against the teacher ensemble; `report(epoch, score, scores,
     last)` after each epoch in settings["scored_epochs"] and the last (`scores`: [[epoch, score], ...]).
 
@@ -236,11 +246,11 @@ def _run_trial(s: dict, task: str, L: int, l: int, scratch: Path | None, student
     base = _base(L, l, student_dir)
 
     if caches.is_done(student_dir):  # the same (L, l) finished before (a duplicate sample, or a resumed sweep)
-        _replay(student_dir, base, tune)
+        _replay(s, student_dir, base, tune)
         return
     with caches.locked(student_dir):
         if caches.is_done(student_dir):
-            _replay(student_dir, base, tune)
+            _replay(s, student_dir, base, tune)
             return
         caches.clear_unfinished(student_dir)
         _train_student(s, L, l, scratch, student_dir, lambda base, epoch, score: tune.report(
@@ -286,7 +296,7 @@ def _train_student(s: dict, L: int, l: int, scratch: Path | None, student_dir: s
     base = _base(L, l, student_dir, prep)
     with storage.staged_dir(student_dir) as out:
 
-        def report(epoch: int, score: float, scores: list[float], last: bool) -> None:
+        def report(epoch: int, score: float, scores: list[list[float]], last: bool) -> None:
             if last:  # before the last report: Tune may end the trial there (max_t reached)
                 caches.mark_done(student_dir, {"kind": "student", "task": s["task"], "L": L, "l": l, "scores": scores,
                                                **facts, "base": {k: v for k, v in base.items()
@@ -324,9 +334,14 @@ def _drop(scratch: Path | None) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _replay(student_dir: str, base: dict, tune) -> None:
+def _replay(s: dict, student_dir: str, base: dict, tune) -> None:
+    """Report a finished student's stored scores again, at this sweep's scored epochs only (the student
+    may have been trained, and scored, under other scheduler settings: its weights do not depend on them)."""
     done = caches.done_info(student_dir)
-    for epoch, score in epoch_scores(done):
+    stored = epoch_scores(done)
+    for epoch, score in stored:
+        if epoch not in s["scored_epochs"] and epoch != stored[-1][0]:
+            continue
         tune.report({**base, **done["base"], "score": score, "epoch": epoch, "cached": True, "seconds": 0.0,
                      "computed_teacher": False, "computed_trunk_states": False, "computed_teacher_outputs": False})
 
