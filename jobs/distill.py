@@ -22,10 +22,11 @@ import json
 import sys
 import time
 from collections import Counter
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pandas as pd
 import ray
+from ray.train import Checkpoint
 
 from kdlib import storage
 from kdlib.artifact import load_model, save_model
@@ -62,6 +63,7 @@ from kdlib.teachers import train_ensemble
 from kdlib.trainees import BRANCHED, saved_hparams
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+FINAL_CHECKPOINT = "final_checkpoint.json"  # a distill stage's last Ray Train checkpoint, named below ray_train/
 
 
 def parse_args(argv: list[str] | None) -> tuple[str, list[str]]:
@@ -219,8 +221,7 @@ def distill_students(cfg: RunConfig, tasks: dict[str, TaskData], teacher_dirs: d
     gold_only = {n: tasks[n] for n in tasks if n not in stores}
     fp = fingerprint("students", {n: s.key for n, s in stores.items()}, {n: t.digest for n, t in gold_only.items()},
                      {k: v for k, v in loop_config.items() if k != "tasks"},
-                     {t: {k: v for k, v in c.items() if k != "ensemble_dir"} for t, c in task_cfg.items()},
-                     d.fine_tune_epochs, d.fine_tune_lr)
+                     {t: {k: v for k, v in c.items() if k != "ensemble_dir"} for t, c in task_cfg.items()})
 
     ray_train = storage.child(cache.location("distill", fp), "ray_train")  # checkpoints: straight to storage
 
@@ -248,15 +249,15 @@ def distill_students(cfg: RunConfig, tasks: dict[str, TaskData], teacher_dirs: d
             finish_labels(cfg, stores, plan, teacher_dirs, cache, time.perf_counter() - started)
         write_train_report(result, out / "train_report.json")
         (out / "loop_config.json").write_text(json.dumps(loop_config, indent=1))  # what the workers trained with
-        where = placement(result.metrics["placement/nodes"], "train worker")
-        checkpoint, config = result.checkpoint, loop_config
-        if d.fine_tune_epochs:
-            checkpoint, config = fine_tune(cfg, training_datasets(stores, gold_only), loop_config, result.checkpoint,
-                                           out, ray_train)
-        save_students(cfg, tasks, config, checkpoint, out / "students", enc)
-        return {"where": where}
+        # Where the final weights are, for a fine-tuning stage that starts from them in this run or a later one.
+        (out / FINAL_CHECKPOINT).write_text(json.dumps({"checkpoint": checkpoint_name(result.checkpoint)}))
+        save_students(cfg, tasks, loop_config, result.checkpoint, out / "students", enc)
+        return {"where": placement(result.metrics["placement/nodes"], "train worker")}
 
-    return storage.child(cache.run("distill", fp, run), "students")
+    distilled = cache.run("distill", fp, run)
+    if not d.fine_tune_epochs:
+        return storage.child(distilled, "students")
+    return fine_tune(cfg, tasks, training_datasets(stores, gold_only), loop_config, distilled, enc, cache)
 
 
 def student_task(cfg: RunConfig, data: TaskData, store: SoftTargetStore | None, plan, teacher_dir: str | None) -> dict:
@@ -286,20 +287,39 @@ def gold_only_datasets(gold_only: dict[str, TaskData]) -> dict:
     return {name: gold_only_dataset(name, data.train) for name, data in gold_only.items()}
 
 
-def fine_tune(cfg: RunConfig, datasets: dict, loop_config: dict, multitask, out: Path, ray_train: str):
+def checkpoint_name(checkpoint: Checkpoint) -> str:
+    """A Ray Train checkpoint's place below its stage's `ray_train` folder: `<run name>/<checkpoint dir>`."""
+    return "/".join(PurePosixPath(checkpoint.path).parts[-2:])
+
+
+def fine_tune(cfg: RunConfig, tasks: dict[str, TaskData], datasets: dict, loop_config: dict, distilled: str,
+              enc: dict, cache: StageCache) -> str:
     """MKD sec. 6.2: every task's student trained further on that task alone, from the multi-task weights.
 
-    One Ray Train run (same loss, workers and fault tolerance) in which each step trains one task's own
-    student: its branch (branched), or its own copy of the end-to-end student. Returns (checkpoint, config)."""
+    Its own stage, keyed by the distillation it starts from and its own settings: trying other fine-tuning
+    settings reuses the (much longer) multi-task distillation. One Ray Train run (same loss, workers and
+    fault tolerance) in which each step trains one task's own student: its branch (branched), or its own
+    copy of the end-to-end student. Returns the students' folder."""
     d = cfg.distill
-    print(f"[fine-tune] {d.fine_tune_epochs} epochs per task at lr {d.fine_tune_lr:g} from the multi-task student")
-    config = {**loop_config, "epochs": d.fine_tune_epochs, "lr": d.fine_tune_lr, "schedule": "mtdnn",
-              "per_task": True, "init_weights": multitask}
-    result = run_distillation(datasets=datasets, loop_config=config, num_workers=d.num_workers,
-                              cpus_per_worker=d.cpus_per_worker, max_failures=d.max_failures,
-                              storage_path=ray_train, name="fine_tune")
-    write_train_report(result, out / "fine_tune_report.json")
-    return result.checkpoint, config
+    fp = fingerprint("fine_tune", storage.name(distilled), d.fine_tune_epochs, d.fine_tune_lr)
+    ray_train = storage.child(cache.location("fine_tune", fp), "ray_train")
+
+    def run(out: Path) -> dict:
+        name = json.loads(storage.read_text_at(storage.child(distilled, FINAL_CHECKPOINT)))["checkpoint"]
+        fs, path = storage.filesystem(storage.child(distilled, "ray_train", *name.split("/")))
+        multitask = Checkpoint(path, filesystem=fs)
+        print(f"[fine-tune] {d.fine_tune_epochs} epochs per task at lr {d.fine_tune_lr:g} from the multi-task "
+              f"student ({storage.name(distilled)})")
+        config = {**loop_config, "epochs": d.fine_tune_epochs, "lr": d.fine_tune_lr, "schedule": "mtdnn",
+                  "per_task": True, "init_weights": multitask}
+        result = run_distillation(datasets=datasets, loop_config=config, num_workers=d.num_workers,
+                                  cpus_per_worker=d.cpus_per_worker, max_failures=d.max_failures,
+                                  storage_path=ray_train, name="fine_tune")
+        write_train_report(result, out / "train_report.json")
+        save_students(cfg, tasks, config, result.checkpoint, out / "students", enc)
+        return {"where": placement(result.metrics["placement/nodes"], "train worker")}
+
+    return storage.child(cache.run("fine_tune", fp, run), "students")
 
 
 def write_train_report(result, path: Path) -> None:

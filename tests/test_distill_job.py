@@ -227,17 +227,20 @@ def test_cmow_student_distils_on_ray_train_then_fine_tunes_per_task(tiny_run, jo
     assert results["scores"]["similarity"]["primary"]["ensemble"] is None
     assert results["student"] == "cmow" and results["overhead"] is None
     assert results["parameters"]["total"] > results["parameters"]["without_embeddings"] > 0
-    distilled = Path(next(s["path"] for s in results["stages"] if s["name"] == "distill"))
-    for report in ("train_report.json", "fine_tune_report.json"):  # both Ray Train runs kept 2 equal replicas
-        seen = json.loads((distilled / report).read_text())
-        assert len(seen["replicas/digests"]) == 2 and seen["replicas/identical"], (report, seen)
+    stage = {s["name"]: s for s in results["stages"] if s["name"] in ("distill", "fine_tune")}
+    distilled, tuned = Path(stage["distill"]["path"]), Path(stage["fine_tune"]["path"])
+    for stage_dir in (distilled, tuned):  # both Ray Train runs kept 2 equal replicas
+        seen = json.loads((stage_dir / "train_report.json").read_text())
+        assert len(seen["replicas/digests"]) == 2 and seen["replicas/identical"], (stage_dir, seen)
         assert seen["rows/sentiment"] == 600 and seen["rows/similarity"] == 200 and seen["duplicates/sentiment"] == 0
     cfg = load_run_config(ROOT / "configs" / "demo.yaml", overrides)
     tok = load_tokenizer(resolve_encoder_path(cfg.encoder.name))
     first = json.loads((root / "demo" / "results.json").read_text())
+    final = json.loads((distilled / "final_checkpoint.json").read_text())["checkpoint"]  # where fine-tuning started
+    assert json.loads((distilled / "ray_train" / final / "train_state.json").read_text())["epoch"] == cfg.distill.epochs
     copies = {}
     for task, score in results["scores"].items():
-        copies[task], manifest = load_student(distilled / "students" / task)
+        copies[task], manifest = load_student(tuned / "students" / task)
         assert manifest["format"] == "kdlib.student/1" and list(manifest["tasks"]) == [task]
         assert copies[task].tasks["similarity"].num_outputs == 26
         key = next(s["fingerprint"] for s in first["stages"] if s["name"] == "labels" and Path(s["path"]).parent.name == task)
@@ -249,6 +252,14 @@ def test_cmow_student_distils_on_ray_train_then_fine_tunes_per_task(tiny_run, jo
             score["primary"]["student"], abs=1e-6)
     # Each copy was fine-tuned on its own task: the shared encoders drifted apart.
     assert not torch.equal(copies["sentiment"].encoder.cbow.weight, copies["paraphrase"].encoder.cbow.weight)
+    # Fine-tuning is its own stage: other fine-tuning settings reuse the multi-task distillation.
+    assert job["main"]([str(ROOT / "configs" / "demo.yaml"), *overrides, "run_name=cmow_lr", "student.kind=cmow",
+                        "student.matrix_dim=4", "student.cbow_dim=16", "student.head_hidden=16",
+                        "distill.fine_tune_epochs=1", "distill.fine_tune_lr=1e-4", "tasks.similarity.teacher=false",
+                        "tasks.similarity.bins=[0, 5, 0.2]"]) == 0
+    again = {s["name"]: s for s in json.loads((root / "cmow_lr" / "results.json").read_text())["stages"]}
+    assert again["distill"]["cached"] and again["distill"]["path"] == stage["distill"]["path"]
+    assert not again["fine_tune"]["cached"] and again["fine_tune"]["path"] != stage["fine_tune"]["path"]
 
 
 def test_streamed_run_sees_the_same_rows_as_a_store_read_run(tiny_run, job):
