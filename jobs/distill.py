@@ -247,17 +247,15 @@ def distill_students(cfg: RunConfig, tasks: dict[str, TaskData], teacher_dirs: d
                                       storage_path=ray_train, name="distill")
         if streaming:
             finish_labels(cfg, stores, plan, teacher_dirs, cache, time.perf_counter() - started)
-        write_train_report(result, out / "train_report.json")
         (out / "loop_config.json").write_text(json.dumps(loop_config, indent=1))  # what the workers trained with
         # Where the final weights are, for a fine-tuning stage that starts from them in this run or a later one.
         (out / FINAL_CHECKPOINT).write_text(json.dumps({"checkpoint": checkpoint_name(result.checkpoint)}))
-        save_students(cfg, tasks, loop_config, result.checkpoint, out / "students", enc)
-        return {"where": placement(result.metrics["placement/nodes"], "train worker")}
+        return save_training(cfg, tasks, loop_config, result, out, enc)
 
     distilled = cache.run("distill", fp, run)
     if not d.fine_tune_epochs:
         return storage.child(distilled, "students")
-    return fine_tune(cfg, tasks, training_datasets(stores, gold_only), loop_config, distilled, enc, cache)
+    return fine_tune(cfg, tasks, lambda: training_datasets(stores, gold_only), loop_config, distilled, enc, cache)
 
 
 def student_task(cfg: RunConfig, data: TaskData, store: SoftTargetStore | None, plan, teacher_dir: str | None) -> dict:
@@ -292,14 +290,15 @@ def checkpoint_name(checkpoint: Checkpoint) -> str:
     return "/".join(PurePosixPath(checkpoint.path).parts[-2:])
 
 
-def fine_tune(cfg: RunConfig, tasks: dict[str, TaskData], datasets: dict, loop_config: dict, distilled: str,
+def fine_tune(cfg: RunConfig, tasks: dict[str, TaskData], datasets, loop_config: dict, distilled: str,
               enc: dict, cache: StageCache) -> str:
     """MKD sec. 6.2: every task's student trained further on that task alone, from the multi-task weights.
 
     Its own stage, keyed by the distillation it starts from and its own settings: trying other fine-tuning
     settings reuses the (much longer) multi-task distillation. One Ray Train run (same loss, workers and
     fault tolerance) in which each step trains one task's own student: its branch (branched), or its own
-    copy of the end-to-end student. Returns the students' folder."""
+    copy of the end-to-end student. `datasets()` gives its training datasets (built only if it runs).
+    Returns the students' folder."""
     d = cfg.distill
     fp = fingerprint("fine_tune", storage.name(distilled), d.fine_tune_epochs, d.fine_tune_lr)
     ray_train = storage.child(cache.location("fine_tune", fp), "ray_train")
@@ -312,14 +311,20 @@ def fine_tune(cfg: RunConfig, tasks: dict[str, TaskData], datasets: dict, loop_c
               f"student ({storage.name(distilled)})")
         config = {**loop_config, "epochs": d.fine_tune_epochs, "lr": d.fine_tune_lr, "schedule": "mtdnn",
                   "per_task": True, "init_weights": multitask}
-        result = run_distillation(datasets=datasets, loop_config=config, num_workers=d.num_workers,
+        result = run_distillation(datasets=datasets(), loop_config=config, num_workers=d.num_workers,
                                   cpus_per_worker=d.cpus_per_worker, max_failures=d.max_failures,
                                   storage_path=ray_train, name="fine_tune")
-        write_train_report(result, out / "train_report.json")
-        save_students(cfg, tasks, config, result.checkpoint, out / "students", enc)
-        return {"where": placement(result.metrics["placement/nodes"], "train worker")}
+        return save_training(cfg, tasks, config, result, out, enc)
 
     return storage.child(cache.run("fine_tune", fp, run), "students")
+
+
+def save_training(cfg: RunConfig, tasks: dict[str, TaskData], loop_config: dict, result, out: Path,
+                  enc: dict) -> dict:
+    """A finished Ray Train run into its stage folder `out`: its report and its students; the stage's facts."""
+    write_train_report(result, out / "train_report.json")
+    save_students(cfg, tasks, loop_config, result.checkpoint, out / "students", enc)
+    return {"where": placement(result.metrics["placement/nodes"], "train worker")}
 
 
 def write_train_report(result, path: Path) -> None:
