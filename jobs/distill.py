@@ -215,7 +215,7 @@ def distill_students(cfg: RunConfig, tasks: dict[str, TaskData], teacher_dirs: d
                    "max_length": cfg.encoder.max_length, "seed": cfg.seed, "log_every": 20,
                    "student": {"kind": cfg.student.kind, "hparams": cfg.student.hparams()},
                    "per_task": d.per_task_students,
-                   **d.model_dump(include={"epochs", "batch_size", "lr", "weight_decay", "temperature", "alpha",
+                   **d.model_dump(include={"epochs", "batch_size", "lr", "lr_schedule", "weight_decay", "temperature", "alpha",
                                            "torch_threads", "teacher_annealing", "schedule", "sampling_tau",
                                            "road_k"})}
     gold_only = {n: tasks[n] for n in tasks if n not in stores}
@@ -329,10 +329,11 @@ def save_training(cfg: RunConfig, tasks: dict[str, TaskData], loop_config: dict,
 
 def write_train_report(result, path: Path) -> None:
     """What the workers trained on (rows, duplicates, ids digest per task), whether their replicas ended
-    identical and how long the last epoch took, from the last epoch's metrics (tests and benchmarks read it)."""
+    identical, how long the last epoch took, its last step and that step's learning rate, from the last epoch's
+    metrics (tests and benchmarks read it)."""
     path.write_text(json.dumps({k: v for k, v in result.metrics.items()
                                 if k.split("/")[0] in ("rows", "duplicates", "ids", "replicas", "placement", "epoch",
-                                                       "seconds")}))
+                                                       "step", "lr", "seconds")}))
 
 
 def save_students(cfg: RunConfig, tasks: dict[str, TaskData], loop_config: dict, checkpoint, folder: Path,

@@ -175,6 +175,9 @@ class DistillConfig(_Strict):
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-4, gt=0)
+    # constant, or linear: decays to 0 over the run's steps (the CMOW paper's schedule, no warm-up: sec. IV
+    # found none helped); per-task fine-tuning follows the same schedule over its own steps.
+    lr_schedule: Literal["constant", "linear"] = "constant"
     weight_decay: float = Field(0.01, ge=0)
     temperature: float = Field(2.0, gt=0)
     alpha: float = Field(0.5, ge=0, le=1)  # weight of the KD term; 1 - alpha on the hard-label loss

@@ -31,7 +31,7 @@ from ray.train.torch import TorchTrainer
 from kdlib import storage
 from kdlib.features import length_grouped_batches
 from kdlib.losses import binned_regression_loss, distillation_loss, teacher_annealing_weight
-from kdlib.optim import LazyAdamW, clip_grad_norm
+from kdlib.optim import LazyAdamW, clip_grad_norm, scheduled_lr
 from kdlib.schedules import mtdnn_schedule, road_schedule, temperature_sampling_schedule
 from kdlib.soft_targets import ids_digest, teacher_logits_array
 from kdlib.students.binning import ScoreBins
@@ -184,6 +184,9 @@ def train_loop_per_worker(config: dict) -> None:
                 step_rows += len(idx)
             average_gradients(trainee.shared_parameters(), world, weight=step_rows)
             clip_grad_norm(trainable, 1.0)
+            lr = scheduled_lr(config["lr"], config["lr_schedule"], step, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             optimizer.step()
             step += 1
             if rank == 0 and (i + 1) % config["log_every"] == 0 and losses[step_tasks[-1]]:
@@ -191,7 +194,7 @@ def train_loop_per_worker(config: dict) -> None:
                       f"{'+'.join(step_tasks)} loss {losses[step_tasks[-1]][-1]:.4f}", flush=True)
         digests = replica_digests(trainable, world)
         metrics = {"epoch": epoch + 1, "step": step, "start_epoch": start_epoch,
-                   "seconds": round(time.perf_counter() - epoch_start, 2), **seen,
+                   "seconds": round(time.perf_counter() - epoch_start, 2), "lr": optimizer.param_groups[0]["lr"], **seen,
                    "replicas/identical": len(set(digests)) == 1, "replicas/digests": digests, "placement/nodes": nodes,
                    **{f"loss/{t}": float(np.mean(v)) if v else float("nan") for t, v in losses.items()}}
         with tempfile.TemporaryDirectory() as tmp:

@@ -1,4 +1,5 @@
-"""AdamW that updates only the embedding rows a step touched, and gradient clipping that handles them.
+"""AdamW that updates only the embedding rows a step touched, gradient clipping that handles them, and the
+learning-rate schedule.
 
 End-to-end students own vocabulary-sized embedding tables (30,522 WordPiece rows; CMOW keeps 1,200 numbers
 per row, 36.6M parameters). A dense AdamW step rewrites all of them every step: on one CPU thread 1.7 s
@@ -75,3 +76,16 @@ def clip_grad_norm(params, max_norm: float) -> float:
         for g in grads:
             g.mul_(scale)
     return total
+
+
+def scheduled_lr(base_lr: float, schedule: str, step: int, total_steps: int) -> float:
+    """The learning rate of step `step` in [0, total_steps): `constant` keeps base_lr; `linear` decays it
+    linearly to 0 over the run, base_lr * (1 - step / total_steps) (the CMOW paper's schedule, no warm-up;
+    transformers' get_linear_schedule_with_warmup with 0 warm-up steps gives the same)."""
+    if not 0 <= step < total_steps:
+        raise ValueError(f"step {step} outside [0, {total_steps})")
+    if schedule == "constant":
+        return base_lr
+    if schedule == "linear":
+        return base_lr * (1 - step / total_steps)
+    raise ValueError(f"unknown lr_schedule {schedule!r} (constant or linear)")

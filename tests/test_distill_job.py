@@ -217,7 +217,7 @@ def test_cmow_student_distils_on_ray_train_then_fine_tunes_per_task(tiny_run, jo
     root, overrides = tiny_run
     assert job["main"]([str(ROOT / "configs" / "demo.yaml"), *overrides, "run_name=cmow", "student.kind=cmow",
                         "student.matrix_dim=4", "student.cbow_dim=16", "student.head_hidden=16",
-                        "distill.fine_tune_epochs=1", "tasks.similarity.teacher=false",
+                        "distill.fine_tune_epochs=1", "distill.lr_schedule=linear", "tasks.similarity.teacher=false",
                         "tasks.similarity.bins=[0, 5, 0.2]"]) == 0
     results = json.loads((root / "cmow" / "results.json").read_text())
     taught = [s for s in results["stages"] if s["name"] in ("teachers", "labels")]
@@ -229,11 +229,13 @@ def test_cmow_student_distils_on_ray_train_then_fine_tunes_per_task(tiny_run, jo
     assert results["parameters"]["total"] > results["parameters"]["without_embeddings"] > 0
     stage = {s["name"]: s for s in results["stages"] if s["name"] in ("distill", "fine_tune")}
     distilled, tuned = Path(stage["distill"]["path"]), Path(stage["fine_tune"]["path"])
-    for stage_dir in (distilled, tuned):  # both Ray Train runs kept 2 equal replicas
+    cfg = load_run_config(ROOT / "configs" / "demo.yaml", overrides)
+    for stage_dir, base_lr in ((distilled, cfg.distill.lr), (tuned, cfg.distill.fine_tune_lr)):
         seen = json.loads((stage_dir / "train_report.json").read_text())
         assert len(seen["replicas/digests"]) == 2 and seen["replicas/identical"], (stage_dir, seen)
+        # lr_schedule linear, in both runs over their own steps: the last step ran at base / total steps
+        assert seen["lr"] == pytest.approx(base_lr / seen["step"], rel=1e-9) and seen["step"] > 1
         assert seen["rows/sentiment"] == 600 and seen["rows/similarity"] == 200 and seen["duplicates/sentiment"] == 0
-    cfg = load_run_config(ROOT / "configs" / "demo.yaml", overrides)
     tok = load_tokenizer(resolve_encoder_path(cfg.encoder.name))
     first = json.loads((root / "demo" / "results.json").read_text())
     final = json.loads((distilled / "final_checkpoint.json").read_text())["checkpoint"]  # where fine-tuning started
@@ -255,7 +257,8 @@ def test_cmow_student_distils_on_ray_train_then_fine_tunes_per_task(tiny_run, jo
     # Fine-tuning is its own stage: other fine-tuning settings reuse the multi-task distillation.
     assert job["main"]([str(ROOT / "configs" / "demo.yaml"), *overrides, "run_name=cmow_lr", "student.kind=cmow",
                         "student.matrix_dim=4", "student.cbow_dim=16", "student.head_hidden=16",
-                        "distill.fine_tune_epochs=1", "distill.fine_tune_lr=1e-4", "tasks.similarity.teacher=false",
+                        "distill.fine_tune_epochs=1", "distill.fine_tune_lr=1e-4", "distill.lr_schedule=linear",
+                        "tasks.similarity.teacher=false",
                         "tasks.similarity.bins=[0, 5, 0.2]"]) == 0
     again = {s["name"]: s for s in json.loads((root / "cmow_lr" / "results.json").read_text())["stages"]}
     assert again["distill"]["cached"] and again["distill"]["path"] == stage["distill"]["path"]

@@ -6,7 +6,9 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from kdlib.optim import LazyAdamW, clip_grad_norm, sparse_embeddings
+import pytest
+
+from kdlib.optim import LazyAdamW, clip_grad_norm, scheduled_lr, sparse_embeddings
 
 
 def _model(sparse: bool) -> nn.Module:
@@ -64,3 +66,24 @@ def test_clipping_counts_sparse_and_dense_gradients():
     assert abs(got - float(want)) < 1e-4 * float(want)
     assert_close(sparse[0].weight.grad.to_dense(), dense[0].weight.grad)
     assert_close(sparse[1].weight.grad, dense[1].weight.grad)
+
+
+def test_linear_schedule_decays_to_zero_like_transformers():
+    """lr_schedule linear: base * (1 - step / total), the same rates as transformers' linear schedule with no
+    warm-up; constant keeps the base rate; steps outside the run and unknown names are refused."""
+    from transformers import get_linear_schedule_with_warmup
+
+    total, base = 7, 5e-4
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=base)
+    ref = get_linear_schedule_with_warmup(opt, num_warmup_steps=0, num_training_steps=total)
+    for step in range(total):
+        assert scheduled_lr(base, "linear", step, total) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12)
+        opt.step()
+        ref.step()
+    assert scheduled_lr(base, "linear", 0, total) == base
+    assert scheduled_lr(base, "linear", total - 1, total) == pytest.approx(base / total)
+    assert scheduled_lr(base, "constant", total - 1, total) == base
+    with pytest.raises(ValueError, match="outside"):
+        scheduled_lr(base, "linear", total, total)
+    with pytest.raises(ValueError, match="cosine"):
+        scheduled_lr(base, "cosine", 0, total)
