@@ -114,8 +114,9 @@ def students_benchmark(scale: str, data_dir: str, out: Path, storage_root: str) 
     torch.set_num_threads(INFERENCE["threads"])
     first = next(iter(runs.values()))  # every run distils from the same teachers
     teachers = teacher_forwards(first, cfg)
-    models = {label: load_model(r["model_dir"])[0] if label == "branched" else load_sst2_student(r["model_dir"])
-              for label, r in runs.items()}
+    # the student that serves SST-2: its fine-tuned copy, else the multi-task model (as the job's evaluation picks)
+    models = {label: load_model(r["model_dir"])[0] if label == "branched"
+              else load_student(job["student_dirs"](r["model_dir"], ["sst2"])["sst2"])[0] for label, r in runs.items()}
     speeds = best_rates({**{k: v for k, v in teachers.items() if callable(v)},
                          **{label: student_forward(model, student_kind(label)) for label, model in models.items()}})
     teacher_speed = {"member": speeds["member"], "ensemble": speeds["ensemble"], "members": teachers["members"],
@@ -165,12 +166,6 @@ def students_benchmark(scale: str, data_dir: str, out: Path, storage_root: str) 
 def student_kind(label: str) -> str:
     """The student kind of a benchmark row ("bilstm+fine-tune" -> "bilstm")."""
     return label.split("+")[0]
-
-
-def load_sst2_student(model_dir: str):
-    """The end-to-end student that serves SST-2: its fine-tuned copy, else the multi-task model."""
-    folder = Path(model_dir) / "sst2"
-    return load_student(folder if folder.exists() else Path(model_dir) / "multitask")[0]
 
 
 def drop_cached_distill(results: dict) -> bool:
