@@ -63,7 +63,8 @@ SCALES = {"quick": {"train_rows": 1500, "epochs": 6, "students": STUDENT_KINDS, 
           "full": {"train_rows": None, "epochs": 16, "students": STUDENT_KINDS, "ablation": True},
           "transfer": {"train_rows": 1500, "epochs": 6, "students": ("bilstm", "cmow"), "ablation": False,
                        "copies": {"sst2": 10, "mrpc": 10, "stsb": 40},
-                       "student_overrides": {"bilstm": ["student.hidden=128", "distill.epochs=8"]},
+                       "student_overrides": {"bilstm": ["student.hidden=128", "distill.epochs=8",
+                                                         "student.pair_features=diff_product"]},
                        "fine_tuned": {"bilstm": ["distill.fine_tune_epochs=1", "distill.fine_tune_lr=1.5e-4"]}}}
 # Per student: what differs from configs/glue_mini.yaml (MKD sec. 6.2: the LSTM at lr 5e-4).
 STUDENTS = {
