@@ -176,8 +176,7 @@ def run(cfg: TuneRunConfig, config_path: str = "") -> dict:
     rows = {n: (len(d.train), len(d.dev)) for n, d in tasks.items()}
     cost = {c: layer_passes(table, encoder_layers=n_layers, rows=rows, members=cfg.teachers.members,
                             teacher_epochs=cfg.teachers.epochs, cached=c,
-                            scored_epochs=scored_epochs(cfg.student.epochs, cfg.scheduler.grace_period,
-                                                          cfg.scheduler.reduction_factor))
+                            scored_epochs=next(iter(settings.values()))["scored_epochs"])
             for c in (True, False)}
     results = {"run_name": cfg.run_name, "encoder_layers": n_layers, "chosen": summary,
                "choice": {t: c.to_dict() for t, c in chosen.choice.items()}, "reasons": chosen.reasons,

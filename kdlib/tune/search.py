@@ -148,7 +148,7 @@ def candidates(table: pd.DataFrame, include_teacher: bool) -> list[Candidate]:
 
 
 def prepare_teachers(settings: dict[str, dict], fine_tune_layers: range, encoder_layers: int, *,
-                     cpus_per_trial: float, log=print) -> list[tuple[str, int]]:
+                     cpus_per_trial: float, log=print) -> None:
     """With caches, before sweeps that try every L: each task's teacher, trunk states and teacher outputs
     for every L, as Ray tasks in parallel (kdlib.tune.trial.prepare_cached; entries already cached are
     left alone).
@@ -156,7 +156,7 @@ def prepare_teachers(settings: dict[str, dict], fine_tune_layers: range, encoder
     Done lazily by the trials instead, two concurrent trials that need the same (task, L) teacher would
     leave one waiting at its lock, holding its CPU, for the whole teacher training. A preparation that
     fails is logged and left to the trials that need it (which retry it and, failing again, are reported
-    as failed trials). Returns the (task, L) pairs that failed.
+    as failed trials).
     """
     import ray
 
@@ -164,14 +164,11 @@ def prepare_teachers(settings: dict[str, dict], fine_tune_layers: range, encoder
     refs = {(task, L): remote.remote(s, L, encoder_layers) for task, s in settings.items() for L in fine_tune_layers}
     log(f"[tune] preparing {len(refs)} teachers (trunk states, teacher logits) for the sweeps: L in "
         f"[{fine_tune_layers.start}, {fine_tune_layers.stop - 1}] for {', '.join(settings)}")
-    failed = []
     for (task, L), ref in refs.items():
         try:
             ray.get(ref)
         except Exception as err:  # noqa: BLE001 - any failure is the trials' to meet and report
-            failed.append((task, L))
             log(f"[tune:{task}] preparing L={L} failed (its trials will retry it): {_first_line(err)}")
-    return failed
 
 
 def finish_used_trials(table: pd.DataFrame, settings: dict[str, dict], used, *, cpus_per_trial: float,
