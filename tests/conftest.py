@@ -116,16 +116,27 @@ def tiny_batch():
 
 
 def pids_titled(prefix: str) -> list[int]:
-    """Processes whose title (Ray renames its workers `ray::<Actor>...`) starts with `prefix`: the way tests
-    find a Ray Train worker or a Ray Data actor to kill."""
+    """Processes of this test session's Ray cluster whose title (Ray renames its workers `ray::<Actor>...`)
+    starts with `prefix`: the way tests find a Ray Train worker or a Ray Data actor to kill.
+
+    Only children of this cluster's raylets count (matched by the raylet socket `ray.nodes()` reports), so
+    a test never kills a worker of another Ray cluster on the same machine (a benchmark running beside it).
+    """
+    import ray
+
+    sockets = {f"--raylet_socket_name={n['RayletSocketName']}".encode() for n in ray.nodes() if n["Alive"]}
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-            except OSError:
+                if not title.startswith(prefix):
+                    continue
+                parent = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]  # field 4: the ppid
+                parent_args = Path("/proc", parent, "cmdline").read_bytes().split(b"\0")
+            except (OSError, IndexError):
                 continue
-            if title.startswith(prefix):
+            if sockets & set(parent_args):
                 pids.append(int(entry.name))
     return sorted(pids)
 
