@@ -44,6 +44,7 @@ class LosslessSplit(DataConfig):
             else:
                 ds = ds.copy(ds)
                 ds.context.execution_options = self._resolve_execution_options(name)
-                for rank, split in enumerate(ds.streaming_split(world_size, equal=False)):
+                hints = worker_node_ids if self._enable_shard_locality else None  # as Ray's default
+                for rank, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
                     output[rank][name] = split
         return output
