@@ -1,8 +1,8 @@
 """Multi-task student distillation on Ray Train (TorchTrainer, CPU, gloo).
 
 The soft-target rows come as Ray Datasets: one per task read from the soft-target store, or one stream
-straight from the labeling actors while they label. Ray Train splits them across workers; each worker
-builds the student (kdlib/trainees.py: the branched student, whose frozen trunk runs once over the rows
+straight from the labeling actors while they label. Ray Train splits them across workers without
+dropping a row (worker_shares.py); each worker builds the student (kdlib/trainees.py: the branched student, whose frozen trunk runs once over the rows
 as they arrive, or a small transformer / BiLSTM / CMOW student trained end to end), and then trains:
 every step takes one task's batch, the schedule (MT-DNN Algorithm 1, |D_t|^tau sampling, or ROaD's k tasks per step: schedules.py) drawn from a
 seed shared by all workers, so every replica updates the same branches in the same step. Loss: the
@@ -25,6 +25,7 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
+from ray.data.dataset import MaterializedDataset
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -37,6 +38,7 @@ from kdlib.soft_targets import ids_digest, teacher_logits_array
 from kdlib.students.binning import ScoreBins
 from kdlib.train_state import load_train_state, load_weights, save_train_state
 from kdlib.trainees import make_trainee
+from kdlib.worker_shares import LosslessSplit, in_worker_blocks
 
 
 @dataclass
@@ -283,12 +285,13 @@ def run_distillation(*, datasets: dict[str, ray.data.Dataset], loop_config: dict
                      cpus_per_worker: float, max_failures: int, storage_path: str, name: str):
     """Run the TorchTrainer; returns Ray Train's Result (its checkpoint holds the trained branches).
 
-    datasets: soft-target rows of any tasks (each split evenly across the workers): one per task when
-    read from the store, so every worker gets an equal share of each task; one stream when labeling
-    feeds training directly. Ray Train's default split (`streaming_split(n, equal=True)`) drops up to
-    n - 1 rows of each dataset to make the shares equal (one STS-B row of 65,749 in the transfer
-    benchmark; README). storage_path: a storage location (local path or URI) for its checkpoints.
+    datasets: soft-target rows of any tasks, split across the workers without dropping a row
+    (kdlib.worker_shares): one per task when read from the store, recut here into one block per worker,
+    so every worker gets an equal share of each task (to one row); one stream when labeling feeds
+    training directly. storage_path: a storage location (local path or URI) for its checkpoints.
     """
+    datasets = {name: in_worker_blocks(ds, num_workers) if isinstance(ds, MaterializedDataset) else ds
+                for name, ds in datasets.items()}
     fs, path = storage.filesystem(storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -300,6 +303,7 @@ def run_distillation(*, datasets: dict[str, ray.data.Dataset], loop_config: dict
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets=datasets,
+        dataset_config=LosslessSplit(),
     )
     return trainer.fit()
 

@@ -213,12 +213,13 @@ def test_cmow_student_distils_on_ray_train_then_fine_tunes_per_task(tiny_run, jo
     """student.kind=cmow trains end to end on the same stores (teachers and labels reused), then MKD's
     per-task fine-tuning gives every task its own copy; the saved copies reproduce the reported scores.
     similarity has no teacher here (teacher: false): no teacher stage, no labels, gold labels only; and it
-    learns its 0-5 score as 26 classes over bins of 0.2 (CMOW paper IV-B), predicting the expected score."""
+    learns its 0-5 score as 26 classes over bins of 0.2 (CMOW paper IV-B), predicting the expected score.
+    Its 201 rows reach the 2 workers whole (Ray Train's default split would have dropped one)."""
     root, overrides = tiny_run
     assert job["main"]([str(ROOT / "configs" / "demo.yaml"), *overrides, "run_name=cmow", "student.kind=cmow",
                         "student.matrix_dim=4", "student.cbow_dim=16", "student.head_hidden=16",
                         "distill.fine_tune_epochs=1", "distill.lr_schedule=linear", "tasks.similarity.teacher=false",
-                        "tasks.similarity.bins=[0, 5, 0.2]"]) == 0
+                        "tasks.similarity.bins=[0, 5, 0.2]", "tasks.similarity.max_train_examples=201"]) == 0
     results = json.loads((root / "cmow" / "results.json").read_text())
     taught = [s for s in results["stages"] if s["name"] in ("teachers", "labels")]
     assert len(taught) == 4 and all(s["cached"] for s in taught)  # sentiment's and paraphrase's, reused
@@ -235,7 +236,7 @@ def test_cmow_student_distils_on_ray_train_then_fine_tunes_per_task(tiny_run, jo
         assert len(seen["replicas/digests"]) == 2 and seen["replicas/identical"], (stage_dir, seen)
         # lr_schedule linear, in both runs over their own steps: the last step ran at base / total steps
         assert seen["lr"] == pytest.approx(base_lr / seen["step"], rel=1e-9) and seen["step"] > 1
-        assert seen["rows/sentiment"] == 600 and seen["rows/similarity"] == 200 and seen["duplicates/sentiment"] == 0
+        assert seen["rows/sentiment"] == 600 and seen["rows/similarity"] == 201 and seen["duplicates/similarity"] == 0
     tok = load_tokenizer(resolve_encoder_path(cfg.encoder.name))
     first = json.loads((root / "demo" / "results.json").read_text())
     final = json.loads((distilled / "final_checkpoint.json").read_text())["checkpoint"]  # where fine-tuning started
@@ -258,8 +259,8 @@ def test_cmow_student_distils_on_ray_train_then_fine_tunes_per_task(tiny_run, jo
     assert job["main"]([str(ROOT / "configs" / "demo.yaml"), *overrides, "run_name=cmow_lr", "student.kind=cmow",
                         "student.matrix_dim=4", "student.cbow_dim=16", "student.head_hidden=16",
                         "distill.fine_tune_epochs=1", "distill.fine_tune_lr=1e-4", "distill.lr_schedule=linear",
-                        "tasks.similarity.teacher=false",
-                        "tasks.similarity.bins=[0, 5, 0.2]"]) == 0
+                        "tasks.similarity.teacher=false", "tasks.similarity.bins=[0, 5, 0.2]",
+                        "tasks.similarity.max_train_examples=201"]) == 0
     again = {s["name"]: s for s in json.loads((root / "cmow_lr" / "results.json").read_text())["stages"]}
     assert again["distill"]["cached"] and again["distill"]["path"] == stage["distill"]["path"]
     assert not again["fine_tune"]["cached"] and again["fine_tune"]["path"] != stage["fine_tune"]["path"]
