@@ -2,8 +2,9 @@
 
 The soft-target rows come as Ray Datasets: one per task read from the soft-target store, or one stream
 straight from the labeling actors while they label. Ray Train splits them across workers without
-dropping a row (worker_shares.py); each worker builds the student (kdlib/trainees.py: the branched student, whose frozen trunk runs once over the rows
-as they arrive, or a small transformer / BiLSTM / CMOW student trained end to end), and then trains:
+dropping a row (worker_shares.py); each worker builds the student (kdlib/trainees.py: the branched
+student, whose frozen trunk runs once over the rows as they arrive, or a small transformer / BiLSTM /
+CMOW student trained end to end), and then trains:
 every step takes one task's batch, the schedule (MT-DNN Algorithm 1, |D_t|^tau sampling, or ROaD's k tasks per step: schedules.py) drawn from a
 seed shared by all workers, so every replica updates the same branches in the same step. Loss: the
 task's objective (KL with temperature, MSE on logits, soft cross-entropy, or hard labels only) against
