@@ -34,7 +34,9 @@ def row_ranges(n_rows: int, n_shares: int) -> list[tuple[int, int]]:
 
 def in_worker_blocks(ds: MaterializedDataset, num_workers: int) -> MaterializedDataset:
     """`ds`'s rows, in order, as `num_workers` blocks whose sizes differ by at most one row (on the
-    driver: Ray serializes only a slice's own rows)."""
+    driver: Ray serializes only a slice's own rows). The new blocks are a second copy in the object store
+    for as long as the caller keeps `ds` (the soft-target stores here: tens of MB; Ray spills to disk
+    what does not fit)."""
     tables = ray.get(ds.to_arrow_refs())  # arrow blocks (from_arrow, from_items) come back without a task
     if not tables:
         return ds
