@@ -64,7 +64,7 @@ from kdlib.branched import member_name  # noqa: E402
 from kdlib.cluster import init_ray  # noqa: E402
 from kdlib.config import load_run_config  # noqa: E402
 from kdlib.encoder import encoder_fingerprint, load_encoder, load_tokenizer, resolve_encoder_path  # noqa: E402
-from kdlib.evaluate import markdown_table  # noqa: E402
+from kdlib.scoring import markdown_table  # noqa: E402
 from kdlib.metrics import task_metrics  # noqa: E402
 from kdlib.predict import predict  # noqa: E402
 from kdlib.stages import StageCache  # noqa: E402

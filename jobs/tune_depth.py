@@ -24,22 +24,21 @@ from pathlib import Path
 
 import pandas as pd
 import ray
-from transformers import BertConfig
 
 from kdlib import storage
 from kdlib.cluster import init_ray
 from kdlib.config_loading import config_and_overrides, dump_config
-from kdlib.encoder import encoder_fingerprint, load_encoder, load_tokenizer, resolve_encoder_path
+from kdlib.encoder import EncoderRef
 from kdlib.errors import ConfigError, KdlibError
 from kdlib.stages import fingerprint
-from kdlib.tasks import TaskData, load_tasks
+from kdlib.pipeline.data import load_tasks
 from kdlib.tune.config import TuneRunConfig, check_feasible, load_tune_config
 from kdlib.tune.costs import layer_passes
 from kdlib.tune.merged import max_output_difference, merge_choice, save_merged
 from kdlib.tune.report import plot_curve, plot_tasks, summary_markdown
-from kdlib.tune.search import (candidates, finish_used_trials, prepare_teachers, run_task_search, scored_epochs,
-                               space_pairs)
+from kdlib.tune.search import candidates, finish_used_trials, prepare_teachers, run_task_search, space_pairs
 from kdlib.tune.selection import budget_select, curve, threshold_select
+from kdlib.tune.settings import TrialSettings
 from kdlib.tune.trial import full_fine_tuning_score
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tune" / "demo.yaml"
@@ -51,34 +50,11 @@ def parse_args(argv: list[str] | None) -> tuple[str, list[str]]:
     return config_and_overrides(p.parse_args(argv).args, DEFAULT_CONFIG)
 
 
-def encoder_layers(cfg: TuneRunConfig, source: str) -> int:
-    e = cfg.encoder
-    return BertConfig.from_pretrained(source, **(e.config_overrides if e.random_init else {})).num_hidden_layers
-
-
-def task_settings(cfg: TuneRunConfig, data: TaskData, enc: dict, root: str, run_dir: str) -> dict:
-    """Everything a trial of this task needs, as plain data (Ray Tune ships it once via with_parameters)."""
-    t = cfg.tasks[data.name]
-    cols = ["id", "text", "text_pair", "label"]
-    return {"task": data.name, "kind": data.kind, "metric": data.metric, "label_names": data.label_names,
-            "digest": data.digest, "train": data.train[cols], "dev": data.dev[cols],
-            "encoder": {**enc, "random_init": cfg.encoder.random_init, "config_overrides": cfg.encoder.config_overrides,
-                        "pooling": cfg.encoder.pooling, "max_length": cfg.encoder.max_length},
-            "teachers": cfg.teachers.model_dump(exclude={"cpus_per_task"}), "student": cfg.student.model_dump(),
-            "aggregation": t.resolved_aggregation, "wrong_teacher_weight": t.wrong_teacher_weight, "seed": cfg.seed,
-            "storage_root": root, "run_dir": run_dir, "caches": cfg.search.caches,
-            "inject_failures": list(cfg.search.inject_failures), "torch_threads": cfg.search.torch_threads,
-            "scored_epochs": scored_epochs(cfg.student.epochs, cfg.scheduler.grace_period,
-                                           cfg.scheduler.reduction_factor)}
-
-
-def sweep_key(cfg: TuneRunConfig, settings: dict) -> str:
+def sweep_key(cfg: TuneRunConfig, settings: TrialSettings) -> str:
     """What a task's sweep explores: rerunning with the same key resumes it, any change starts a new one
     (still reusing every cached teacher, trunk state and student that fits)."""
-    operational = {"train", "dev", "run_dir", "inject_failures", "torch_threads"}
-    return fingerprint({k: v for k, v in settings.items() if k not in operational},
-                       cfg.search.model_dump(include={"min_fine_tune_layers", "max_fine_tune_layers",
-                                                      "max_branch_layers", "num_samples", "sampler"}),
+    return fingerprint(settings.key(), cfg.search.model_dump(include={"min_fine_tune_layers", "max_fine_tune_layers",
+                                                                      "max_branch_layers", "num_samples", "sampler"}),
                        cfg.scheduler.model_dump())[:8]
 
 
@@ -102,16 +78,14 @@ def run(cfg: TuneRunConfig, config_path: str = "") -> dict:
     started = time.perf_counter()
     root = storage.child(cfg.storage_root)  # a local path (made absolute) or a pyarrow.fs URI
     out_dir = storage.child(root, cfg.run_name, "tune")
-    source = resolve_encoder_path(cfg.encoder.name, cfg.encoder.path)
-    n_layers = encoder_layers(cfg, source)
+    encoder = EncoderRef.resolve(cfg.encoder, cfg.seed)
+    n_layers = encoder.num_layers()
     check_feasible(cfg, n_layers)  # before any data is read or Ray starts
     dump_config(cfg, storage.child(out_dir, "config.yaml"))
     print(f"[tune] {cfg.run_name}: config {config_path} -> {out_dir}")
-    enc = {"name": cfg.encoder.name, "source": source,
-           "fingerprint": encoder_fingerprint(source, cfg.encoder.random_init, cfg.encoder.config_overrides, cfg.seed)}
     tasks = load_tasks(cfg)
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
-    settings = {n: task_settings(cfg, d, enc, root, out_dir) for n, d in tasks.items()}
+    settings = {n: TrialSettings.from_config(cfg, d, encoder, root, out_dir) for n, d in tasks.items()}
 
     s = cfg.search
     sweep_started = time.perf_counter()
@@ -154,11 +128,10 @@ def run(cfg: TuneRunConfig, config_path: str = "") -> dict:
                           f"(see {storage.child(out_dir, 'table.csv')})")
     chosen, other = (by_budget, by_threshold) if cfg.selection.rule == "budget" else (by_threshold, by_budget)
 
-    encoder = load_encoder(source, cfg.encoder.random_init, cfg.encoder.config_overrides, seed=cfg.seed)
-    merged, singles = merge_choice(encoder, chosen.choice, cfg.encoder.pooling)
+    merged, singles = merge_choice(encoder.load(), chosen.choice, cfg.encoder.pooling)
     texts = {n: (d.dev["text"].tolist(), None if d.dev["text_pair"].iloc[0] is None else d.dev["text_pair"].tolist())
              for n, d in tasks.items()}
-    diffs = max_output_difference(merged, singles, load_tokenizer(source), texts, cfg.encoder.max_length)
+    diffs = max_output_difference(merged, singles, encoder.tokenizer(), texts, cfg.encoder.max_length)
     points = curve(cands, n_layers, cfg.selection.sweep_thresholds, cfg.selection.sweep_budgets)
     ref_avg = sum(reference.values()) / len(reference) if reference else None
     for p in points:
@@ -169,14 +142,14 @@ def run(cfg: TuneRunConfig, config_path: str = "") -> dict:
     with storage.staged_dir(out_dir) as local_out:  # the model and plots (uploaded at the end if remote)
         save_merged(merged, local_out / "model",
                     tasks={n: {"kind": d.kind, "label_names": d.label_names, "metric": d.metric} for n, d in tasks.items()},
-                    extra={"encoder": enc, "max_length": cfg.encoder.max_length,
+                    extra={"encoder": encoder.manifest(), "max_length": cfg.encoder.max_length,
                            "selection": {"rule": chosen.rule, "setting": chosen.setting}})
         plot_tasks(cands, local_out / "tasks.png")
         plot_curve(points, summary, ref_avg, local_out / "curve.png")
     rows = {n: (len(d.train), len(d.dev)) for n, d in tasks.items()}
     cost = {c: layer_passes(table, encoder_layers=n_layers, rows=rows, members=cfg.teachers.members,
                             teacher_epochs=cfg.teachers.epochs, cached=c,
-                            scored_epochs=next(iter(settings.values()))["scored_epochs"])
+                            scored_epochs=next(iter(settings.values())).scored_epochs)
             for c in (True, False)}
     results = {"run_name": cfg.run_name, "encoder_layers": n_layers, "chosen": summary,
                "choice": {t: c.to_dict() for t, c in chosen.choice.items()}, "reasons": chosen.reasons,

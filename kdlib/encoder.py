@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import transformers
+from pydantic import BaseModel, ConfigDict
 from transformers import AutoTokenizer, BertConfig, BertModel, PreTrainedTokenizerBase
 
 # Model names that a pip package ships offline: name -> (importable package, folder inside it).
@@ -71,3 +72,46 @@ def encoder_fingerprint(source: str, random_init: bool, config_overrides: dict |
     else:
         h.update(source.encode())
     return h.hexdigest()[:16]
+
+
+class EncoderRef(BaseModel):
+    """Which encoder a run uses and how, resolved once on the driver and handed to every stage and worker.
+
+    `source` is where the weights load from (a local folder or a hub id); `fingerprint` identifies the
+    weights (cache keys); the rest is how the encoder is built and used (random init for tests, pooling,
+    tokenizer length limit, the seed of a random init)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    source: str
+    fingerprint: str
+    random_init: bool = False
+    config_overrides: dict = {}
+    pooling: str = "mean"
+    max_length: int = 128
+    seed: int = 0
+
+    @classmethod
+    def resolve(cls, cfg, seed: int) -> "EncoderRef":
+        """From a run's `encoder` settings (kdlib.config.EncoderConfig): find the weights and fingerprint them."""
+        source = resolve_encoder_path(cfg.name, cfg.path)
+        return cls(name=cfg.name, source=source,
+                   fingerprint=encoder_fingerprint(source, cfg.random_init, cfg.config_overrides, seed),
+                   random_init=cfg.random_init, config_overrides=cfg.config_overrides, pooling=cfg.pooling,
+                   max_length=cfg.max_length, seed=seed)
+
+    def load(self) -> BertModel:
+        return load_encoder(self.source, self.random_init, self.config_overrides, seed=self.seed)
+
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return load_tokenizer(self.source)
+
+    def num_layers(self) -> int:
+        """The encoder's depth N, from its config alone (no weights loaded)."""
+        return BertConfig.from_pretrained(self.source, **(self.config_overrides if self.random_init else {})
+                                          ).num_hidden_layers
+
+    def manifest(self) -> dict:
+        """What an artifact's manifest records of its encoder (kdlib.artifact, kdlib.serve read `source`)."""
+        return {"name": self.name, "source": self.source, "fingerprint": self.fingerprint}

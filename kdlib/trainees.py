@@ -1,6 +1,6 @@
 """What the distillation loop trains: the branched student, or a student that trains end to end.
 
-The Ray Train loop (kdlib/distill.py) is the same for every student; a trainee tells it how to turn
+The training loop (kdlib/train_loop.py) is the same for every student; a trainee tells it how to turn
 arriving rows into per-example features, how to run one task on a mini-batch of them, and which
 parameters are shared by all tasks and which belong to one task (their gradients are averaged across
 workers separately, so a step only reduces what it touched).
@@ -26,13 +26,13 @@ from torch import nn
 from kdlib import storage
 from kdlib.artifact import load_model
 from kdlib.branched import BranchSpec
-from kdlib.encoder import load_encoder, load_tokenizer
 from kdlib.features import TrunkFeatures
 from kdlib.merge import build_student
 from kdlib.optim import sparse_embeddings
 from kdlib.students.features import TokenFeatures
 from kdlib.students.heads import TaskHead
 from kdlib.students.registry import build_student_model, needs_encoder
+from kdlib.train_spec import TaskSpec, TrainSpec
 from kdlib.train_state import load_weights
 
 BRANCHED = "branched"
@@ -41,18 +41,17 @@ BRANCHED = "branched"
 class BranchedTrainee:
     """Frozen trunk + per-task branches; features are trunk states at each task's branch depth."""
 
-    def __init__(self, config: dict):
-        encoder = load_encoder(config["encoder_source"], config["random_init"], config["config_overrides"],
-                               seed=config["seed"])
-        tasks = config["tasks"]
-        teachers = {task: (load_model(storage.local_copy(t["ensemble_dir"]), encoder=encoder)[0], t["init_member"])
-                    for task, t in tasks.items() if t["ensemble_dir"] is not None}
+    def __init__(self, spec: TrainSpec):
+        encoder = spec.encoder.load()
+        tasks = spec.tasks
+        teachers = {task: (load_model(storage.local_copy(t.ensemble_dir), encoder=encoder)[0], t.init_member)
+                    for task, t in tasks.items() if t.ensemble_dir is not None}
         n = encoder.config.num_hidden_layers
-        untaught = [BranchSpec(task, t["kind"], t["num_outputs"], n - t["fine_tune_layers"], t["branch_layers"])
-                    for task, t in tasks.items() if t["ensemble_dir"] is None]
-        self.model = build_student(encoder, teachers, {t: tasks[t]["branch_layers"] for t in teachers},
-                                   config["pooling"], untaught)
-        self.tokenizer = load_tokenizer(config["encoder_source"])
+        untaught = [BranchSpec(task, t.kind, t.num_outputs, n - t.fine_tune_layers, t.branch_layers)
+                    for task, t in tasks.items() if t.ensemble_dir is None]
+        self.model = build_student(encoder, teachers, {t: tasks[t].branch_layers for t in teachers},
+                                   spec.encoder.pooling, untaught)
+        self.tokenizer = spec.encoder.tokenizer()
 
     def features(self, task: str, texts: list[str], pairs: list, max_length: int) -> list:
         return TrunkFeatures.compute(self.model, self.tokenizer, texts, pairs, depth=self.model.specs[task].depth,
@@ -79,9 +78,9 @@ class BranchedTrainee:
 class EndToEndTrainee:
     """A kdlib.students model (small_transformer, bilstm, cmow) whose encoder and heads all train."""
 
-    def __init__(self, config: dict):
-        self.tokenizer = load_tokenizer(config["encoder_source"])
-        self.model = build_end_to_end_student(config, self.tokenizer)
+    def __init__(self, spec: TrainSpec):
+        self.tokenizer = spec.encoder.tokenizer()
+        self.model = build_end_to_end_student(spec, self.tokenizer)
         # Vocabulary-sized tables get sparse gradients: a step updates the rows in its batch (kdlib.optim).
         sparse_embeddings(self.model, self.model.vocab_size)
 
@@ -111,9 +110,9 @@ class PerTaskCopiesTrainee(EndToEndTrainee):
     line 2). The copies are independent, so training them in one run, each step one task's copy, equals
     training them one after another. `model[task]` is that task's student."""
 
-    def __init__(self, config: dict):
-        super().__init__(config)
-        self.model = nn.ModuleDict({t: copy.deepcopy(self.model) for t in config["tasks"]})
+    def __init__(self, spec: TrainSpec):
+        super().__init__(spec)
+        self.model = nn.ModuleDict({t: copy.deepcopy(self.model) for t in spec.tasks})
         for student in self.model.values():  # a deep copy drops the tables' sparse marks
             sparse_embeddings(student, student.vocab_size)
 
@@ -132,41 +131,38 @@ class PerTaskCopiesTrainee(EndToEndTrainee):
         return []
 
 
-def task_heads(tasks: dict) -> dict[str, TaskHead]:
-    """{task: TaskHead} from the loop config's tasks (kind, num_outputs, pair, bins)."""
-    return {t: TaskHead(v["kind"], v["num_outputs"], v["pair"], v.get("bins")) for t, v in tasks.items()}
+def task_heads(tasks: dict[str, TaskSpec]) -> dict[str, TaskHead]:
+    """{task: TaskHead} from the tasks' specs (kind, num_outputs, pair, bins)."""
+    return {t: TaskHead(v.kind, v.num_outputs, v.pair, v.bins) for t, v in tasks.items()}
 
 
-def build_end_to_end_student(config: dict, tokenizer):
+def build_end_to_end_student(spec: TrainSpec, tokenizer):
     """The configured student with a seeded initialisation (identical on every worker and the driver).
 
     The small transformer copies the pretrained encoder's embeddings and first layers; the BiLSTM starts
     from its WordPiece embeddings; CMOW from identity-plus-noise matrices (and its CBOW vectors from the
     encoder's word embeddings with cbow_init "encoder")."""
-    student = config["student"]
-    encoder = None
-    if needs_encoder(student["kind"], student["hparams"]):
-        encoder = load_encoder(config["encoder_source"], config["random_init"], config["config_overrides"],
-                               seed=config["seed"])
-    torch.manual_seed(config["seed"])
+    student = spec.student
+    encoder = spec.encoder.load() if needs_encoder(student.kind, student.hparams) else None
+    torch.manual_seed(spec.seed)
     vocab_size = encoder.config.vocab_size if encoder is not None else len(tokenizer)
-    return build_student_model(student["kind"], tasks=task_heads(config["tasks"]), vocab_size=vocab_size,
-                               encoder=encoder, **student["hparams"])
+    return build_student_model(student.kind, tasks=task_heads(spec.tasks), vocab_size=vocab_size,
+                               encoder=encoder, **student.hparams)
 
 
-def make_trainee(config: dict) -> BranchedTrainee | EndToEndTrainee:
-    """The trainee for `config`; with config["per_task"] an end-to-end student trains one copy per task
+def make_trainee(spec: TrainSpec) -> BranchedTrainee | EndToEndTrainee:
+    """The trainee for `spec`; with spec.per_task an end-to-end student trains one copy per task
     (per-task fine-tuning, or single-task distillation; a branched student's branches are per task already)."""
-    if config["student"]["kind"] == BRANCHED:
-        return BranchedTrainee(config)
-    return PerTaskCopiesTrainee(config) if config.get("per_task") else EndToEndTrainee(config)
+    if spec.student.kind == BRANCHED:
+        return BranchedTrainee(spec)
+    return PerTaskCopiesTrainee(spec) if spec.per_task else EndToEndTrainee(spec)
 
 
-def saved_hparams(config: dict, model: nn.Module) -> dict:
+def saved_hparams(spec: TrainSpec, model: nn.Module) -> dict:
     """The architecture arguments that rebuild `model` (one student) without the pretrained encoder."""
-    hparams = dict(config["student"]["hparams"])
-    if config["student"]["kind"] == "bilstm":
+    hparams = dict(spec.student.hparams)
+    if spec.student.kind == "bilstm":
         hparams["embedding_dim"] = model.encoder.embed.embedding_dim
-    if config["student"]["kind"] == "small_transformer":
+    if spec.student.kind == "small_transformer":
         hparams["num_layers"] = model.encoder.config.num_hidden_layers
     return hparams

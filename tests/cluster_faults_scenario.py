@@ -16,7 +16,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import runpy
 import sys
 import threading
 import time
@@ -36,11 +35,11 @@ from kdlib.artifact import save_model
 from kdlib.benchmarks.cluster import simulated_cluster
 from kdlib.branched import BranchedModel, BranchSpec, member_name
 from kdlib.config import load_run_config
-from kdlib.encoder import encoder_fingerprint, load_encoder, resolve_encoder_path
+from kdlib.encoder import load_encoder
 from kdlib.labeling import ShardLabeler, run_labeling, shard_rows
+from kdlib.pipeline import RunContext, Teachers, distill_students, load_data, plan_labels
+from kdlib.pipeline.labels import finish_labels, labeling_settings
 from kdlib.soft_targets import ids_digest
-from kdlib.stages import StageCache
-from kdlib.tasks import load_tasks
 
 LABELER = "ShardLabeler"  # Ray Data names its actor class MapWorker(MapBatches(ShardLabeler))
 TRAIN_WORKER = "RayTrainWorker"
@@ -164,17 +163,14 @@ def tiny_teachers(cfg, tasks, source: str, root: Path) -> dict[str, str]:
 
 
 def setup(workdir: Path, overrides: list[str]):
-    job = runpy.run_path(str(ROOT / "jobs" / "distill.py"), run_name="distill_job")
     root = workdir / "store"
     cfg = load_run_config(ROOT / "configs" / "demo.yaml", tiny_run_overrides(root) + overrides)
-    source = resolve_encoder_path(cfg.encoder.name)
-    enc = {"name": cfg.encoder.name, "source": source,
-           "fingerprint": encoder_fingerprint(source, True, cfg.encoder.config_overrides, cfg.seed)}
-    tasks = load_tasks(cfg)
-    teacher_dirs = tiny_teachers(cfg, tasks, source, workdir)
-    stores, plan = job["plan_labels"](cfg, tasks, teacher_dirs, enc)
-    say("setup_done", f"{len(plan)} shards planned")
-    return job, cfg, enc, tasks, teacher_dirs, stores, plan, root
+    ctx = RunContext.create(cfg)
+    tasks = load_data(ctx)
+    teachers = Teachers(tiny_teachers(cfg, tasks, ctx.encoder.source, workdir))
+    labels = plan_labels(ctx, tasks, teachers)
+    say("setup_done", f"{len(labels.plan)} shards planned")
+    return ctx, tasks, teachers, labels, root
 
 
 def commit_files(stores) -> list[str]:
@@ -199,10 +195,11 @@ def check_store(stores, plan) -> dict:
 def labeling(workdir: Path) -> dict:
     """All 3 demo tasks in full (3,900 examples, 2 masked copies of each sentiment training example) in shards
     of 10, labeled by 2 Ray Data actors; a worker node hosting one of them dies after the first commit."""
-    job, cfg, enc, _, teacher_dirs, stores, plan, root = setup(workdir, [
+    ctx, _, teachers, labels, root = setup(workdir, [
         *(f"tasks.{t}.max_train_examples=600" for t in ("sentiment", "paraphrase", "similarity")),
         "labeling.shard_size=10", "labeling.num_actors=2", "labeling.cpus_per_actor=0.5",
         "labeling.torch_threads=1"])
+    cfg, stores, plan = ctx.cfg, labels.stores, labels.plan
     result = {"planned_shards": len(plan)}
 
     def commits() -> dict:
@@ -214,14 +211,14 @@ def labeling(workdir: Path) -> dict:
                             min_alive=cfg.labeling.num_actors).start()
         started = time.perf_counter()
         stats = run_labeling(plan, stores=stores, progress_seconds=2,
-                             **job["labeling_settings"](cfg, teacher_dirs, enc))
+                             **labeling_settings(ctx, teachers))
         result["labeling_seconds"] = round(time.perf_counter() - started, 2)
         say("labeling_done")
         killer.thread.join(timeout=30)
         result["stats"] = stats
         result["removal"] = killer.record
         result["actors"] = actors(LABELER)
-    job["finish_labels"](cfg, stores, plan, teacher_dirs, StageCache(root), stats["seconds"])  # verifies every shard
+    finish_labels(ctx, labels, teachers, stats["seconds"])  # verifies every shard
     result["store"] = check_store(stores, plan)
     return result
 
@@ -247,16 +244,16 @@ def distill(workdir: Path) -> dict:
     labeled in this driver before the cluster starts. Ray Train distils with 2 workers on 2 nodes; a worker
     node hosting one of them dies once the first epoch checkpoint is registered."""
     epochs = 8
-    job, cfg, enc, tasks, teacher_dirs, stores, plan, root = setup(workdir, [
+    ctx, tasks, teachers, labels, root = setup(workdir, [
         *(f"tasks.{t}.max_train_examples=100" for t in ("sentiment", "paraphrase", "similarity")),
         f"distill.epochs={epochs}", "distill.num_workers=2", "distill.cpus_per_worker=1", "distill.max_failures=2"])
-    settings = job["labeling_settings"](cfg, teacher_dirs, enc)
+    cfg, stores, plan = ctx.cfg, labels.stores, labels.plan
+    settings = labeling_settings(ctx, teachers)
     for key in ("num_actors", "cpus_per_actor"):
         settings.pop(key)
     labeler = ShardLabeler(stores={t: (s.root, s.key) for t, s in stores.items()}, emit_rows=False, **settings)
     labeler(shard_rows(plan))
-    cache = StageCache(root)
-    job["finish_labels"](cfg, stores, plan, teacher_dirs, cache, 0.0)
+    finish_labels(ctx, labels, teachers, 0.0)
     say("store_labeled_locally")
 
     result = {}
@@ -267,7 +264,7 @@ def distill(workdir: Path) -> dict:
                             context=lambda: {"checkpoint_epoch": latest_checkpoint_epoch(snapshots)},
                             min_alive=cfg.distill.num_workers).start()
         started = time.perf_counter()
-        students = Path(job["distill_students"](cfg, tasks, teacher_dirs, stores, plan, enc, cache))
+        students = Path(distill_students(ctx, tasks, labels, teachers).dir)
         result["distill_seconds"] = round(time.perf_counter() - started, 2)
         say("distill_done")
         killer.thread.join(timeout=30)

@@ -18,6 +18,7 @@ from kdlib.config import load_run_config
 from kdlib.encoder import load_encoder, load_tokenizer, resolve_encoder_path
 from kdlib.soft_targets import SoftTargetStore, ids_digest, teacher_logits_array
 from kdlib.metrics import task_metrics
+from kdlib.pipeline import RunContext, distill_students, label_tasks, load_data, plan_labels, train_teachers
 from kdlib.predict import predict, predict_student
 from kdlib.students.artifact import load_student
 
@@ -118,19 +119,15 @@ def test_a_third_masked_copy_labels_only_the_shards_it_adds(tiny_run, job, capsy
     """More masked copies make a new store version; the shards whose examples the first run's version holds
     (dev, train and the first two copies, which come out the same) are carried over with its logits, and
     only shards with a third copy's row go to the teachers. The other tasks' stores are reused whole."""
-    from kdlib.stages import StageCache
-    from kdlib.tasks import load_tasks
-
     root, overrides = tiny_run
     cfg = load_run_config(ROOT / "configs" / "demo.yaml", [*overrides, "tasks.sentiment.augment.copies=3"])
-    source = resolve_encoder_path(cfg.encoder.name)
-    enc = {"name": cfg.encoder.name, "source": source, "fingerprint": job["encoder_fingerprint"](
-        source, cfg.encoder.random_init, cfg.encoder.config_overrides, cfg.seed)}
-    cache, tasks = StageCache(cfg.storage_root), load_tasks(cfg)
-    teacher_dirs = job["train_teachers"](cfg, tasks, enc, cache)
-    stores, plan = job["plan_labels"](cfg, tasks, teacher_dirs, enc)
+    ctx = RunContext.create(cfg)
+    tasks = load_data(ctx)
+    teachers = train_teachers(ctx, tasks)
+    labels = plan_labels(ctx, tasks, teachers)
+    stores, plan, cache = labels.stores, labels.plan, ctx.cache
     capsys.readouterr()
-    job["label_tasks"](cfg, stores, plan, teacher_dirs, enc, cache)
+    label_tasks(ctx, labels, teachers)
     out = capsys.readouterr().out
     mine = [(s, ex) for s, ex in plan if s.task == "sentiment"]
     fresh = [s for s, ex in mine if ex["id"].str.endswith("~m2").any()]
@@ -184,19 +181,13 @@ def test_killed_train_worker_resumes_from_last_checkpoint(tiny_run, job, ray_ses
         return False
 
     killer, killed = kill_once_when(registered_checkpoint, "ray::RayTrainWorker", poll=0.2)
-    tasks = job["load_tasks"](cfg)
-    source = resolve_encoder_path(cfg.encoder.name)
-    from kdlib.encoder import encoder_fingerprint
-    from kdlib.stages import StageCache
-
-    enc = {"name": cfg.encoder.name, "source": source,
-           "fingerprint": encoder_fingerprint(source, True, cfg.encoder.config_overrides, cfg.seed)}
-    cache = StageCache(root)
-    teacher_dirs = job["train_teachers"](cfg, tasks, enc, cache)
-    stores, plan = job["plan_labels"](cfg, tasks, teacher_dirs, enc)
-    job["label_tasks"](cfg, stores, plan, teacher_dirs, enc, cache)
-    assert all(r.cached for r in cache.records)  # teachers and labels reused from the first run
-    students = Path(job["distill_students"](cfg, tasks, teacher_dirs, stores, plan, enc, cache))
+    ctx = RunContext.create(cfg)
+    tasks = load_data(ctx)
+    teachers = train_teachers(ctx, tasks)
+    labels = plan_labels(ctx, tasks, teachers)
+    label_tasks(ctx, labels, teachers)
+    assert all(r.cached for r in ctx.cache.records)  # teachers and labels reused from the first run
+    students = Path(distill_students(ctx, tasks, labels, teachers).dir)
     killer.join(timeout=5)
     assert killed, "no worker was killed: the run ended before its first checkpoint"
     last = sorted(glob.glob(str(students.parent / "ray_train" / "distill" / "checkpoint_2*")))[-1]

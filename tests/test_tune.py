@@ -20,9 +20,11 @@ import yaml
 from conftest import TINY_ENCODER
 
 from kdlib.artifact import load_model
-from kdlib.encoder import load_tokenizer, resolve_encoder_path
+from kdlib.encoder import EncoderRef, load_tokenizer, resolve_encoder_path
+from kdlib.pipeline.data import load_tasks
 from kdlib.tokenize import tokenize
 from kdlib.tune.caches import computed_entries
+from kdlib.tune.settings import TrialSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -234,11 +236,10 @@ def test_a_trial_scores_dev_only_at_ashas_rungs_and_its_last_epoch(job, tmp_path
 
     overrides = tiny_overrides(tmp_path, ("sentiment",)) + ["student.epochs=5", "scheduler.reduction_factor=2"]
     cfg = job["load_tune_config"](tiny_config(tmp_path, ("sentiment",)), overrides)
-    source = resolve_encoder_path(cfg.encoder.name, cfg.encoder.path)
-    enc = {"name": cfg.encoder.name, "source": source, "fingerprint": "test"}
-    data = job["load_tasks"](cfg)["sentiment"]
-    s = job["task_settings"](cfg, data, enc, str(tmp_path), str(tmp_path / "run"))
-    assert s["scored_epochs"] == [1, 2, 4, 5]
+    data = load_tasks(cfg)["sentiment"]
+    s = TrialSettings.from_config(cfg, data, EncoderRef.resolve(cfg.encoder, cfg.seed), str(tmp_path),
+                                  str(tmp_path / "run"))
+    assert s.scored_epochs == (1, 2, 4, 5)
     reports = []
     scores = distill_student(s, prepare(s, 2, tmp_path / "scratch"), 2, 1, tmp_path / "student",
                              lambda epoch, score, seen, last: reports.append((epoch + 1, last, seen)))
@@ -247,7 +248,7 @@ def test_a_trial_scores_dev_only_at_ashas_rungs_and_its_last_epoch(job, tmp_path
     n_tr, n_dev = len(data.train), len(data.dev)
     table = pd.DataFrame([{"task": "sentiment", "L": 2, "l": 1, "status": "ok", "epochs": 5}])
     cached = layer_passes(table, encoder_layers=4, rows={"sentiment": (n_tr, n_dev)}, members=2, teacher_epochs=1,
-                          scored_epochs=s["scored_epochs"], cached=True)
+                          scored_epochs=s.scored_epochs, cached=True)
     # trunk states at depth 2, the teachers' trunk pass, 2 members x 1 epoch x 2 layers x 3, their logits,
     # then the student: 5 epochs x 1 layer x 3 passes on train, 4 dev passes
     assert cached == 2 * (n_tr + n_dev) + 2 * n_tr + 2 * 2 * 3 * n_tr + 2 * 2 * (n_tr + n_dev) + 5 * 3 * n_tr + 4 * n_dev

@@ -51,8 +51,8 @@ def cluster_benchmark(scale: str, data_dir: str, out: Path, storage_root: str) -
     from kdlib.branched import BranchedModel, BranchSpec, member_name
     from kdlib.config import load_run_config
     from kdlib.encoder import load_encoder, load_tokenizer, resolve_encoder_path
-    from kdlib.evaluate import markdown_table
-    from kdlib.tasks import load_tasks
+    from kdlib.scoring import markdown_table
+    from kdlib.pipeline.data import load_tasks
 
     n = EXAMPLES[scale]
     cfg = load_run_config(ROOT / "configs" / "glue_mini.yaml", [f"data_dir={data_dir}"])

@@ -508,7 +508,7 @@ def _teardown(names: list[str], started_serve: bool) -> None:
 
 
 def _table(result: dict) -> str:
-    from kdlib.evaluate import markdown_table
+    from kdlib.scoring import markdown_table
 
     n_tasks = len(result["models"]["teachers"])
     kind_label = {"single": "single-task", "all": f"all-task ({n_tasks} tasks)"}

@@ -37,7 +37,7 @@ from kdlib.artifact import load_model, read_manifest
 from kdlib.branched import member_name
 from kdlib.config import load_run_config
 from kdlib.distill import TaskRows, epoch_schedule, task_loss
-from kdlib.evaluate import markdown_table
+from kdlib.scoring import markdown_table
 from kdlib.features import length_grouped_batches
 from kdlib.optim import LazyAdamW, clip_grad_norm
 from kdlib.soft_targets import SoftTargetStore, teacher_logits_array

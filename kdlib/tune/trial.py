@@ -26,7 +26,7 @@ from kdlib import storage
 from kdlib.artifact import load_model, save_model
 from kdlib.branched import BranchedModel, member_name
 from kdlib.encoder import load_encoder, load_tokenizer
-from kdlib.evaluate import ensemble_outputs, member_scores
+from kdlib.scoring import ensemble_outputs, member_scores
 from kdlib.features import TrunkFeatures, length_grouped_batches
 from kdlib.losses import ensemble_target, kd_classification_loss, kd_regression_loss
 from kdlib.merge import build_student, single_task

@@ -1,4 +1,4 @@
-"""A task's validated train and dev examples, its label set and a digest of its content."""
+"""The data stage: each task's validated train and dev examples, its label set and a digest of its content."""
 
 from __future__ import annotations
 
@@ -53,3 +53,11 @@ def load_tasks(cfg) -> dict[str, TaskData]:
                             text_pair_column=t.text_pair_column, label_column=t.label_column, labels=t.labels,
                             metric=t.metric, hub_config=t.hub_config, max_train_examples=t.max_train_examples)
             for name, t in cfg.tasks.items()}
+
+
+def load_data(ctx) -> dict[str, TaskData]:
+    """The data stage: every task of the run read, validated and digested (the digests key later stages)."""
+    tasks = load_tasks(ctx.cfg)
+    for name, t in tasks.items():
+        ctx.log(f"[data:{name}] {t.kind}, {len(t.train)} train / {len(t.dev)} dev, labels {t.label_names or '-'}")
+    return tasks

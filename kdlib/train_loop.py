@@ -37,6 +37,7 @@ from kdlib.optim import LazyAdamW, clip_grad_norm, scheduled_lr
 from kdlib.schedules import mtdnn_schedule, road_schedule, temperature_sampling_schedule
 from kdlib.soft_targets import ids_digest, teacher_logits_array
 from kdlib.students.binning import ScoreBins
+from kdlib.train_spec import TaskSpec, TrainSpec
 from kdlib.train_state import load_train_state, load_weights, save_train_state
 from kdlib.trainees import make_trainee
 from kdlib.worker_shares import LosslessSplit, in_worker_blocks
@@ -108,17 +109,27 @@ def gather(value, world: int) -> list:
     return values
 
 
+@dataclass(frozen=True)
+class WorkerJob:
+    """What every Ray Train worker receives (as `train_loop_config={"job": ...}`)."""
+
+    spec: TrainSpec
+    datasets: list[str]  # the Ray Train dataset names whose shards hold this run's rows
+    init_weights: Checkpoint | None = None  # per-task fine-tuning starts from the multi-task student
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker: build the student, ingest this worker's rows, train with per-epoch checkpoints."""
-    torch.set_num_threads(config["torch_threads"])
+    job: WorkerJob = config["job"]
+    spec = job.spec
+    torch.set_num_threads(spec.torch_threads)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    tasks: dict = config["tasks"]
 
-    trainee = make_trainee(config)
+    trainee = make_trainee(spec)
     student = trainee.model
     trainable = [p for p in student.parameters() if p.requires_grad]
-    optimizer = LazyAdamW(trainable, lr=config["lr"], weight_decay=config["weight_decay"])
+    optimizer = LazyAdamW(trainable, lr=spec.lr, weight_decay=spec.weight_decay)
     start_epoch, step, starts = 0, 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -127,111 +138,135 @@ def train_loop_per_worker(config: dict) -> None:
         start_epoch, step, starts = meta["epoch"], meta["step"], meta["starts"]
         if rank == 0:
             print(f"[distill] resuming from checkpoint after epoch {start_epoch} (step {step})", flush=True)
-    elif config.get("init_weights") is not None:  # fine-tuning starts from the multi-task student
-        with config["init_weights"].as_directory() as d:
+    elif job.init_weights is not None:  # fine-tuning starts from the multi-task student
+        with job.init_weights.as_directory() as d:
             trainee.start_from(d)
     starts = starts + [start_epoch]  # the epoch each attempt started from: [0, 2] = resumed after epoch 2
     # This worker's rows of every task, ingested once into the trainee's features (the branched student's
     # frozen trunk states, computed on arrival, serve every epoch).
     ingest_start = time.perf_counter()
-    rows = {t: TaskRows() for t in tasks}
-    for name in config["datasets"]:
-        ingest(ray.train.get_dataset_shard(name), trainee, rows, max_length=config["max_length"])
+    rows = {t: TaskRows() for t in spec.tasks}
+    for name in job.datasets:
+        ingest(ray.train.get_dataset_shard(name), trainee, rows, max_length=spec.max_length)
     seen = rows_seen(rows, world)
     nodes = gather(ray.util.get_node_ip_address(), world)  # where each rank runs, for the placement report
-    data = {t: rows[t].tensors(trainee) for t in tasks}
+    data = {t: rows[t].tensors(trainee) for t in spec.tasks}
     if rank == 0:
-        print(f"[distill] ingested {sum(int(seen[f'rows/{t}']) for t in tasks)} rows in "
+        print(f"[distill] ingested {sum(int(seen[f'rows/{t}']) for t in spec.tasks)} rows in "
               f"{time.perf_counter() - ingest_start:.1f}s", flush=True)
+
+    def report(metrics: dict) -> None:
+        metrics = {**metrics, "start_epoch": start_epoch, **seen, "placement/nodes": nodes}
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                save_train_state(tmp, student, optimizer, {"epoch": metrics["epoch"], "step": metrics["step"],
+                                                           "starts": starts})
+                ckpt = Checkpoint.from_directory(tmp)
+                print(f"[distill] epoch {metrics['epoch']} done in {metrics['seconds']}s: "
+                      + ", ".join(f"{t} {metrics[f'loss/{t}']:.4f}" for t in spec.tasks), flush=True)
+            ray.train.report(metrics, checkpoint=ckpt)
+
+    run_epochs(trainee, data, spec, optimizer, rank=rank, world=world, start_epoch=start_epoch, step=step,
+               on_epoch=report)
+
+
+def run_epochs(trainee, data: dict[str, tuple], spec: TrainSpec, optimizer, *, rank: int = 0, world: int = 1,
+               start_epoch: int = 0, step: int = 0, on_epoch=None) -> int:
+    """The multi-task training loop from `start_epoch` to `spec.epochs` on one worker of `world` (1: a plain
+    single process); `on_epoch(metrics)` after each epoch. Returns the step count reached.
+
+    Args:
+        data: per task, (features, labels (N,), teacher logits (N, K, C)) from TaskRows.tensors.
+    """
+    tasks = spec.tasks
+    student = trainee.model
+    trainable = [p for p in student.parameters() if p.requires_grad]
     # Workers may hold different numbers of a task's rows: each takes as many batches as the largest
     # share needs (its own batches a little smaller), so all follow one schedule and use every row.
     counts = torch.tensor([len(data[t][0]) for t in tasks], dtype=torch.long)
     if world > 1:
         dist.all_reduce(counts, op=dist.ReduceOp.MAX)
-    bs = config["batch_size"]
+    bs = spec.batch_size
     n_batches = {t: math.ceil(int(n) / bs) for t, n in zip(tasks, counts)}
 
     # Schedules may draw a task more often than its batches in an epoch; then its batches are refilled
     # (the same step on every worker, as every worker holds n_batches[t] of them per refill).
     total_batches = sum(n_batches.values())
-    k = config["road_k"] if config["schedule"] == "road" else 1
+    k = spec.road_k if spec.schedule == "road" else 1
     steps_per_epoch = math.ceil(total_batches / k)
-    total_steps = config["epochs"] * steps_per_epoch
+    total_steps = spec.epochs * steps_per_epoch
     sizes = {t: max(1, int(n)) for t, n in zip(tasks, counts)}
 
-    for epoch in range(start_epoch, config["epochs"]):
+    for epoch in range(start_epoch, spec.epochs):
         epoch_start = time.perf_counter()
-        shared = np.random.default_rng([config["seed"], epoch])  # same on every worker
-        local = np.random.default_rng([config["seed"], epoch, rank])
+        shared = np.random.default_rng([spec.seed, epoch])  # same on every worker
+        local = np.random.default_rng([spec.seed, epoch, rank])
 
         def fresh(t):
             return length_grouped_batches(data[t][0].lengths, bs, local, n_batches=n_batches[t])
 
         batches = {t: fresh(t) for t in tasks}
-        schedule = epoch_schedule(config, n_batches, sizes, steps_per_epoch, shared)
+        schedule = epoch_schedule(spec, n_batches, sizes, steps_per_epoch, shared)
         losses: dict[str, list[float]] = {t: [] for t in tasks}
         student.train()
         for i, step_tasks in enumerate(schedule):
             optimizer.zero_grad(set_to_none=True)
-            hard_weight = teacher_annealing_weight(step, total_steps) if config["teacher_annealing"] else None
+            hard_weight = teacher_annealing_weight(step, total_steps) if spec.teacher_annealing else None
             step_rows = 0
             for task in step_tasks:
                 if not batches[task]:
                     batches[task] = fresh(task)
                 idx = batches[task].pop()
                 if len(idx):
-                    loss = task_loss(trainee, task, tasks[task], data[task], idx, config, hard_weight)
+                    loss = task_loss(trainee, task, tasks[task], data[task], idx, spec, hard_weight)
                     (loss / len(step_tasks)).backward()  # ROaD: the step averages its tasks' gradients
                     losses[task].append(loss.item())
                 average_gradients(trainee.task_parameters(task), world, weight=len(idx))
                 step_rows += len(idx)
             average_gradients(trainee.shared_parameters(), world, weight=step_rows)
             clip_grad_norm(trainable, 1.0)
-            lr = scheduled_lr(config["lr"], config["lr_schedule"], step, total_steps)
+            lr = scheduled_lr(spec.lr, spec.lr_schedule, step, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.step()
             step += 1
-            if rank == 0 and (i + 1) % config["log_every"] == 0 and losses[step_tasks[-1]]:
-                print(f"[distill] epoch {epoch + 1}/{config['epochs']} step {i + 1}/{len(schedule)} "
+            if rank == 0 and (i + 1) % spec.log_every == 0 and losses[step_tasks[-1]]:
+                print(f"[distill] epoch {epoch + 1}/{spec.epochs} step {i + 1}/{len(schedule)} "
                       f"{'+'.join(step_tasks)} loss {losses[step_tasks[-1]][-1]:.4f}", flush=True)
         digests = replica_digests(trainable, world)
-        metrics = {"epoch": epoch + 1, "step": step, "start_epoch": start_epoch,
-                   "seconds": round(time.perf_counter() - epoch_start, 2), "lr": optimizer.param_groups[0]["lr"], **seen,
-                   "replicas/identical": len(set(digests)) == 1, "replicas/digests": digests, "placement/nodes": nodes,
+        metrics = {"epoch": epoch + 1, "step": step, "seconds": round(time.perf_counter() - epoch_start, 2),
+                   "lr": optimizer.param_groups[0]["lr"],
+                   "replicas/identical": len(set(digests)) == 1, "replicas/digests": digests,
                    **{f"loss/{t}": float(np.mean(v)) if v else float("nan") for t, v in losses.items()}}
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                save_train_state(tmp, student, optimizer, {"epoch": epoch + 1, "step": step, "starts": starts})
-                ckpt = Checkpoint.from_directory(tmp)
-                print(f"[distill] epoch {epoch + 1} done in {metrics['seconds']}s: "
-                      + ", ".join(f"{t} {metrics[f'loss/{t}']:.4f}" for t in tasks), flush=True)
-            ray.train.report(metrics, checkpoint=ckpt)
+        if on_epoch is not None:
+            on_epoch(metrics)
+    return step
 
 
-def epoch_schedule(config: dict, n_batches: dict[str, int], sizes: dict[str, int], steps: int,
+def epoch_schedule(spec: TrainSpec, n_batches: dict[str, int], sizes: dict[str, int], steps: int,
                    rng: np.random.Generator) -> list[tuple[str, ...]]:
     """The tasks of every step of one epoch (the same on every worker: `rng` is seeded alike)."""
-    if config["schedule"] == "mtdnn":
+    if spec.schedule == "mtdnn":
         return [(t,) for t in mtdnn_schedule(n_batches, rng)]
-    if config["schedule"] == "sampling":
-        return [(t,) for t in temperature_sampling_schedule(sizes, config["sampling_tau"], steps, rng)]
-    return road_schedule(list(n_batches), config["road_k"], steps, rng)
+    if spec.schedule == "sampling":
+        return [(t,) for t in temperature_sampling_schedule(sizes, spec.sampling_tau, steps, rng)]
+    return road_schedule(list(n_batches), spec.road_k, steps, rng)
 
 
-def task_loss(trainee, task: str, spec: dict, data, idx, config: dict, hard_weight: float | None = None) -> torch.Tensor:
+def task_loss(trainee, task: str, t: TaskSpec, data, idx, spec: TrainSpec,
+              hard_weight: float | None = None) -> torch.Tensor:
     """One mini-batch's loss for one task: its objective against its aggregated teachers (losses.py)."""
     feats, labels, logits = data
     out = trainee.forward(task, feats, idx)
-    hard = spec["objective"] == "hard"
-    if spec.get("bins") is not None:  # a regression target learned over score bins (CMOW paper IV-B)
-        return binned_regression_loss(out, None if hard else logits[idx], labels[idx], ScoreBins(*spec["bins"]),
-                                      alpha=config["alpha"], hard_weight=hard_weight)
-    return distillation_loss(spec["objective"], kind=spec["kind"], student=out,
+    hard = t.objective == "hard"
+    if t.bins is not None:  # a regression target learned over score bins (CMOW paper IV-B)
+        return binned_regression_loss(out, None if hard else logits[idx], labels[idx], ScoreBins(*t.bins),
+                                      alpha=spec.alpha, hard_weight=hard_weight)
+    return distillation_loss(t.objective, kind=t.kind, student=out,
                              teacher_logits=None if hard else logits[idx], labels=labels[idx],
-                             temperature=config["temperature"], alpha=config["alpha"],
-                             aggregation=spec["aggregation"], wrong_teacher_weight=spec["wrong_teacher_weight"],
+                             temperature=spec.temperature, alpha=spec.alpha,
+                             aggregation=t.aggregation, wrong_teacher_weight=t.wrong_teacher_weight,
                              hard_weight=hard_weight)
 
 
@@ -282,8 +317,9 @@ def _sparse_table(p: torch.nn.Parameter) -> bool:
     return getattr(p, "_kdlib_sparse", False)
 
 
-def run_distillation(*, datasets: dict[str, ray.data.Dataset], loop_config: dict, num_workers: int,
-                     cpus_per_worker: float, max_failures: int, storage_path: str, name: str):
+def run_distillation(*, datasets: dict[str, ray.data.Dataset], spec: TrainSpec, num_workers: int,
+                     cpus_per_worker: float, max_failures: int, storage_path: str, name: str,
+                     init_weights: Checkpoint | None = None):
     """Run the TorchTrainer; returns Ray Train's Result (its checkpoint holds the trained branches).
 
     datasets: soft-target rows of any tasks, split across the workers without dropping a row
@@ -296,7 +332,7 @@ def run_distillation(*, datasets: dict[str, ray.data.Dataset], loop_config: dict
     fs, path = storage.filesystem(storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={**loop_config, "datasets": sorted(datasets)},
+        train_loop_config={"job": WorkerJob(spec, sorted(datasets), init_weights)},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=False,
                                      resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=path,
@@ -309,9 +345,9 @@ def run_distillation(*, datasets: dict[str, ray.data.Dataset], loop_config: dict
     return trainer.fit()
 
 
-def load_trained_student(result_checkpoint: Checkpoint, loop_config: dict):
+def load_trained_student(result_checkpoint: Checkpoint, spec: TrainSpec):
     """Rebuild the student on the driver and load the trained weights from Ray Train's final checkpoint."""
-    trainee = make_trainee(loop_config)
+    trainee = make_trainee(spec)
     with result_checkpoint.as_directory() as d:
         load_weights(d, trainee.model)
     return trainee.model.eval()
