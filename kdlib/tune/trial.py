@@ -1,11 +1,11 @@
 """One search trial: (task, L, l) -> a student branch of l layers distilled from the (task, L) teacher.
 
 What a trial needs is cached (kdlib.tune.caches): the teacher ensemble that fine-tuned the top L layers
-(kdlib.teachers.train_ensemble, trained by the first trial that needs it), the frozen trunk's states at
+(kdlib.pipeline.teachers, trained by the first trial that needs it), the frozen trunk's states at
 depth N - L for train and dev, and the teacher's logits on them. So a trial trains only its l layers and
 head (Hinton KD against the ensemble, flexible-multitask-bert-serving sec. 3.2, initialised from the best
 member's bottommost l fine-tuned layers) and scores dev after the epochs ASHA decides at and the last
-(settings["scored_epochs"], kdlib.tune.search.scored_epochs): one `tune.report` each, which is what ASHA
+(settings.scored_epochs, kdlib.tune.search.scored_epochs): one `tune.report` each, which is what ASHA
 stops on.
 """
 
@@ -17,6 +17,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,59 +26,48 @@ from safetensors.torch import load_file, save_file
 from kdlib import storage
 from kdlib.artifact import load_model, save_model
 from kdlib.branched import BranchedModel, member_name
-from kdlib.encoder import load_encoder, load_tokenizer
 from kdlib.scoring import ensemble_outputs, member_scores
 from kdlib.features import TrunkFeatures, length_grouped_batches
 from kdlib.losses import ensemble_target, kd_classification_loss, kd_regression_loss
 from kdlib.merge import build_student, single_task
 from kdlib.metrics import task_metrics
 from kdlib.stages import fingerprint
-from kdlib.teachers import train_ensemble
+from kdlib.pipeline.teachers import teacher_key, train_teacher_ensemble
 from kdlib.tune import caches
 
-
-def teacher_fingerprint(s: dict, L: int, members: int | None = None) -> str:
-    """The teachers stage key of jobs/distill.py, so both jobs share one trained ensemble per (task, L, seed)."""
-    teachers = dict(s["teachers"], **({"members": members} if members is not None else {}))
-    return fingerprint("teachers", s["encoder"]["fingerprint"], s["digest"], L, teachers, s["encoder"]["pooling"],
-                       s["encoder"]["max_length"], s["seed"])
+if TYPE_CHECKING:
+    from kdlib.tune.settings import TrialSettings
 
 
-def student_fingerprint(s: dict, L: int, l: int) -> str:
-    return fingerprint("tune-student", teacher_fingerprint(s, L), l, s["student"], s["aggregation"],
-                       s["wrong_teacher_weight"], s["seed"])
+def teacher_fingerprint(s: TrialSettings, L: int, members: int | None = None) -> str:
+    """The teachers stage key of the pipeline, so both jobs share one trained ensemble per (task, L, seed)."""
+    return teacher_key(s.encoder, s.data.digest, L, s.teachers, members=members)
 
 
-def _encoder(s: dict):
-    e = s["encoder"]
-    return load_encoder(e["source"], e["random_init"], e["config_overrides"], seed=s["seed"])
+def student_fingerprint(s: TrialSettings, L: int, l: int) -> str:
+    return fingerprint("tune-student", teacher_fingerprint(s, L), l, s.student.model_dump(), s.aggregation,
+                       s.wrong_teacher_weight, s.seed)
 
 
-def ensure_teacher(s: dict, L: int, location: str, members: int | None = None) -> tuple[Path, bool]:
+def ensure_teacher(s: TrialSettings, L: int, location: str, members: int | None = None) -> tuple[Path, bool]:
     """The (task, L) ensemble artifact at `location` (trained here unless done); (its folder on this node,
     trained now)."""
-    t, e = s["teachers"], s["encoder"]
 
     def build(out: Path) -> dict:
-        info = train_ensemble(task=s["task"], kind=s["kind"], label_names=s["label_names"], metric=s["metric"],
-                              train=s["train"], encoder_source=e["source"], random_init=e["random_init"],
-                              config_overrides=e["config_overrides"], pooling=e["pooling"],
-                              max_length=e["max_length"], fine_tune_layers=L,
-                              members=members or t["members"], epochs=t["epochs"], batch_size=t["batch_size"],
-                              lr=t["lr"], head_lr=t["head_lr"], weight_decay=t["weight_decay"], seed=s["seed"],
-                              out_dir=str(out / "ensemble"), log=lambda *_: None)
-        return {"task": s["task"], "L": L, "train_seconds": info["seconds"]}
+        info = train_teacher_ensemble(s.data, s.encoder, L, s.teachers, str(out / "ensemble"), members=members,
+                                      log=lambda *_: None)
+        return {"task": s.task, "L": L, "train_seconds": info["seconds"]}
 
     out, trained = caches.once(location, build, "teacher")
     return out / "ensemble", trained
 
 
-def compute_states(s: dict, model: BranchedModel, depth: int, split: str) -> TrunkFeatures:
-    frame = s[split]
+def compute_states(s: TrialSettings, model: BranchedModel, depth: int, split: str) -> TrunkFeatures:
+    frame = s.split(split)
     pairs = frame["text_pair"].tolist()
-    return TrunkFeatures.compute(model, load_tokenizer(s["encoder"]["source"]), frame["text"].tolist(),
+    return TrunkFeatures.compute(model, s.encoder.tokenizer(), frame["text"].tolist(),
                                  pairs if pairs and pairs[0] is not None else [None], depth=depth,
-                                 max_length=s["encoder"]["max_length"])
+                                 max_length=s.encoder.max_length)
 
 
 @torch.no_grad()
@@ -95,28 +85,28 @@ def branch_outputs(model: BranchedModel, name: str, feats: TrunkFeatures, batch_
     return np.stack(out)
 
 
-def labels_of(s: dict, split: str) -> np.ndarray:
-    return s[split]["label"].to_numpy()
+def labels_of(s: TrialSettings, split: str) -> np.ndarray:
+    return s.split(split)["label"].to_numpy()
 
 
-def teacher_outputs(s: dict, ensemble: BranchedModel, feats: dict[str, TrunkFeatures], L: int) -> dict:
+def teacher_outputs(s: TrialSettings, ensemble: BranchedModel, feats: dict[str, TrunkFeatures], L: int) -> dict:
     """Every member's logits on train and dev (N, K, C), member and ensemble dev scores, the best member."""
-    members = s["teachers"]["members"]
-    logits = {sp: np.stack([branch_outputs(ensemble, member_name(s["task"], k), feats[sp]) for k in range(members)],
+    members = s.teachers.members
+    logits = {sp: np.stack([branch_outputs(ensemble, member_name(s.task, k), feats[sp]) for k in range(members)],
                            axis=1) for sp in ("train", "dev")}
-    scores = member_scores(s["kind"], s["metric"], labels_of(s, "dev"), logits["dev"])
-    ens = task_metrics(s["kind"], ensemble_outputs(logits["dev"], s["kind"], s["aggregation"],
-                                                   s["student"]["temperature"]), labels_of(s, "dev"))[s["metric"]]
+    scores = member_scores(s.data.kind, s.data.metric, labels_of(s, "dev"), logits["dev"])
+    ens = task_metrics(s.data.kind, ensemble_outputs(logits["dev"], s.data.kind, s.aggregation,
+                                                   s.student.temperature), labels_of(s, "dev"))[s.data.metric]
     best = int(np.argmax(scores))
     return {"logits": logits, "member_scores": scores, "ensemble_score": ens, "best_member": best}
 
 
-def save_teacher_outputs(out: Path, s: dict, encoder, ensemble: BranchedModel, info: dict, L: int) -> dict:
+def save_teacher_outputs(out: Path, s: TrialSettings, encoder, ensemble: BranchedModel, info: dict, L: int) -> dict:
     """Logits, scores, and the undistilled candidate (the best member as a branch named after the task)."""
     save_file({sp: torch.from_numpy(v) for sp, v in info["logits"].items()}, str(out / "logits.safetensors"))
-    branch = build_student(encoder, {s["task"]: (ensemble, member_name(s["task"], info["best_member"]))},
-                           {s["task"]: L}, s["encoder"]["pooling"])
-    save_model(single_task(branch, s["task"]), out / "branch", include_trunk=False, tasks=_task_meta(s),
+    branch = build_student(encoder, {s.task: (ensemble, member_name(s.task, info["best_member"]))},
+                           {s.task: L}, s.encoder.pooling)
+    save_model(single_task(branch, s.task), out / "branch", include_trunk=False, tasks=_task_meta(s),
                extra={"role": "tune_teacher_branch", "L": L, "l": L})
     meta = {k: info[k] for k in ("member_scores", "ensemble_score", "best_member")}
     (out / "scores.json").write_text(json.dumps(meta))
@@ -128,18 +118,18 @@ def load_teacher_outputs(out: Path) -> dict:
     return {"logits": {k: v.numpy() for k, v in data.items()}, **json.loads((out / "scores.json").read_text())}
 
 
-def _task_meta(s: dict) -> dict:
-    return {s["task"]: {"kind": s["kind"], "label_names": s["label_names"], "metric": s["metric"]}}
+def _task_meta(s: TrialSettings) -> dict:
+    return {s.task: {"kind": s.data.kind, "label_names": s.data.label_names, "metric": s.data.metric}}
 
 
-def prepare(s: dict, L: int, scratch: Path | None) -> dict:
+def prepare(s: TrialSettings, L: int, scratch: Path | None) -> dict:
     """Teacher, trunk states and teacher outputs for (task, L): from the caches, or into `scratch` without them.
 
     Returns:
         {"encoder", "ensemble", "feats", "teacher", "teacher_outputs" (where "teacher" is stored), "depth",
          "computed": {what this call computed}}.
     """
-    encoder = _encoder(s)
+    encoder = s.encoder.load()
     depth = encoder.config.num_hidden_layers - L
     entries = cache_entries(s, L, encoder.config.num_hidden_layers, scratch)
     teacher_dir, trained = ensure_teacher(s, L, entries["teacher"])
@@ -154,69 +144,69 @@ def prepare(s: dict, L: int, scratch: Path | None) -> dict:
             "computed": {"teacher": trained, "trunk_states": computed, "teacher_outputs": labeled}}
 
 
-def cache_entries(s: dict, L: int, encoder_layers: int, scratch: Path | None = None) -> dict[str, str]:
+def cache_entries(s: TrialSettings, L: int, encoder_layers: int, scratch: Path | None = None) -> dict[str, str]:
     """Where `prepare` keeps the (task, L) teacher, trunk states and teacher outputs: shared cache entries
     under the storage root, or the trial's private scratch folder (caches off)."""
     def entry(kind: str, key: str) -> str:
-        return str(scratch / key) if scratch else storage.child(s["storage_root"], "cache", kind, key)
+        return str(scratch / key) if scratch else storage.child(s.storage_root, "cache", kind, key)
 
     tfp, depth = teacher_fingerprint(s, L), encoder_layers - L
-    states_key = fingerprint("trunk-states", s["encoder"]["fingerprint"], s["digest"], depth, s["encoder"]["max_length"])
-    return {"teacher": entry("teachers", tfp), "trunk_states": entry(f"trunk_states/{s['task']}", states_key),
+    states_key = fingerprint("trunk-states", s.encoder.fingerprint, s.data.digest, depth, s.encoder.max_length)
+    return {"teacher": entry("teachers", tfp), "trunk_states": entry(f"trunk_states/{s.task}", states_key),
             "teacher_outputs": entry("tune_teacher_outputs", f"{tfp}-outputs")}
 
 
-def prepare_cached(settings: dict, L: int, encoder_layers: int) -> dict:
+def prepare_cached(settings: TrialSettings, L: int, encoder_layers: int) -> dict:
     """`prepare` into the shared caches, as a Ray task of its own (kdlib.tune.search.prepare_teachers),
     unless all three entries are cached already: what it computed."""
     if all(caches.is_done(e) for e in cache_entries(settings, L, encoder_layers).values()):
         return {"teacher": False, "trunk_states": False, "teacher_outputs": False}
-    torch.set_num_threads(settings["torch_threads"])
+    torch.set_num_threads(settings.torch_threads)
     return prepare(settings, L, None)["computed"]
 
 
-def distill_student(s: dict, prep: dict, L: int, l: int, out: Path, report,
+def distill_student(s: TrialSettings, prep: dict, L: int, l: int, out: Path, report,
                     publish=lambda: None) -> list[list[float]]:
     """Train the l-layer branch on cached states against the teacher ensemble; `report(epoch, score, scores,
-    last)` after each epoch in settings["scored_epochs"] and the last (`scores`: [[epoch, score], ...]).
+    last)` after each epoch in settings.scored_epochs and the last (`scores`: [[epoch, score], ...]).
 
     The student is saved to `out/student` before each score is reported, so a trial that ASHA stops
     leaves the artifact its last reported score belongs to.
     """
-    task, st = s["task"], s["student"]
+    task, st = s.task, s.student
     feats, teacher = prep["feats"], prep["teacher"]
     student = build_student(prep["encoder"], {task: (prep["ensemble"], member_name(task, teacher["best_member"]))},
-                            {task: l}, s["encoder"]["pooling"])
-    kind = s["kind"]
+                            {task: l}, s.encoder.pooling)
+    kind = s.data.kind
     y = torch.tensor(labels_of(s, "train"), dtype=torch.long if kind == "classification" else torch.float32)
-    target = ensemble_target(torch.from_numpy(teacher["logits"]["train"]), s["aggregation"], st["temperature"],
+    target = ensemble_target(torch.from_numpy(teacher["logits"]["train"]), s.aggregation, st.temperature,
                              labels=y if kind == "classification" else None,
-                             wrong_weight=s["wrong_teacher_weight"])  # (N, C)
+                             wrong_weight=s.wrong_teacher_weight)  # (N, C)
     branch = student.branches[task]
-    optim = torch.optim.AdamW(branch.parameters(), lr=st["lr"], weight_decay=st["weight_decay"])
-    steps = st["epochs"] * int(np.ceil(len(feats["train"]) / st["batch_size"]))
+    optim = torch.optim.AdamW(branch.parameters(), lr=st.lr, weight_decay=st.weight_decay)
+    steps = st.epochs * int(np.ceil(len(feats["train"]) / st.batch_size))
     warm = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda i: min((i + 1) / warm, max(0.0, (steps - i) / max(1, steps - warm))))
-    rng, scores = np.random.default_rng(s["seed"]), []
-    torch.manual_seed(s["seed"])
-    for epoch in range(st["epochs"]):
+    rng, scores = np.random.default_rng(s.seed), []
+    torch.manual_seed(s.seed)
+    for epoch in range(st.epochs):
         branch.train()
-        for idx in length_grouped_batches(feats["train"].lengths, st["batch_size"], rng):
+        for idx in length_grouped_batches(feats["train"].lengths, st.batch_size, rng):
             h, mask = feats["train"].batch(idx)  # (B, T, H), (B, T)
             pred = student.branch_forward(task, h, mask)  # (B, C)
             if kind == "classification":
-                loss = kd_classification_loss(pred, target[idx], y[idx], st["temperature"], st["alpha"])
+                loss = kd_classification_loss(pred, target[idx], y[idx], st.temperature, st.alpha)
             else:
-                loss = kd_regression_loss(pred, target[idx], y[idx], st["alpha"])
+                loss = kd_regression_loss(pred, target[idx], y[idx], st.alpha)
             optim.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(branch.parameters(), 1.0)
             optim.step()
             sched.step()
-        last = epoch + 1 == st["epochs"]
-        if not last and epoch + 1 not in s["scored_epochs"]:
+        last = epoch + 1 == st.epochs
+        if not last and epoch + 1 not in s.scored_epochs:
             continue
-        score = task_metrics(kind, branch_outputs(student, task, feats["dev"]), labels_of(s, "dev"))[s["metric"]]
+        score = task_metrics(kind, branch_outputs(student, task, feats["dev"]), labels_of(s, "dev"))[s.data.metric]
         scores.append([epoch + 1, score])
         save_model(single_task(student, task), out / "student", include_trunk=False, tasks=_task_meta(s),
                    extra={"role": "tune_student", "L": L, "l": l, "epochs_done": epoch + 1, "scores": scores})
@@ -225,14 +215,14 @@ def distill_student(s: dict, prep: dict, L: int, l: int, out: Path, report,
     return scores
 
 
-def run_trial(config: dict, settings: dict) -> None:
+def run_trial(config: dict, settings: TrialSettings) -> None:
     """Ray Tune function trainable: `config` holds the sampled L and l; `settings` everything else (plain data)."""
     from ray import tune
 
     s = settings
-    torch.set_num_threads(s["torch_threads"])
-    task, L, l = s["task"], int(config["L"]), int(config["l"])
-    if f"{task}:{L}:{l}" in s["inject_failures"]:
+    torch.set_num_threads(s.torch_threads)
+    task, L, l = s.task, int(config["L"]), int(config["l"])
+    if f"{task}:{L}:{l}" in s.inject_failures:
         raise RuntimeError(f"injected failure (search.inject_failures) in trial {task} L={L} l={l}")
     scratch, student_dir = _trial_dirs(s, L, l)
     try:
@@ -241,7 +231,7 @@ def run_trial(config: dict, settings: dict) -> None:
         _drop(scratch)
 
 
-def _run_trial(s: dict, task: str, L: int, l: int, scratch: Path | None, student_dir: str, tune) -> None:
+def _run_trial(s: TrialSettings, task: str, L: int, l: int, scratch: Path | None, student_dir: str, tune) -> None:
     started = time.perf_counter()
     base = _base(L, l, student_dir)
 
@@ -257,7 +247,7 @@ def _run_trial(s: dict, task: str, L: int, l: int, scratch: Path | None, student
             {**base, "score": score, "epoch": epoch + 1, "cached": False, "seconds": round(time.perf_counter() - started, 2)}))
 
 
-def finish_trial(settings: dict, L: int, l: int) -> dict:
+def finish_trial(settings: TrialSettings, L: int, l: int) -> dict:
     """Train (L, l) for all its epochs outside Tune: a trial ASHA stopped early whose branch a selection
     wants, so that the merged model (and the curve) use a fully trained branch, not a partial score.
 
@@ -265,7 +255,7 @@ def finish_trial(settings: dict, L: int, l: int) -> dict:
     where a later trial with the same (L, l) replays it. Returns {"score", "epochs", "student_dir"}.
     """
     s = settings
-    torch.set_num_threads(s["torch_threads"])
+    torch.set_num_threads(s.torch_threads)
     scratch, student_dir = _trial_dirs(s, L, l)
     try:
         return _finish_trial(s, L, l, scratch, student_dir)
@@ -273,7 +263,7 @@ def finish_trial(settings: dict, L: int, l: int) -> dict:
         _drop(scratch)
 
 
-def _finish_trial(s: dict, L: int, l: int, scratch: Path | None, student_dir: str) -> dict:
+def _finish_trial(s: TrialSettings, L: int, l: int, scratch: Path | None, student_dir: str) -> dict:
     with caches.locked(student_dir):
         if not caches.is_done(student_dir):
             caches.clear_unfinished(student_dir)
@@ -289,7 +279,7 @@ def epoch_scores(done: dict) -> list[tuple[int, float]]:
     return [tuple(x) if isinstance(x, list) else (i + 1, x) for i, x in enumerate(scores)]
 
 
-def _train_student(s: dict, L: int, l: int, scratch: Path | None, student_dir: str, on_epoch, **facts) -> None:
+def _train_student(s: TrialSettings, L: int, l: int, scratch: Path | None, student_dir: str, on_epoch, **facts) -> None:
     """Distil the (L, l) student into its entry: the artifact published after every epoch, then
     `on_epoch(base, epoch, score)`; the entry marked done (with its scores and `facts`) before the last call."""
     prep = prepare(s, L, scratch)
@@ -298,7 +288,7 @@ def _train_student(s: dict, L: int, l: int, scratch: Path | None, student_dir: s
 
         def report(epoch: int, score: float, scores: list[list[float]], last: bool) -> None:
             if last:  # before the last report: Tune may end the trial there (max_t reached)
-                caches.mark_done(student_dir, {"kind": "student", "task": s["task"], "L": L, "l": l, "scores": scores,
+                caches.mark_done(student_dir, {"kind": "student", "task": s.task, "L": L, "l": l, "scores": scores,
                                                **facts, "base": {k: v for k, v in base.items()
                                                                  if not k.startswith("computed_")}})
             on_epoch(base, epoch, score)
@@ -317,16 +307,16 @@ def _base(L: int, l: int, student_dir: str, prep: dict | None = None) -> dict:
     return base
 
 
-def _trial_dirs(s: dict, L: int, l: int) -> tuple[Path | None, str]:
+def _trial_dirs(s: TrialSettings, L: int, l: int) -> tuple[Path | None, str]:
     """(a private scratch folder on this node when caches are off, else None; the (L, l) student's location).
 
     Without caches the teacher, trunk states and teacher outputs go to the scratch folder (removed after the
     trial), and the student to the run folder, where the merge finds it."""
     fp = student_fingerprint(s, L, l)
-    if s["caches"]:
-        return None, storage.child(s["storage_root"], "cache", "tune_students", fp)
-    private = f"{s['task']}-L{L}-l{l}-{uuid.uuid4().hex[:6]}"
-    return Path(tempfile.mkdtemp(prefix=f"kdlib-{private}-")), storage.child(s["run_dir"], "nocache", private, fp)
+    if s.caches:
+        return None, storage.child(s.storage_root, "cache", "tune_students", fp)
+    private = f"{s.task}-L{L}-l{l}-{uuid.uuid4().hex[:6]}"
+    return Path(tempfile.mkdtemp(prefix=f"kdlib-{private}-")), storage.child(s.run_dir, "nocache", private, fp)
 
 
 def _drop(scratch: Path | None) -> None:
@@ -334,19 +324,19 @@ def _drop(scratch: Path | None) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _replay(s: dict, student_dir: str, base: dict, tune) -> None:
+def _replay(s: TrialSettings, student_dir: str, base: dict, tune) -> None:
     """Report a finished student's stored scores again, at this sweep's scored epochs only (the student
     may have been trained, and scored, under other scheduler settings: its weights do not depend on them)."""
     done = caches.done_info(student_dir)
     stored = epoch_scores(done)
     for epoch, score in stored:
-        if epoch not in s["scored_epochs"] and epoch != stored[-1][0]:
+        if epoch not in s.scored_epochs and epoch != stored[-1][0]:
             continue
         tune.report({**base, **done["base"], "score": score, "epoch": epoch, "cached": True, "seconds": 0.0,
                      "computed_teacher": False, "computed_trunk_states": False, "computed_teacher_outputs": False})
 
 
-def full_fine_tuning_score(s: dict, encoder_layers: int) -> float:
+def full_fine_tuning_score(s: TrialSettings, encoder_layers: int) -> float:
     """Dev score of one member fine-tuning all N layers: the reference the paper's shares are taken of.
 
     The artifact is the teachers stage of a members = 1, L = N run, the same one jobs/benchmark.py's
@@ -354,13 +344,13 @@ def full_fine_tuning_score(s: dict, encoder_layers: int) -> float:
     """
     from kdlib.predict import predict
 
-    torch.set_num_threads(s["torch_threads"])
-    location = storage.child(s["storage_root"], "cache", "teachers", teacher_fingerprint(s, encoder_layers, members=1))
+    torch.set_num_threads(s.torch_threads)
+    location = storage.child(s.storage_root, "cache", "teachers", teacher_fingerprint(s, encoder_layers, members=1))
     artifact, _ = ensure_teacher(s, encoder_layers, location, members=1)
-    model, _ = load_model(artifact, encoder=_encoder(s))
-    dev = s["dev"]
+    model, _ = load_model(artifact, encoder=s.encoder.load())
+    dev = s.data.dev
     pairs = dev["text_pair"].tolist()
-    name = member_name(s["task"], 0)
-    out = predict(model, load_tokenizer(s["encoder"]["source"]), dev["text"].tolist(),
-                  None if not pairs or pairs[0] is None else pairs, [name], max_length=s["encoder"]["max_length"])[name]
-    return task_metrics(s["kind"], out, labels_of(s, "dev"))[s["metric"]]
+    name = member_name(s.task, 0)
+    out = predict(model, s.encoder.tokenizer(), dev["text"].tolist(),
+                  None if not pairs or pairs[0] is None else pairs, [name], max_length=s.encoder.max_length)[name]
+    return task_metrics(s.data.kind, out, labels_of(s, "dev"))[s.data.metric]
