@@ -1,5 +1,5 @@
-"""AdamW that updates only the embedding rows a step touched, gradient clipping that handles them, and the
-learning-rate schedule.
+"""The training step kdlib's loops share (`Optimization`): AdamW that updates only the embedding rows a
+step touched, gradient clipping that handles them, and the learning-rate schedule.
 
 End-to-end students own vocabulary-sized embedding tables (30,522 WordPiece rows; CMOW keeps 1,200 numbers
 per row, 36.6M parameters). A dense AdamW step rewrites all of them every step: on one CPU thread 1.7 s
@@ -81,11 +81,64 @@ def clip_grad_norm(params, max_norm: float) -> float:
 def scheduled_lr(base_lr: float, schedule: str, step: int, total_steps: int) -> float:
     """The learning rate of step `step` in [0, total_steps): `constant` keeps base_lr; `linear` decays it
     linearly to 0 over the run, base_lr * (1 - step / total_steps) (the CMOW paper's schedule, no warm-up;
-    transformers' get_linear_schedule_with_warmup with 0 warm-up steps gives the same)."""
+    transformers' get_linear_schedule_with_warmup with 0 warm-up steps gives the same); `warmup_linear` is
+    BERT's: a linear warm-up over the first 10% of steps, then a linear decay to 0 (the teachers' and Tune
+    trials' schedule; the factor is the LambdaLR lambda they used, so their rates are unchanged)."""
     if not 0 <= step < total_steps:
         raise ValueError(f"step {step} outside [0, {total_steps})")
     if schedule == "constant":
         return base_lr
     if schedule == "linear":
         return base_lr * (1 - step / total_steps)
-    raise ValueError(f"unknown lr_schedule {schedule!r} (constant or linear)")
+    if schedule == "warmup_linear":
+        w = max(1, int(total_steps * 0.1))
+        return base_lr * min((step + 1) / w, max(0.0, (total_steps - step) / max(1, total_steps - w)))
+    raise ValueError(f"unknown lr_schedule {schedule!r} (constant, linear or warmup_linear)")
+
+
+class Optimization:
+    """Optimizer, schedule, clipping and step counter of a training loop: the teachers' partial fine-tuning,
+    Tune trials, distillation and per-task fine-tuning all step through this class, so that what every step
+    needs (device placement, mixed precision) goes in once.
+
+    A step: `zero_grad()`, `backward(loss)` once or more (ROaD sums several tasks' losses), any edits of the
+    gradients (distillation averages them across workers here), then `step()`. `backward` and `step` are the
+    only places that touch the loss or the gradients' scale: a GradScaler's scale() belongs in the first,
+    its unscale_() (before clipping), step() and update() in the second.
+
+    Args:
+        params: parameters, or torch-style groups ({"params": ..., "lr": ...}), each group with its own base lr.
+        lr: the base lr of groups that do not set one.
+        schedule: `scheduled_lr`'s schedule, applied to every group's base lr.
+        total_steps: the run's steps; may be set later, before the first `step()` (distillation restores a
+            checkpoint into the optimizer before it has counted its rows).
+    Attributes:
+        optimizer: the LazyAdamW (what kdlib.train_state saves and restores).
+        steps_done: steps taken, the index of the next one; a resumed run sets it from its checkpoint.
+    """
+
+    def __init__(self, params, *, lr: float, weight_decay: float, schedule: str = "constant",
+                 total_steps: int | None = None, max_grad_norm: float = 1.0):
+        self.optimizer = LazyAdamW(params, lr=lr, weight_decay=weight_decay)
+        self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.schedule, self.total_steps, self.max_grad_norm = schedule, total_steps, max_grad_norm
+        self.steps_done = 0
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        """Clip the gradients as they are now, set every group's lr for this step, update, count the step;
+        returns the first group's lr."""
+        if self.total_steps is None:
+            raise ValueError("Optimization.total_steps is not set")
+        clip_grad_norm(self.params, self.max_grad_norm)
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = scheduled_lr(base_lr, self.schedule, self.steps_done, self.total_steps)
+        self.optimizer.step()
+        self.steps_done += 1
+        return self.optimizer.param_groups[0]["lr"]

@@ -18,6 +18,7 @@ from kdlib.branched import BranchedModel, BranchSpec, member_name
 from kdlib.encoder import load_encoder, load_tokenizer
 from kdlib.features import TrunkFeatures, length_grouped_batches
 from kdlib.losses import hard_loss
+from kdlib.optim import Optimization
 
 
 def train_ensemble(*, task: str, kind: str, label_names: list[str], metric: str, train: pd.DataFrame,
@@ -58,12 +59,10 @@ def train_ensemble(*, task: str, kind: str, label_names: list[str], metric: str,
         torch.manual_seed(seed + k)
         rng = np.random.default_rng(seed + k)
         branch = model.branches[spec.name]
-        optim = torch.optim.AdamW([
-            {"params": branch.layers.parameters(), "lr": lr},
-            {"params": branch.head.parameters(), "lr": head_lr},
-        ], weight_decay=weight_decay)
-        steps = epochs * int(np.ceil(len(feats) / batch_size))
-        sched = torch.optim.lr_scheduler.LambdaLR(optim, _warmup_linear(steps))
+        opt = Optimization([{"params": branch.layers.parameters(), "lr": lr},
+                            {"params": branch.head.parameters(), "lr": head_lr}],
+                           lr=lr, weight_decay=weight_decay, schedule="warmup_linear",
+                           total_steps=epochs * int(np.ceil(len(feats) / batch_size)))
         branch.train()
         for epoch in range(epochs):
             total, seen = 0.0, 0
@@ -71,11 +70,9 @@ def train_ensemble(*, task: str, kind: str, label_names: list[str], metric: str,
                 h, mask = feats.batch(idx)
                 out = model.branch_forward(spec.name, h, mask)
                 loss = hard_loss(kind, out, labels[idx])
-                optim.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(branch.parameters(), 1.0)
-                optim.step()
-                sched.step()
+                opt.zero_grad()
+                opt.backward(loss)
+                opt.step()
                 total, seen = total + loss.item() * len(idx), seen + len(idx)
             log(f"[teachers:{task}] member {k} epoch {epoch + 1}/{epochs} loss {total / seen:.4f}")
         final_losses.append(total / seen)
@@ -86,9 +83,3 @@ def train_ensemble(*, task: str, kind: str, label_names: list[str], metric: str,
                extra={"role": "teacher_ensemble", "task": task, "fine_tune_layers": fine_tune_layers,
                       "members": members})
     return {"seconds": round(time.perf_counter() - start, 1), "final_loss": final_losses}
-
-
-def _warmup_linear(total_steps: int, warmup: float = 0.1):
-    """Linear warm-up over the first 10% of steps, then linear decay to 0 (BERT's schedule)."""
-    w = max(1, int(total_steps * warmup))
-    return lambda step: min((step + 1) / w, max(0.0, (total_steps - step) / max(1, total_steps - w)))

@@ -31,6 +31,7 @@ from kdlib.features import TrunkFeatures, length_grouped_batches
 from kdlib.losses import ensemble_target, kd_classification_loss, kd_regression_loss
 from kdlib.merge import build_student, single_task
 from kdlib.metrics import task_metrics
+from kdlib.optim import Optimization
 from kdlib.stages import fingerprint
 from kdlib.pipeline.teachers import teacher_key, train_teacher_ensemble
 from kdlib.tune import caches
@@ -183,10 +184,8 @@ def distill_student(s: TrialSettings, prep: dict, L: int, l: int, out: Path, rep
                              labels=y if kind == "classification" else None,
                              wrong_weight=s.wrong_teacher_weight)  # (N, C)
     branch = student.branches[task]
-    optim = torch.optim.AdamW(branch.parameters(), lr=st.lr, weight_decay=st.weight_decay)
-    steps = st.epochs * int(np.ceil(len(feats["train"]) / st.batch_size))
-    warm = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda i: min((i + 1) / warm, max(0.0, (steps - i) / max(1, steps - warm))))
+    opt = Optimization(branch.parameters(), lr=st.lr, weight_decay=st.weight_decay, schedule="warmup_linear",
+                       total_steps=st.epochs * int(np.ceil(len(feats["train"]) / st.batch_size)))
     rng, scores = np.random.default_rng(s.seed), []
     torch.manual_seed(s.seed)
     for epoch in range(st.epochs):
@@ -198,11 +197,9 @@ def distill_student(s: TrialSettings, prep: dict, L: int, l: int, out: Path, rep
                 loss = kd_classification_loss(pred, target[idx], y[idx], st.temperature, st.alpha)
             else:
                 loss = kd_regression_loss(pred, target[idx], y[idx], st.alpha)
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(branch.parameters(), 1.0)
-            optim.step()
-            sched.step()
+            opt.zero_grad()
+            opt.backward(loss)
+            opt.step()
         last = epoch + 1 == st.epochs
         if not last and epoch + 1 not in s.scored_epochs:
             continue
