@@ -33,7 +33,7 @@ from ray.train.torch import TorchTrainer
 from kdlib import storage
 from kdlib.features import length_grouped_batches
 from kdlib.losses import binned_regression_loss, distillation_loss, teacher_annealing_weight
-from kdlib.optim import LazyAdamW, clip_grad_norm, scheduled_lr
+from kdlib.optim import Optimization
 from kdlib.schedules import mtdnn_schedule, road_schedule, temperature_sampling_schedule
 from kdlib.soft_targets import ids_digest, teacher_logits_array
 from kdlib.students.binning import ScoreBins
@@ -128,16 +128,16 @@ def train_loop_per_worker(config: dict) -> None:
 
     trainee = make_trainee(spec)
     student = trainee.model
-    trainable = [p for p in student.parameters() if p.requires_grad]
-    optimizer = LazyAdamW(trainable, lr=spec.lr, weight_decay=spec.weight_decay)
-    start_epoch, step, starts = 0, 0, []
+    opt = Optimization([p for p in student.parameters() if p.requires_grad], lr=spec.lr,
+                       weight_decay=spec.weight_decay, schedule=spec.lr_schedule)
+    start_epoch, starts = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            meta = load_train_state(d, student, optimizer)
-        start_epoch, step, starts = meta["epoch"], meta["step"], meta["starts"]
+            meta = load_train_state(d, student, opt.optimizer)
+        start_epoch, opt.steps_done, starts = meta["epoch"], meta["step"], meta["starts"]
         if rank == 0:
-            print(f"[distill] resuming from checkpoint after epoch {start_epoch} (step {step})", flush=True)
+            print(f"[distill] resuming from checkpoint after epoch {start_epoch} (step {opt.steps_done})", flush=True)
     elif job.init_weights is not None:  # fine-tuning starts from the multi-task student
         with job.init_weights.as_directory() as d:
             trainee.start_from(d)
@@ -160,28 +160,27 @@ def train_loop_per_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                save_train_state(tmp, student, optimizer, {"epoch": metrics["epoch"], "step": metrics["step"],
-                                                           "starts": starts})
+                save_train_state(tmp, student, opt.optimizer, {"epoch": metrics["epoch"], "step": metrics["step"],
+                                                               "starts": starts})
                 ckpt = Checkpoint.from_directory(tmp)
                 print(f"[distill] epoch {metrics['epoch']} done in {metrics['seconds']}s: "
                       + ", ".join(f"{t} {metrics[f'loss/{t}']:.4f}" for t in spec.tasks), flush=True)
             ray.train.report(metrics, checkpoint=ckpt)
 
-    run_epochs(trainee, data, spec, optimizer, rank=rank, world=world, start_epoch=start_epoch, step=step,
-               on_epoch=report)
+    run_epochs(trainee, data, spec, opt, rank=rank, world=world, start_epoch=start_epoch, on_epoch=report)
 
 
-def run_epochs(trainee, data: dict[str, tuple], spec: TrainSpec, optimizer, *, rank: int = 0, world: int = 1,
-               start_epoch: int = 0, step: int = 0, on_epoch=None) -> int:
+def run_epochs(trainee, data: dict[str, tuple], spec: TrainSpec, opt: Optimization, *, rank: int = 0,
+               world: int = 1, start_epoch: int = 0, on_epoch=None) -> None:
     """The multi-task training loop from `start_epoch` to `spec.epochs` on one worker of `world` (1: a plain
-    single process); `on_epoch(metrics)` after each epoch. Returns the step count reached.
+    single process); `on_epoch(metrics)` after each epoch. `opt.steps_done` counts the steps (a resumed
+    run restores it from its checkpoint).
 
     Args:
         data: per task, (features, labels (N,), teacher logits (N, K, C)) from TaskRows.tensors.
     """
     tasks = spec.tasks
     student = trainee.model
-    trainable = [p for p in student.parameters() if p.requires_grad]
     # Workers may hold different numbers of a task's rows: each takes as many batches as the largest
     # share needs (its own batches a little smaller), so all follow one schedule and use every row.
     counts = torch.tensor([len(data[t][0]) for t in tasks], dtype=torch.long)
@@ -195,7 +194,7 @@ def run_epochs(trainee, data: dict[str, tuple], spec: TrainSpec, optimizer, *, r
     total_batches = sum(n_batches.values())
     k = spec.road_k if spec.schedule == "road" else 1
     steps_per_epoch = math.ceil(total_batches / k)
-    total_steps = spec.epochs * steps_per_epoch
+    opt.total_steps = spec.epochs * steps_per_epoch
     sizes = {t: max(1, int(n)) for t, n in zip(tasks, counts)}
 
     for epoch in range(start_epoch, spec.epochs):
@@ -209,10 +208,12 @@ def run_epochs(trainee, data: dict[str, tuple], spec: TrainSpec, optimizer, *, r
         batches = {t: fresh(t) for t in tasks}
         schedule = epoch_schedule(spec, n_batches, sizes, steps_per_epoch, shared)
         losses: dict[str, list[float]] = {t: [] for t in tasks}
+        lr = opt.optimizer.param_groups[0]["lr"]
         student.train()
         for i, step_tasks in enumerate(schedule):
-            optimizer.zero_grad(set_to_none=True)
-            hard_weight = teacher_annealing_weight(step, total_steps) if spec.teacher_annealing else None
+            opt.zero_grad()
+            hard_weight = (teacher_annealing_weight(opt.steps_done, opt.total_steps) if spec.teacher_annealing
+                           else None)
             step_rows = 0
             for task in step_tasks:
                 if not batches[task]:
@@ -220,28 +221,22 @@ def run_epochs(trainee, data: dict[str, tuple], spec: TrainSpec, optimizer, *, r
                 idx = batches[task].pop()
                 if len(idx):
                     loss = task_loss(trainee, task, tasks[task], data[task], idx, spec, hard_weight)
-                    (loss / len(step_tasks)).backward()  # ROaD: the step averages its tasks' gradients
+                    opt.backward(loss / len(step_tasks))  # ROaD: the step averages its tasks' gradients
                     losses[task].append(loss.item())
                 average_gradients(trainee.task_parameters(task), world, weight=len(idx))
                 step_rows += len(idx)
             average_gradients(trainee.shared_parameters(), world, weight=step_rows)
-            clip_grad_norm(trainable, 1.0)
-            lr = scheduled_lr(spec.lr, spec.lr_schedule, step, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.step()
-            step += 1
+            lr = opt.step()
             if rank == 0 and (i + 1) % spec.log_every == 0 and losses[step_tasks[-1]]:
                 print(f"[distill] epoch {epoch + 1}/{spec.epochs} step {i + 1}/{len(schedule)} "
                       f"{'+'.join(step_tasks)} loss {losses[step_tasks[-1]][-1]:.4f}", flush=True)
-        digests = replica_digests(trainable, world)
-        metrics = {"epoch": epoch + 1, "step": step, "seconds": round(time.perf_counter() - epoch_start, 2),
-                   "lr": optimizer.param_groups[0]["lr"],
+        digests = replica_digests(opt.params, world)
+        metrics = {"epoch": epoch + 1, "step": opt.steps_done, "seconds": round(time.perf_counter() - epoch_start, 2),
+                   "lr": lr,
                    "replicas/identical": len(set(digests)) == 1, "replicas/digests": digests,
                    **{f"loss/{t}": float(np.mean(v)) if v else float("nan") for t, v in losses.items()}}
         if on_epoch is not None:
             on_epoch(metrics)
-    return step
 
 
 def epoch_schedule(spec: TrainSpec, n_batches: dict[str, int], sizes: dict[str, int], steps: int,

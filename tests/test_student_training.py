@@ -15,6 +15,8 @@ from kdlib.students import TaskHead, build_student_model, make_student_inputs
 from kdlib.students.artifact import load_student, save_student
 from kdlib.students.features import TokenFeatures
 from kdlib.train_state import load_weights, save_train_state
+from kdlib.encoder import EncoderRef, resolve_encoder_path
+from kdlib.train_spec import StudentSpec, TaskSpec, TrainSpec
 from kdlib.trainees import PerTaskCopiesTrainee
 
 TEXTS = ["a fine film", "not good at all , sadly", "ok", "the plot is thin but the cast is great"]
@@ -87,18 +89,21 @@ def test_student_artifacts_are_checked_and_not_mistaken_for_branched_models(toke
         load_student(tmp_path / "s")
 
 
-def test_fine_tuning_copies_start_from_the_multitask_student_and_train_apart(tokenizer, tmp_path, monkeypatch):
+def test_fine_tuning_copies_start_from_the_multitask_student_and_train_apart(tokenizer, tmp_path):
     """MKD sec. 6.2 fine-tuning: every task's copy starts as the multi-task student; a step on one task
     changes only that task's copy."""
-    config = {"student": {"kind": "cmow", "hparams": SMALL["cmow"]}, "seed": 0, "encoder_source": "unused",
-              "random_init": True, "config_overrides": {},
-              "tasks": {t: {"kind": h.kind, "num_outputs": h.num_outputs, "pair": h.pair, "bins": h.bins}
-                        for t, h in TASKS.items()}}
-    monkeypatch.setattr("kdlib.trainees.load_tokenizer", lambda source: tokenizer)
+    name = "sentence-transformers/all-MiniLM-L6-v2"
+    spec = TrainSpec(
+        tasks={t: TaskSpec(kind=h.kind, num_outputs=h.num_outputs, pair=h.pair, bins=h.bins, branch_layers=1,
+                           fine_tune_layers=1, aggregation="mean", wrong_teacher_weight=0.5, objective="kl")
+               for t, h in TASKS.items()},
+        encoder=EncoderRef(name=name, source=resolve_encoder_path(name), fingerprint="test"),
+        student=StudentSpec(kind="cmow", hparams=SMALL["cmow"]), per_task=True, epochs=1, batch_size=4, lr=1e-3,
+        weight_decay=0.0, temperature=1.0, alpha=0.5)
     torch.manual_seed(5)
     multitask = build_student_model("cmow", tasks=TASKS, vocab_size=len(tokenizer), **SMALL["cmow"])
     save_train_state(tmp_path, multitask, torch.optim.AdamW(multitask.parameters()), {"epoch": 3})
-    trainee = PerTaskCopiesTrainee(config)
+    trainee = PerTaskCopiesTrainee(spec)
     trainee.start_from(tmp_path)
     want = multitask.state_dict()
     for task in TASKS:
