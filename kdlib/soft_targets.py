@@ -6,8 +6,9 @@ Layout under the storage root (a local path or a pyarrow.fs URI):
     soft_targets/<task>/<key>/shards/00007.json      its commit record: rows, split, SHA-256, ids digest
     soft_targets/<task>/<key>/manifest.json          written last: counts, checksums, teachers, settings
 
-`key` is content-addressed: it hashes the task data digest, the augmentation settings and the
-teachers' fingerprint, so different runs and Tune trials with the same inputs share one store. A shard
+`key` is content-addressed (kdlib.pipeline.labels): it hashes the teachers' fingerprint, the task data
+digest, the augmentation settings, the unlabeled file's digest, the seed, the encoder's max_length and
+the shard size, so different runs with the same inputs share one store. A shard
 counts once its Parquet file and then its commit record have been moved into place (each write is
 atomic), so an interrupted run resumes by labeling only the shards without a valid commit. Readers
 verify every shard's checksum against the manifest.

@@ -161,3 +161,31 @@ def kill_once_when(ready, prefix: str, *, timeout: float = 600, poll: float = 0.
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
     return thread, killed
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(ray_session, tmp_path_factory):
+    """The demo pipeline's stages called one by one (kdlib.pipeline) on a tiny random encoder and 100
+    training rows per task, 1 Ray Train worker: what the stage tests (tests/test_stage_*.py) look at."""
+    from types import SimpleNamespace
+
+    from kdlib.config import load_run_config
+    from kdlib.pipeline import (RunContext, distill_students, evaluate, label_tasks, load_data, merge_students,
+                                plan_labels, train_teachers)
+
+    root = tmp_path_factory.mktemp("stages")
+    overrides = tiny_run_overrides(root) + [f"tasks.{t}.max_train_examples=100"
+                                            for t in ("sentiment", "paraphrase", "similarity")] + [
+        "distill.num_workers=1", "distill.epochs=1", "run_name=stages"]
+    cfg = load_run_config(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml", overrides)
+    lines: list[str] = []
+    ctx = RunContext.create(cfg, log=lines.append)
+    tasks = load_data(ctx)
+    teachers = train_teachers(ctx, tasks)
+    labels = plan_labels(ctx, tasks, teachers)
+    label_tasks(ctx, labels, teachers)
+    students = distill_students(ctx, tasks, labels, teachers)
+    model_dir = merge_students(ctx, tasks, students)
+    results = evaluate(ctx, tasks, labels, model_dir)
+    return SimpleNamespace(cfg=cfg, overrides=overrides, ctx=ctx, lines=lines, tasks=tasks, teachers=teachers,
+                           labels=labels, students=students, model_dir=model_dir, results=results, root=root)

@@ -82,8 +82,9 @@ def distill_students(ctx, tasks: dict[str, TaskData], labels: Labels, teachers: 
     cfg, d = ctx.cfg, ctx.cfg.distill
     spec = train_spec(ctx, tasks, labels, teachers)
     gold_only = {n: tasks[n] for n in tasks if n not in labels.stores}
+    # num_workers enters the key: each worker's batches make one global batch per step.
     fp = fingerprint("students", {n: s.key for n, s in labels.stores.items()},
-                     {n: t.digest for n, t in gold_only.items()}, spec.key())
+                     {n: t.digest for n, t in gold_only.items()}, spec.key(), d.num_workers)
     ray_train = storage.child(ctx.cache.location("distill", fp), "ray_train")  # checkpoints: straight to storage
 
     def run(out: Path) -> dict:
