@@ -26,7 +26,7 @@ Targets (issue 3): >= 0.9x the best baseline; >= 1.6x from the shared trunk; >= 
 `students`: every student (branched, small transformer, BiLSTM, CMOW) distilled from the same glue-mini
 teachers: dev scores, parameters, throughput at batch 128 x 128 tokens against a teacher, MKD's
 multi-task / single-task / no-KD ablation, Ray Train against a single-process loop
-(kdlib/benchmarks/students.py says how).
+(jobs/benchmarks/students.py says how).
 
 `tune`: jobs/tune_depth.py's depth search on glue-mini from empty storage, with its caches: the merged
 model's share of full fine-tuning against its overhead for every threshold c and budget B.
@@ -36,8 +36,8 @@ without, back to back: wall times beside the layer passes saved in theory (quick
 the uncached one is several times slower). Target (issue 5): the caches >= 2x faster.
 
 `serve`: the merged model's Ray Serve endpoint against one full-teacher deployment per task, same CPUs,
-bounded load tests over loopback (kdlib/benchmarks/serve.py). `cluster`: labeling throughput on 1 and 2
-simulated worker nodes (ray.cluster_utils.Cluster; kdlib/benchmarks/cluster.py).
+bounded load tests over loopback (jobs/benchmarks/serve.py). `cluster`: labeling throughput on 1 and 2
+simulated worker nodes (ray.cluster_utils.Cluster; jobs/benchmarks/cluster.py).
 """
 
 from __future__ import annotations
@@ -56,10 +56,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from kdlib.artifact import load_model  # noqa: E402
-from kdlib.benchmarks.cluster import cluster_benchmark  # noqa: E402
-from kdlib.benchmarks.serve import serve_benchmark  # noqa: E402
-from kdlib.benchmarks.students import SCALES as STUDENT_SCALES  # noqa: E402
-from kdlib.benchmarks.students import students_benchmark  # noqa: E402
 from kdlib.branched import member_name  # noqa: E402
 from kdlib.cluster import init_ray  # noqa: E402
 from kdlib.config import load_run_config  # noqa: E402
@@ -68,6 +64,12 @@ from kdlib.evaluate import markdown_table  # noqa: E402
 from kdlib.metrics import task_metrics  # noqa: E402
 from kdlib.predict import predict  # noqa: E402
 from kdlib.stages import StageCache  # noqa: E402
+
+# jobs/benchmarks/ (this script's folder is on sys.path)
+from benchmarks.cluster import cluster_benchmark  # noqa: E402
+from benchmarks.serve import serve_benchmark  # noqa: E402
+from benchmarks.students import SCALES as STUDENT_SCALES  # noqa: E402
+from benchmarks.students import students_benchmark  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SCALES = {"quick": 1500, "full": None}  # train rows per task

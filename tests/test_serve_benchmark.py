@@ -1,4 +1,4 @@
-"""The serving benchmark's pieces (kdlib/benchmarks/serve.py) without Ray: request building, answer checks,
+"""The serving benchmark's pieces (jobs/benchmarks/serve.py) without Ray: request building, answer checks,
 latency statistics, the setup comparison, and the fan-out load test against a stdlib HTTP server."""
 
 from __future__ import annotations
@@ -12,15 +12,12 @@ from typing import ClassVar
 import numpy as np
 import pytest
 
-from kdlib.benchmarks.serve import (
-    compare_setups,
-    latency_summary,
-    pool_rounds,
-    request_units,
-    response_problem,
-    rotated,
-    run_fanout_load_test,
-)
+from conftest import benchmark_module
+
+bench = benchmark_module("serve")
+compare_setups, latency_summary, pool_rounds = bench.compare_setups, bench.latency_summary, bench.pool_rounds
+request_units, response_problem, rotated = bench.request_units, bench.response_problem, bench.rotated
+run_fanout_load_test = bench.run_fanout_load_test
 
 INPUTS = {"a": [{"text": f"a{i}"} for i in range(5)],
           "b": [{"text": f"b{i}", "text_pair": f"p{i}"} for i in range(3)]}

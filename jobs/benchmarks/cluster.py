@@ -3,7 +3,7 @@
     cluster_benchmark("quick", "../shared/data/glue-mini", Path("bench-results"), "runs")
 
 Each measurement starts `ray.cluster_utils.Cluster` (a head with no CPUs and N worker nodes, each its own
-raylet and object store) in a fresh driver process (`python -m kdlib.benchmarks.cluster`; a driver joins one
+raylet and object store) in a fresh driver process (`python -m benchmarks.cluster` with jobs/ on PYTHONPATH; a driver joins one
 Ray at a time and the caller may already run one), then runs the real labeling stage (kdlib.labeling,
 Ray Data actor pool) with one labeling actor per worker node. Workload: the labeling benchmark's (MiniLM,
 glue-mini SST-2 text joined and cut at 64 tokens, batch 64, K = 1 member with a 2-layer branch on a 4-layer
@@ -78,7 +78,8 @@ def cluster_benchmark(scale: str, data_dir: str, out: Path, storage_root: str) -
             print(f"[bench] {label}: {nodes} x {cpus} CPU, {actors} actor(s) per node ...", flush=True)
             run_dir = work / f"n{nodes}c{cpus}a{actors}"
             env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own cluster, never the caller's
-            cmd = [sys.executable, "-m", "kdlib.benchmarks.cluster", "--nodes", str(nodes), "--cpus", str(cpus),
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "jobs"), env.get("PYTHONPATH")]))
+            cmd = [sys.executable, "-m", "benchmarks.cluster", "--nodes", str(nodes), "--cpus", str(cpus),
                    "--actors-per-node", str(actors), "--threads", str(threads), "--teacher", str(teacher),
                    "--source", source, "--examples", str(examples), "--work", str(run_dir)]
             log = work / f"{run_dir.name}.log"
