@@ -1,10 +1,12 @@
-"""Connecting to Ray: the cluster a submitted job runs in, an explicit address, or a local embedded Ray."""
+"""Connecting to Ray: the cluster a submitted job runs in, an explicit address, or a local embedded Ray; and,
+for tests and benchmarks, a local head node and a multi-node cluster simulated on this machine."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -87,3 +89,48 @@ def submit_job(address: str, entrypoint: list[str], working_dir: str | Path, tim
             break
         time.sleep(5)
     return done
+
+
+@contextlib.contextmanager
+def simulated_cluster(head_cpus: float, worker_cpus: list[float], *, system_config: dict | None = None):
+    """A Ray cluster of separate nodes on this machine (`ray.cluster_utils.Cluster`: a head with `head_cpus`
+    logical CPUs and one worker node per entry of `worker_cpus`), with this process connected as its driver.
+
+    Yields (cluster, worker nodes). The head gets its own dashboard and agent ports (other Ray heads on the
+    machine keep the defaults); the State API works through it. On the way out every node still up is
+    killed (no graceful wait) and /tmp/ray/ray_current_cluster, which `Cluster` overwrites, is given back.
+    A driver joins one Ray at a time: call this from a process that has not joined another one.
+    """
+    from ray._common.utils import reset_ray_address
+    from ray._private.utils import read_ray_address, write_ray_address
+    from ray.cluster_utils import Cluster
+
+    previous = read_ray_address()
+    args = {"num_cpus": head_cpus, "dashboard_port": free_port(), "dashboard_agent_listen_port": free_port()}
+    if system_config:
+        args["_system_config"] = system_config
+    cluster = Cluster(initialize_head=True, head_node_args=args)
+    try:
+        workers = [cluster.add_node(num_cpus=c) for c in worker_cpus]
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=True)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        yield cluster, workers
+    finally:
+        ray.shutdown()
+        for node in list(cluster.worker_nodes):
+            cluster.remove_node(node, allow_graceful=False)
+        if cluster.head_node is not None:
+            cluster.remove_node(cluster.head_node, allow_graceful=False)
+        if read_ray_address() in (None, cluster.address):
+            if previous and previous != cluster.address:
+                write_ray_address(previous)
+            else:
+                reset_ray_address()
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listened on a moment ago (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -32,8 +32,8 @@ from conftest import tiny_run_overrides
 from ray.cluster_utils import Cluster
 
 from kdlib.artifact import save_model
-from kdlib.benchmarks.cluster import simulated_cluster
 from kdlib.branched import BranchedModel, BranchSpec, member_name
+from kdlib.cluster import simulated_cluster
 from kdlib.config import load_run_config
 from kdlib.encoder import load_encoder
 from kdlib.labeling import ShardLabeler, run_labeling, shard_rows

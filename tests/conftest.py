@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -24,6 +26,17 @@ os.environ.setdefault("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
 # Signed requests: moto refuses anonymous overwrites (Ray Train re-creates its folder markers).
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "kdlib-tests")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "kdlib-tests")
+
+JOBS = Path(__file__).resolve().parent.parent / "jobs"
+
+
+def benchmark_module(name: str):
+    """jobs/benchmarks/<name>.py, imported (jobs/ is not a package: its folder joins the end of sys.path, so it
+    shadows nothing the tests import otherwise)."""
+    if str(JOBS) not in sys.path:
+        sys.path.append(str(JOBS))
+    return importlib.import_module(f"benchmarks.{name}")
+
 
 TINY_ENCODER = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2, "intermediate_size": 64}
 

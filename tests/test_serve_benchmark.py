@@ -1,5 +1,6 @@
-"""The serving benchmark's pieces (kdlib/benchmarks/serve.py) without Ray: request building, answer checks,
-latency statistics, the setup comparison, and the fan-out load test against a stdlib HTTP server."""
+"""The serving benchmark's pieces (jobs/benchmarks/serve.py) without Ray: request building, answer checks,
+latency statistics, the setup comparison; and the load test (kdlib/serve/loadtest.py), one call or several
+per request, against a stdlib HTTP server."""
 
 from __future__ import annotations
 
@@ -12,15 +13,14 @@ from typing import ClassVar
 import numpy as np
 import pytest
 
-from kdlib.benchmarks.serve import (
-    compare_setups,
-    latency_summary,
-    pool_rounds,
-    request_units,
-    response_problem,
-    rotated,
-    run_fanout_load_test,
-)
+from conftest import benchmark_module
+
+from kdlib.cluster import free_port
+from kdlib.serve.loadtest import latency_summary, run_load_test
+
+bench = benchmark_module("serve")
+compare_setups, pool_rounds, request_units = bench.compare_setups, bench.pool_rounds, bench.request_units
+response_problem, rotated = bench.response_problem, bench.rotated
 
 INPUTS = {"a": [{"text": f"a{i}"} for i in range(5)],
           "b": [{"text": f"b{i}", "text_pair": f"p{i}"} for i in range(3)]}
@@ -148,9 +148,9 @@ def http_server():
     server.server_close()
 
 
-def test_fanout_load_test_sends_a_requests_calls_at_once_and_stops_by_itself(http_server):
+def test_load_test_sends_a_requests_calls_at_once_and_stops_by_itself(http_server):
     units = request_units("all", 2, INPUTS, 4, task_prefixes={"a": "/slow/a", "b": "/slow/b"})
-    r = run_fanout_load_test(http_server, units, concurrency=2, total=6)
+    r = run_load_test(http_server, units, concurrency=2, total=6, check=response_problem)
     assert r["requests"] == 6 and r["errors"] == 0 and r["status_counts"] == {"200": 12}
     assert len(_Handler.calls) == 12  # bounded: exactly total x calls, then it stopped
     # Both 0.2 s calls of a request run at once: its latency is the slowest call, not their sum.
@@ -159,18 +159,30 @@ def test_fanout_load_test_sends_a_requests_calls_at_once_and_stops_by_itself(htt
     assert r["http_requests_per_s"] == pytest.approx(2 * r["requests_per_s"])
 
     mixed = request_units("all", 1, INPUTS, 2, task_prefixes={"a": "/fast/a", "b": "/bad/b"})
-    r = run_fanout_load_test(http_server, mixed, concurrency=1, total=3)
+    r = run_load_test(http_server, mixed, concurrency=1, total=3, check=response_problem)
     assert r["requests"] == 3 and r["errors"] == 3 and r["status_counts"] == {"200": 3, "500": 3}
     assert r["error_samples"][0]["path"] == "/bad/b/v1/predict" and "HTTP 500" in r["error_samples"][0]["problem"]
 
 
-def test_fanout_load_test_counts_transport_failures():
-    import socket
-
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def test_load_test_counts_transport_failures():
+    port = free_port()  # nothing listens on it
     units = request_units("single", 1, INPUTS, 2, merged_prefix="/m")
-    r = run_fanout_load_test(f"http://127.0.0.1:{port}", units, concurrency=2, total=4, timeout_s=5)
+    r = run_load_test(f"http://127.0.0.1:{port}", units, concurrency=2, total=4, timeout_s=5, check=response_problem)
     assert r["requests"] == 4 and r["errors"] == 4 and r["status_counts"] == {"0": 4}
     assert "transport_error" in r["error_samples"][0]["problem"]
+
+
+def test_load_test_posts_plain_bodies_to_the_url_and_checks_the_status_by_default(http_server):
+    bodies = [{"task": "a", "inputs": INPUTS["a"][:3]}, {"tasks": ["a", "b"], "inputs": INPUTS["b"][:1]}]
+    seen = []
+    r = run_load_test(http_server + "/fast/v1/predict", bodies, concurrency=2, total=5,
+                      on_response=lambda body, status, parsed: seen.append((body["inputs"], status, len(parsed["results"]))))
+    assert r["requests"] == 5 and r["errors"] == 0 and r["status_counts"] == {"200": 5}
+    assert _Handler.calls == ["/fast/v1/predict"] * 5 and len(r["latencies_ms"]) == 5
+    # inputs per request: the mean over the bodies it cycles through (3 and 1)
+    assert r["inputs_per_s"] == pytest.approx(2 * r["requests_per_s"]) and r["http_requests_per_s"] == r["requests_per_s"]
+    assert sorted((len(i), s, n) for i, s, n in seen) == [(1, 200, 1)] * 2 + [(3, 200, 3)] * 3
+
+    r = run_load_test(http_server + "/bad/v1/predict", bodies[:1], concurrency=1, total=2)
+    assert r["requests"] == 2 and r["errors"] == 2 and r["status_counts"] == {"500": 2}
+    assert r["error_samples"][0] == {"path": "/bad/v1/predict", "status": 500, "problem": 'HTTP 500: {"error": "boom"}'}

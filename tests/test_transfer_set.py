@@ -41,7 +41,10 @@ def test_rows_past_the_cap_become_unlabeled_files(tmp_path, capsys):
 
 
 def test_students_benchmark_transfer_scale_adds_the_files_and_the_masked_copies(tmp_path):
-    from kdlib.benchmarks.students import SCALES, transfer_overrides
+    from conftest import benchmark_module
+
+    students = benchmark_module("students")
+    SCALES, transfer_overrides = students.SCALES, students.transfer_overrides
 
     data = _glue(tmp_path)
     base = [f"data_dir={data}", "tasks.sst2.max_train_examples=4", "tasks.mrpc.max_train_examples=2",

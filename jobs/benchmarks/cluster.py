@@ -3,7 +3,7 @@
     cluster_benchmark("quick", "../shared/data/glue-mini", Path("bench-results"), "runs")
 
 Each measurement starts `ray.cluster_utils.Cluster` (a head with no CPUs and N worker nodes, each its own
-raylet and object store) in a fresh driver process (`python -m kdlib.benchmarks.cluster`; a driver joins one
+raylet and object store) in a fresh driver process (`python -m benchmarks.cluster` with jobs/ on PYTHONPATH; a driver joins one
 Ray at a time and the caller may already run one), then runs the real labeling stage (kdlib.labeling,
 Ray Data actor pool) with one labeling actor per worker node. Workload: the labeling benchmark's (MiniLM,
 glue-mini SST-2 text joined and cut at 64 tokens, batch 64, K = 1 member with a 2-layer branch on a 4-layer
@@ -21,7 +21,6 @@ scaling is bounded by 2x and by what the Ray processes themselves take.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -31,8 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = {"quick": 1536, "full": 6144}
+from benchmarks.common import GLUE_MINI, ROOT, figure, fixed_length_texts, save_figure
+
+SCALES = {"quick": 1536, "full": 6144}  # examples labeled per configuration
 SEQ, BATCH, SHARD = 64, 64, 64
 # (label, worker nodes, logical CPUs per node, actors per node, torch threads per actor)
 CONFIGS = [
@@ -54,14 +54,10 @@ def cluster_benchmark(scale: str, data_dir: str, out: Path, storage_root: str) -
     from kdlib.scoring import markdown_table
     from kdlib.pipeline.data import load_tasks
 
-    n = EXAMPLES[scale]
-    cfg = load_run_config(ROOT / "configs" / "glue_mini.yaml", [f"data_dir={data_dir}"])
+    n = SCALES[scale]
+    cfg = load_run_config(GLUE_MINI, [f"data_dir={data_dir}"])
     source = resolve_encoder_path(cfg.encoder.name, cfg.encoder.path)
-    sst2 = load_tasks(cfg)["sst2"].train["text"].tolist()
-    # As the labeling benchmark: consecutive sentences joined until cut at SEQ tokens, so every row costs the same.
-    texts = [" ".join(sst2[(i * 24 + j) % len(sst2)] for j in range(24)) for i in range(n)]
-    tokenizer = load_tokenizer(source)
-    assert all(len(x) == SEQ for x in tokenizer(texts, truncation=True, max_length=SEQ)["input_ids"])
+    texts = fixed_length_texts(load_tasks(cfg)["sst2"].train["text"].tolist(), load_tokenizer(source), n, SEQ)
     Path(storage_root).mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="kdlib-cluster-bench-", dir=storage_root))
     encoder = load_encoder(source)
@@ -78,7 +74,8 @@ def cluster_benchmark(scale: str, data_dir: str, out: Path, storage_root: str) -
             print(f"[bench] {label}: {nodes} x {cpus} CPU, {actors} actor(s) per node ...", flush=True)
             run_dir = work / f"n{nodes}c{cpus}a{actors}"
             env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own cluster, never the caller's
-            cmd = [sys.executable, "-m", "kdlib.benchmarks.cluster", "--nodes", str(nodes), "--cpus", str(cpus),
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "jobs"), env.get("PYTHONPATH")]))
+            cmd = [sys.executable, "-m", "benchmarks.cluster", "--nodes", str(nodes), "--cpus", str(cpus),
                    "--actors-per-node", str(actors), "--threads", str(threads), "--teacher", str(teacher),
                    "--source", source, "--examples", str(examples), "--work", str(run_dir)]
             log = work / f"{run_dir.name}.log"
@@ -159,12 +156,7 @@ def job_overhead(scratch: Path) -> dict:
 
 
 def _plot(runs: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+    fig, ax = figure((8, 3.5))
     y = range(len(runs))
     ax.barh([i + 0.2 for i in y], [r["busy_examples_per_s"] for r in runs], 0.4, label="actors busy")
     ax.barh([i - 0.2 for i in y], [r["examples_per_s"] for r in runs], 0.4, label="end to end")
@@ -173,10 +165,7 @@ def _plot(runs: list[dict], path: Path) -> None:
     ax.set_xlabel("examples/s")
     ax.set_title("labeling on simulated worker nodes (one 2-core machine)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def measure(*, nodes: int, cpus: float, actors_per_node: int, threads: int, teacher: str, source: str,
@@ -185,6 +174,7 @@ def measure(*, nodes: int, cpus: float, actors_per_node: int, threads: int, teac
     import pandas as pd
     from ray.util.state import list_actors
 
+    from kdlib.cluster import simulated_cluster
     from kdlib.labeling import run_labeling
     from kdlib.soft_targets import SoftTargetStore, plan_shards
 
@@ -210,53 +200,6 @@ def measure(*, nodes: int, cpus: float, actors_per_node: int, threads: int, teac
             "seconds": stats["seconds"], "startup_seconds": round(stats["seconds"] - busy, 2),
             "cluster_start_seconds": round(cluster_start, 2),
             "actors_per_worker_node": sorted(placed.count(w.node_id) for w in workers)}
-
-
-@contextlib.contextmanager
-def simulated_cluster(head_cpus: float, worker_cpus: list[float], *, system_config: dict | None = None):
-    """A Ray cluster of separate nodes on this machine (`ray.cluster_utils.Cluster`: a head with `head_cpus`
-    logical CPUs and one worker node per entry of `worker_cpus`), with this process connected as its driver.
-
-    Yields (cluster, worker nodes). The head gets its own dashboard and agent ports (other Ray heads on the
-    machine keep the defaults); the State API works through it. On the way out every node still up is
-    killed (no graceful wait) and /tmp/ray/ray_current_cluster, which `Cluster` overwrites, is given back.
-    """
-    import ray
-    import ray.data
-    from ray._common.utils import reset_ray_address
-    from ray._private.utils import read_ray_address, write_ray_address
-    from ray.cluster_utils import Cluster
-
-    previous = read_ray_address()
-    args = {"num_cpus": head_cpus, "dashboard_port": _free_port(), "dashboard_agent_listen_port": _free_port()}
-    if system_config:
-        args["_system_config"] = system_config
-    cluster = Cluster(initialize_head=True, head_node_args=args)
-    try:
-        workers = [cluster.add_node(num_cpus=c) for c in worker_cpus]
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, log_to_driver=True)
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        yield cluster, workers
-    finally:
-        ray.shutdown()
-        for node in list(cluster.worker_nodes):
-            cluster.remove_node(node, allow_graceful=False)
-        if cluster.head_node is not None:
-            cluster.remove_node(cluster.head_node, allow_graceful=False)
-        if read_ray_address() in (None, cluster.address):
-            if previous and previous != cluster.address:
-                write_ray_address(previous)
-            else:
-                reset_ray_address()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> int:

@@ -27,21 +27,15 @@ sizes); zero errors; p99 reported for batch sizes 1 and 8.
 
 from __future__ import annotations
 
-import http.client
-import itertools
 import json
-import runpy
-import socket
-import threading
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import numpy as np
 
-from kdlib.serve.loadtest import read_answer
+from benchmarks.common import GLUE_MINI, distill_job, figure, grouped_bars, row_caps, save_figure
+from kdlib.serve.loadtest import latency_summary, run_load_test, status_problem
 
-ROOT = Path(__file__).resolve().parents[2]
 SCALES = {  # train rows per task for the pipeline; measured requests per configuration and batch size
     "quick": {"train_rows": 1500, "requests": {1: 240, 8: 96}, "warmup": 16, "rounds": 3},
     "full": {"train_rows": None, "requests": {1: 2000, 8: 800}, "warmup": 32, "rounds": 5},
@@ -57,19 +51,6 @@ TARGET_ALL_TASK_GAIN = 2.0
 
 
 # --- pure helpers ------------------------------------------------------------------------------------------
-
-
-def latency_summary(latencies_ms: list[float], errors: int, wall_s: float, *, inputs_per_request: float = 1.0,
-                    calls_per_request: float = 1.0) -> dict:
-    """Throughput and latency percentiles of one load test (latencies in ms, one per request)."""
-    lat = np.asarray(latencies_ms, dtype=float)
-    n = int(lat.size)
-    rate = n / wall_s if n and wall_s > 0 else 0.0
-    p50, p99 = (float(x) for x in np.percentile(lat, [50, 99])) if n else (float("nan"), float("nan"))
-    return {"requests": n, "errors": int(errors), "wall_s": float(wall_s), "requests_per_s": rate,
-            "inputs_per_s": rate * inputs_per_request, "http_requests_per_s": rate * calls_per_request,
-            "p50_ms": p50, "p99_ms": p99, "mean_ms": float(lat.mean()) if n else float("nan"),
-            "max_ms": float(lat.max()) if n else float("nan")}
 
 
 def request_units(kind: str, batch: int, inputs_by_task: dict[str, list[dict]], count: int, *,
@@ -105,7 +86,7 @@ def request_units(kind: str, batch: int, inputs_by_task: dict[str, list[dict]], 
 def response_problem(body: dict, status: int, parsed) -> str | None:
     """What is wrong with the answer to one call (None: a 200 with one result per input, every task in each)."""
     if status != 200:
-        return f"HTTP {status}: {json.dumps(parsed)[:300] if parsed is not None else '(no JSON body)'}"
+        return status_problem(body, status, parsed)
     results = parsed.get("results") if isinstance(parsed, dict) else None
     if not isinstance(results, list) or len(results) != len(body["inputs"]):
         return f"expected {len(body['inputs'])} results, got {json.dumps(parsed)[:300]}"
@@ -119,7 +100,7 @@ def response_problem(body: dict, status: int, parsed) -> str | None:
 
 def pool_rounds(parts: list[dict]) -> dict:
     """One summary of a configuration measured in several rounds: requests, errors and wall time added up,
-    latencies pooled (each part as run_fanout_load_test returns it, with `latencies_ms`)."""
+    latencies pooled (each part as run_load_test returns it, with `latencies_ms`)."""
     latencies = [x for p in parts for x in p["latencies_ms"]]
     n = len(latencies)
     inputs = sum(p["inputs_per_s"] * p["wall_s"] for p in parts) / n if n else 0.0
@@ -177,99 +158,9 @@ def compare_setups(runs: list[dict], batch_sizes=BATCH_SIZES, gain_target: float
                         "met": met, "all_met": all(met.values())}}
 
 
-# --- the bounded load test ---------------------------------------------------------------------------------
-
-
-def run_fanout_load_test(base_url: str, units: list[list[tuple[str, dict]]], *, concurrency: int, total: int,
-                         token: str | None = None, timeout_s: float = 60.0, max_seconds: float = 600.0) -> dict:
-    """Send `total` requests (cycling through `units`) from `concurrency` threads, then stop.
-
-    A request is a group of calls sent at once, each on its own keep-alive connection (an all-task request
-    to the per-task deployments: one call per task); its latency runs until the slowest call has answered,
-    and it counts as an error if any call fails (see `response_problem`). kdlib.serve.loadtest sends one
-    call per request; this generalises it so that every setup is measured by the same client code.
-
-    Returns:
-        latency_summary(...) plus "status_counts" (per call), "error_samples" and "latencies_ms" (per request).
-    """
-    parts = urlsplit(base_url)
-    host, port, prefix = parts.hostname, parts.port or 80, parts.path.rstrip("/")
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    encoded = [[(prefix + path, json.dumps(body).encode(), body) for path, body in unit] for unit in units]
-    width = max(len(u) for u in encoded)
-    counter, lock = itertools.count(), threading.Lock()
-    latencies: list[float] = []
-    statuses: dict[int, int] = {}
-    samples: list[dict] = []
-    failed = [0]
-    deadline = time.monotonic() + max_seconds
-
-    def worker():
-        conns: list[http.client.HTTPConnection | None] = [None] * width
-        while time.monotonic() < deadline:
-            i = next(counter)
-            if i >= total:
-                break
-            unit = encoded[i % len(encoded)]
-            start = time.perf_counter()
-            sent: list[str | None] = []
-            for j, (path, raw, _) in enumerate(unit):  # all calls out before any answer is read
-                try:
-                    if conns[j] is None:
-                        conns[j] = http.client.HTTPConnection(host, port, timeout=timeout_s)
-                    conns[j].request("POST", path, body=raw, headers=headers)
-                    sent.append(None)
-                except (OSError, http.client.HTTPException) as e:
-                    _close(conns[j])
-                    conns[j] = None
-                    sent.append(repr(e))
-            answers = []
-            for j, (path, _, body) in enumerate(unit):
-                status, parsed = 0, None
-                if sent[j] is not None:
-                    parsed = {"transport_error": sent[j]}
-                else:
-                    try:
-                        status, parsed = read_answer(conns[j])
-                    except (OSError, http.client.HTTPException) as e:
-                        _close(conns[j])
-                        conns[j] = None
-                        parsed = {"transport_error": repr(e)}
-                answers.append((path, status, response_problem(body, status, parsed)))
-            elapsed = (time.perf_counter() - start) * 1000
-            problems = [(p, s, msg) for p, s, msg in answers if msg is not None]
-            with lock:
-                latencies.append(elapsed)
-                for _, s, _ in answers:
-                    statuses[s] = statuses.get(s, 0) + 1
-                if problems:
-                    failed[0] += 1
-                    if len(samples) < 5:
-                        samples.append({"path": problems[0][0], "status": problems[0][1], "problem": problems[0][2]})
-        for c in conns:
-            _close(c)
-
-    started = time.perf_counter()
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - started
-    n_units = min(total, len(encoded))
-    inputs = np.mean([len(u[0][2]["inputs"]) for u in encoded[:n_units]])
-    calls = np.mean([len(u) for u in encoded[:n_units]])
-    return {**latency_summary(latencies, failed[0], wall, inputs_per_request=float(inputs),
-                              calls_per_request=float(calls)),
-            "status_counts": {str(k): v for k, v in sorted(statuses.items())}, "error_samples": samples,
-            "latencies_ms": latencies}
-
-
-def _close(conn: http.client.HTTPConnection | None) -> None:
-    if conn is not None:
-        conn.close()
+def load_test(url: str, units: list[list[tuple[str, dict]]], total: int) -> dict:
+    """`total` requests of `units` from CONCURRENCY client threads, every answer checked by response_problem."""
+    return run_load_test(url, units, CONCURRENCY, total, check=response_problem, timeout_s=60.0, max_seconds=600.0)
 
 
 # --- the benchmark -----------------------------------------------------------------------------------------
@@ -329,13 +220,12 @@ def serve_benchmark(scale: str, data_dir: str, out: Path, storage_root: str) -> 
                     where = ({"task_prefixes": task_prefixes} if setup == "per_task"
                              else {"merged_prefix": MERGED_PREFIX[setup]})
                     units[setup] = request_units(kind, batch, inputs_by_task, per_round * rounds, **where)
-                    run_fanout_load_test(url, units[setup], concurrency=CONCURRENCY, total=settings["warmup"])
+                    load_test(url, units[setup], settings["warmup"])
                 # Rounds in turn, each starting with another setup: load from elsewhere hits every setup alike.
                 for k in range(rounds):
                     for setup in rotated(SETUPS, k):
                         share = units[setup][k * per_round:(k + 1) * per_round]
-                        parts[setup].append(run_fanout_load_test(url, share, concurrency=CONCURRENCY,
-                                                                 total=len(share)))
+                        parts[setup].append(load_test(url, share, len(share)))
                 for setup in SETUPS:
                     r = pool_rounds(parts[setup])
                     r.update(setup=setup, kind=kind, batch=batch, expected_requests=per_round * rounds)
@@ -387,25 +277,22 @@ def glue_mini_models(scale: str, data_dir: str, storage_root: str) -> dict:
     member's fine-tuned top layers and head)."""
     from kdlib.artifact import MANIFEST, read_manifest
     from kdlib.config import load_run_config
-    from kdlib.encoder import encoder_fingerprint, load_encoder, resolve_encoder_path
-    from kdlib.stages import StageCache
+    from kdlib.encoder import load_encoder, resolve_encoder_path
+    from kdlib.pipeline.context import RunContext
+    from kdlib.pipeline.teachers import train_teachers
+    from kdlib.pipeline.data import load_tasks
 
-    job = runpy.run_path(str(ROOT / "jobs" / "distill.py"), run_name="distill_job")
-    config = str(ROOT / "configs" / "glue_mini.yaml")
-    cap = SCALES[scale]["train_rows"]
+    config = str(GLUE_MINI)
     overrides = [f"data_dir={data_dir}", f"storage_root={storage_root}", f"run_name=bench_serve_{scale}"]
-    names = list(load_run_config(config, overrides).tasks)
-    overrides += [f"tasks.{t}.max_train_examples={'null' if cap is None else cap}" for t in names]
-    assert job["main"]([config, *overrides]) == 0, "the glue-mini pipeline failed"
+    overrides += row_caps(load_run_config(config, overrides).tasks, SCALES[scale]["train_rows"])
+    assert distill_job()["main"]([config, *overrides]) == 0, "the glue-mini pipeline failed"
     cfg = load_run_config(config, overrides)
     root = Path(cfg.storage_root).expanduser().resolve()
     run = json.loads((root / cfg.run_name / "results.json").read_text())
 
     source = resolve_encoder_path(cfg.encoder.name, cfg.encoder.path)
-    enc = {"name": cfg.encoder.name, "source": source,
-           "fingerprint": encoder_fingerprint(source, cfg.encoder.random_init, cfg.encoder.config_overrides, cfg.seed)}
-    tasks = job["load_tasks"](cfg)
-    teacher_dirs = job["train_teachers"](cfg, tasks, enc, StageCache(root))  # all cached by the run above
+    tasks = load_tasks(cfg)
+    teacher_dirs = train_teachers(RunContext.create(cfg), tasks).dirs; all cached by the run above
     merged_manifest = read_manifest(run["model_dir"])
     encoder = None
     teachers = {}
@@ -462,24 +349,20 @@ def _pairs(frame) -> list[str | None] | None:
     return None if all(p is None for p in pairs) else pairs
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve_url() -> tuple[str, bool]:
     """(base URL, whether Serve was started here): a running Serve keeps its HTTP options; otherwise Serve
     starts on a free port of 127.0.0.1."""
     from ray import serve
     from ray.serve.context import _get_global_client
 
+    from kdlib.cluster import free_port
+
     client = _get_global_client(raise_if_no_controller_running=False)
     if client is not None:
         http = client.get_serve_details().get("http_options") or {}
         host = http.get("host") or "127.0.0.1"
         return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{http.get('port', 8000)}", False
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     return f"http://127.0.0.1:{port}", True
 
@@ -551,27 +434,17 @@ def _table(result: dict) -> str:
 
 
 def _plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     s = result["settings"]
     cells = [(k, b) for b in s["batch_sizes"] for k in KINDS]
     by = {(r["setup"], r["kind"], r["batch"]): r for r in result["runs"]}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    width = 0.27
+    fig, axes = figure((11, 4), ncols=2)
     for ax, key, label in ((axes[0], "requests_per_s", "requests / s"), (axes[1], "p99_ms", "p99 latency (ms)")):
-        for i, setup in enumerate(SETUPS):
-            xs = [j + (i - 1) * width for j in range(len(cells))]
-            vals = [by[(setup, k, b)][key] if (setup, k, b) in by else 0.0 for k, b in cells]
-            bars = ax.bar(xs, vals, width, label=SETUP_LABELS[setup])
-            ax.bar_label(bars, fmt="%.1f" if key == "requests_per_s" else "%.0f", fontsize=7)
+        grouped_bars(ax, len(cells), {SETUP_LABELS[setup]: [by[(setup, k, b)][key] if (setup, k, b) in by else 0.0
+                                                            for k, b in cells] for setup in SETUPS},
+                     "%.1f" if key == "requests_per_s" else "%.0f")
         ax.set_xticks(range(len(cells)), [f"{'all-task' if k == 'all' else 'single-task'}\nbatch {b}" for k, b in cells])
         ax.set_ylabel(label)
     axes[0].legend(fontsize=7)
     fig.suptitle(f"Serving glue-mini on {s['cluster_cpus']:g} CPUs: merged model vs one teacher per task "
                  f"({s['concurrency']} clients)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

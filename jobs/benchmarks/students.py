@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.common import GLUE_MINI, ROOT, distill_job, figure, grouped_bars, row_caps, save_figure
 from kdlib.artifact import load_model, read_manifest
 from kdlib.branched import member_name
 from kdlib.config import load_run_config
@@ -46,7 +47,6 @@ from kdlib.students.inputs import StudentInputs
 from kdlib.students.registry import count_parameters
 from kdlib.trainees import make_trainee
 
-ROOT = Path(__file__).resolve().parents[2]
 TASKS = ("sst2", "mrpc", "stsb")
 STUDENT_KINDS = ("branched", "small_transformer", "bilstm", "cmow")
 # transfer: the teachers keep their 1,500 rows per task, the students also learn the teachers' outputs on
@@ -84,11 +84,13 @@ INFERENCE = {"batch": 128, "seq": 128, "threads": 2, "reps": 3, "rounds": 3}
 
 
 def students_benchmark(scale: str, data_dir: str, out: Path, storage_root: str) -> dict:
-    job = runpy.run_path(str(ROOT / "jobs" / "distill.py"), run_name="distill_job")
+    from kdlib.pipeline.evaluate import student_dirs
+
+    job = distill_job()
     s = SCALES[scale]
-    config = str(ROOT / "configs" / "glue_mini.yaml")
-    base = [f"data_dir={data_dir}", f"storage_root={storage_root}", f"distill.epochs={s['epochs']}"]
-    base += [f"tasks.{t}.max_train_examples={'null' if s['train_rows'] is None else s['train_rows']}" for t in TASKS]
+    config = str(GLUE_MINI)
+    base = [f"data_dir={data_dir}", f"storage_root={storage_root}", f"distill.epochs={s['epochs']}",
+            *row_caps(TASKS, s["train_rows"])]
     if "copies" in s:
         base += transfer_overrides(config, base, Path(storage_root).resolve() / "transfer", s["copies"])
 
@@ -116,7 +118,7 @@ def students_benchmark(scale: str, data_dir: str, out: Path, storage_root: str) 
     # the student that serves SST-2: its fine-tuned copy if a run fine-tunes, else the multi-task model (as the
     # job's evaluation picks)
     models = {label: load_model(r["model_dir"])[0] if label == "branched"
-              else load_student(job["student_dirs"](r["model_dir"], ["sst2"])["sst2"])[0] for label, r in runs.items()}
+              else load_student(student_dirs(r["model_dir"], ["sst2"])["sst2"])[0] for label, r in runs.items()}
     speeds = best_rates({**{k: v for k, v in teachers.items() if callable(v)},
                          **{label: student_forward(model, label) for label, model in models.items()}})
     teacher_speed = {"member": speeds["member"], "ensemble": speeds["ensemble"], "members": teachers["members"],
@@ -309,12 +311,7 @@ def _table(result: dict) -> str:
 
 
 def _plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b) = figure((11, 4), ncols=2)
     kinds = list(result["students"])
     xs = [result["students"][k]["speedup_vs_ensemble"] for k in kinds]
     ys = [result["students"][k]["share_of_ensemble_pct"] for k in kinds]
@@ -334,14 +331,8 @@ def _plot(result: dict, path: Path) -> None:
     else:
         bars = {"teacher ensemble": result["ensemble"], **{k: result["students"][k]["scores"] for k in kinds}}
         b.set_title("dev scores per task")
-    width = 0.8 / len(bars)
-    for i, (label, scores) in enumerate(bars.items()):
-        drawn = b.bar([j + (i - (len(bars) - 1) / 2) * width for j in range(len(TASKS))],
-                      [scores[t] for t in TASKS], width, label=label)
-        b.bar_label(drawn, fmt="%.1f", fontsize=7)
+    grouped_bars(b, len(TASKS), {label: [scores[t] for t in TASKS] for label, scores in bars.items()}, "%.1f")
     b.set_xticks(range(len(TASKS)), TASKS)
     b.set_ylim(0, 1.2 * max(v for scores in bars.values() for v in scores.values()))  # room for the legend
     b.legend(fontsize=7, loc="upper center", ncol=len(bars))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
