@@ -292,7 +292,7 @@ def glue_mini_models(scale: str, data_dir: str, storage_root: str) -> dict:
 
     source = resolve_encoder_path(cfg.encoder.name, cfg.encoder.path)
     tasks = load_tasks(cfg)
-    teacher_dirs = train_teachers(RunContext.create(cfg), tasks).dirs; all cached by the run above
+    teacher_dirs = train_teachers(RunContext.create(cfg), tasks).dirs  # all cached by the run above
     merged_manifest = read_manifest(run["model_dir"])
     encoder = None
     teachers = {}

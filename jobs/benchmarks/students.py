@@ -24,7 +24,6 @@ Targets (issue 4): the BiLSTM and CMOW students reach >= 90% of the teacher ense
 from __future__ import annotations
 
 import json
-import math
 import runpy
 import shutil
 import time
@@ -37,14 +36,15 @@ from benchmarks.common import GLUE_MINI, ROOT, distill_job, figure, grouped_bars
 from kdlib.artifact import load_model, read_manifest
 from kdlib.branched import member_name
 from kdlib.config import load_run_config
-from kdlib.distill import TaskRows, epoch_schedule, task_loss
+from kdlib.pipeline.distill import TRAIN_SPEC
+from kdlib.train_loop import TaskRows, run_epochs
 from kdlib.scoring import markdown_table
-from kdlib.features import length_grouped_batches
-from kdlib.optim import LazyAdamW, clip_grad_norm
+from kdlib.optim import Optimization
 from kdlib.soft_targets import SoftTargetStore, teacher_logits_array
 from kdlib.students.artifact import load_student
 from kdlib.students.inputs import StudentInputs
 from kdlib.students.registry import count_parameters
+from kdlib.train_spec import TrainSpec
 from kdlib.trainees import make_trainee
 
 TASKS = ("sst2", "mrpc", "stsb")
@@ -55,10 +55,10 @@ STUDENT_KINDS = ("branched", "small_transformer", "bilstm", "cmow")
 # rows, about 14 min for CMOW on 2 cores. The BiLSTM at MKD's 256 units would take about 40 min an epoch
 # (its LSTMs are compute-bound: 86 single-sentence rows/s per thread at 25 tokens), so here it has 128
 # units per direction (about 3x faster to train and to serve) and 10 epochs, about 10 min each, at the
-# constant learning rate (a linear decay to 0 scored lower: 87.4% at 8 epochs, README). Its pair tasks
+# constant learning rate (a linear decay to 0 scored lower: 87.4% at 8 epochs, docs/benchmarks.md). Its pair tasks
 # read |x - y| and x * y of the pooled sentences besides MKD's [x; y] (pair_features=diff_product: 89.4%
-# against 88.2% with MKD's concat at 8 epochs, README). MKD's per-task fine-tuning (one epoch at 1.5e-4
-# after 8 epochs) added nothing (89.3%, README), so it is not rerun here.
+# against 88.2% with MKD's concat at 8 epochs, docs/benchmarks.md). MKD's per-task fine-tuning (one epoch at 1.5e-4
+# after 8 epochs) added nothing (89.3%, docs/benchmarks.md), so it is not rerun here.
 # The MKD ablation and the Ray Train timing stay with the quick scale.
 SCALES = {"quick": {"train_rows": 1500, "epochs": 6, "students": STUDENT_KINDS, "ablation": True},
           "full": {"train_rows": None, "epochs": 16, "students": STUDENT_KINDS, "ablation": True},
@@ -72,7 +72,7 @@ STUDENTS = {
     "small_transformer": ["student.kind=small_transformer", "distill.lr=1e-4"],
     "bilstm": ["student.kind=bilstm", "distill.lr=5e-4"],
     # the CBOW vectors start from MiniLM's word embeddings, as the paper starts from pretrained embeddings
-    # (README's students section: what it gains, and why pair_features=diff_product is not used here)
+    # (docs/benchmarks.md, students: what it gains, and why pair_features=diff_product is not used here)
     "cmow": ["student.kind=cmow", "distill.lr=5e-4", "student.cbow_init=encoder", "student.cbow_dim=384"],
 }
 ABLATION = {  # MKD Table 2 on the BiLSTM
@@ -244,9 +244,10 @@ def ray_train_vs_single_process(run: dict, storage_root: str) -> dict:
     rows_total = sum(v for k, v in report.items() if k.startswith("rows/"))
     ray_rate = rows_total / report["seconds"]
 
-    loop_config = json.loads((distilled / "loop_config.json").read_text())  # exactly what Ray Train ran
+    # exactly what Ray Train ran, one epoch of it, through the same loop (kdlib.train_loop.run_epochs) in one process
+    spec = TrainSpec.model_validate_json((distilled / TRAIN_SPEC).read_text()).model_copy(update={"epochs": 1})
     torch.set_num_threads(2)
-    trainee = make_trainee(loop_config)
+    trainee = make_trainee(spec)
     data = {}
     for task in TASKS:
         key = next(s["fingerprint"] for s in run["stages"] if s["name"] == "labels" and Path(s["path"]).parent.name == task)
@@ -254,23 +255,13 @@ def ray_train_vs_single_process(run: dict, storage_root: str) -> dict:
         r = TaskRows(ids=frame["id"].tolist(), labels=frame["label"].astype("float64").tolist(),
                      logits=list(teacher_logits_array(frame)),
                      features=trainee.features(task, frame["text"].tolist(), frame["text_pair"].tolist(),
-                                               loop_config["max_length"]))
+                                               spec.max_length))
         data[task] = r.tensors(trainee)
-    bs = loop_config["batch_size"]
-    n_batches = {t: math.ceil(len(data[t][0]) / bs) for t in TASKS}
-    rng = np.random.default_rng(0)
-    batches = {t: length_grouped_batches(data[t][0].lengths, bs, rng) for t in TASKS}
-    schedule = epoch_schedule(loop_config, n_batches, {t: len(data[t][0]) for t in TASKS}, sum(n_batches.values()), rng)
-    trainable = [p for p in trainee.model.parameters() if p.requires_grad]
-    optimizer = LazyAdamW(trainable, lr=loop_config["lr"], weight_decay=loop_config["weight_decay"])
-    trainee.model.train()
-    started = time.perf_counter()
-    for (task,) in schedule:
-        optimizer.zero_grad(set_to_none=True)
-        task_loss(trainee, task, loop_config["tasks"][task], data[task], batches[task].pop(), loop_config).backward()
-        clip_grad_norm(trainable, 1.0)
-        optimizer.step()
-    single_rate = sum(len(d[0]) for d in data.values()) / (time.perf_counter() - started)
+    opt = Optimization([p for p in trainee.model.parameters() if p.requires_grad], lr=spec.lr,
+                       weight_decay=spec.weight_decay, schedule=spec.lr_schedule)
+    epochs: list[dict] = []
+    run_epochs(trainee, data, spec, opt, on_epoch=epochs.append)
+    single_rate = sum(len(d[0]) for d in data.values()) / epochs[0]["seconds"]
     return {"student": "bilstm", "rows_per_epoch": rows_total, "ray_train_rows_per_s": ray_rate,
             "single_process_rows_per_s": single_rate, "ray_train_share": ray_rate / single_rate,
             "ray_train": "2 workers x 1 torch thread (0.9 CPU each), gloo", "single_process": "1 process, 2 torch threads"}
