@@ -10,6 +10,9 @@ every node: a storage URI, or a path on a shared disk; the token set in the node
     RAY_AUTH_MODE=token ray job submit --working-dir . -- python jobs/serve.py --model $PWD/runs/demo
 Declaratively, with live model updates through user_config: serve deploy configs/serve/serve_config.yaml
 
+Every application setting (kdlib.serve.api.ServeArgs, the `args:` of a Serve config) is also a flag here,
+named after its field (`--max-batch-size`), with its default and description: see --help.
+
 Running it again with a new --model on the same cluster (or port) updates the running application
 without downtime: new replicas load and verify the new artifact before the old ones stop.
 """
@@ -21,39 +24,46 @@ import os
 import sys
 import time
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from kdlib.artifact import ArtifactError
 from kdlib.cluster import init_ray
 from kdlib.serve.api import ServeArgs
 from kdlib.serve.model import resolve_model_location
+from kdlib.settings_flags import add_flags, flag_values
 
 APP_NAME = "kdlib"
+# Every ServeArgs field is a flag but model_dir, which --model gives: a run folder or URI, resolved first.
+NOT_FLAGS = ("model_dir",)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+class Launch(BaseModel):
+    """This job's own settings; the application's are ServeArgs, which the replicas receive."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="run folder (with results.json) or model artifact folder, or a storage URI")
+    host: str = Field("127.0.0.1", description="bind address of the HTTP proxy (0.0.0.0: all interfaces)")
+    port: int = Field(8000, description="HTTP port")
+    detach: bool = Field(False, description="return once deployed instead of waiting for Ctrl-C")
+
+
+def parse_args(argv: list[str] | None) -> tuple[Launch, dict]:
+    """(this launch's settings, the application's as given by the flags: each checked, not yet together)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="run folder (with results.json) or model artifact folder")
-    p.add_argument("--host", default="127.0.0.1", help="bind address of the HTTP proxy (0.0.0.0: all interfaces)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--quantize", choices=["none", "int8"], default="none", help="int8: dynamic int8 linear layers")
-    p.add_argument("--num-replicas", type=int, default=1)
-    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs reserved per replica")
-    p.add_argument("--max-batch-size", type=int, default=64, help="inputs per batch across concurrent requests")
-    p.add_argument("--batch-wait-timeout-s", type=float, default=0.005)
-    p.add_argument("--max-inputs-per-request", type=int, default=64)
-    p.add_argument("--token-file", default=None, help="file holding the bearer token (else $KDLIB_SERVE_TOKEN)")
-    p.add_argument("--detach", action="store_true", help="return once deployed instead of waiting for Ctrl-C")
-    return p.parse_args(argv)
+    add_flags(p, Launch)
+    add_flags(p.add_argument_group("application (ServeArgs)"), ServeArgs, skip=NOT_FLAGS)
+    ns = p.parse_args(argv)
+    return Launch.model_validate(flag_values(ns, Launch)), flag_values(ns, ServeArgs, skip=NOT_FLAGS)
 
 
-def serve_args(ns: argparse.Namespace) -> dict:
+def serve_args(launch: Launch, flags: dict) -> ServeArgs:
     """Validated application args; the model folder absolute, the token required when one is configured here."""
-    args = ServeArgs(model_dir=resolve_model_location(ns.model), quantize=ns.quantize, num_replicas=ns.num_replicas,
-                     num_cpus=ns.num_cpus, max_batch_size=ns.max_batch_size,
-                     batch_wait_timeout_s=ns.batch_wait_timeout_s, max_inputs_per_request=ns.max_inputs_per_request,
-                     token_file=os.path.abspath(ns.token_file) if ns.token_file else None)
+    token_file = os.path.abspath(flags["token_file"]) if flags["token_file"] else None
     # A token set for this launch must not silently vanish because a replica's environment lacks it.
-    args.require_token = bool(ns.token_file or os.environ.get(args.token_env))
-    return args.model_dump()
+    required = flags["require_token"] or bool(token_file or os.environ.get(flags["token_env"]))
+    return ServeArgs.model_validate({**flags, "model_dir": resolve_model_location(launch.model),
+                                     "token_file": token_file, "require_token": required})
 
 
 def deploy(argv: list[str] | None = None) -> str:
@@ -62,19 +72,19 @@ def deploy(argv: list[str] | None = None) -> str:
 
     from kdlib.serve.app import build_app
 
-    ns = parse_args(argv)
-    args = serve_args(ns)
+    launch, flags = parse_args(argv)
+    args = serve_args(launch, flags)
     init_ray(None, None)
-    serve.start(http_options={"host": ns.host, "port": ns.port})
+    serve.start(http_options={"host": launch.host, "port": launch.port})
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
-    url = f"http://{ns.host}:{ns.port}"
-    print(f"[serve] {APP_NAME}: {args['model_dir']} ({ns.quantize}) at {url}/v1/predict "
-          f"({'bearer token required' if args['require_token'] else 'no token'})")
+    url = f"http://{launch.host}:{launch.port}"
+    print(f"[serve] {APP_NAME}: {args.model_dir} ({args.quantize}) at {url}/v1/predict "
+          f"({'bearer token required' if args.require_token else 'no token'})")
     return url
 
 
 def main(argv: list[str] | None = None) -> int:
-    detach = parse_args(argv).detach or bool(os.environ.get("RAY_ADDRESS"))
+    detach = parse_args(argv)[0].detach or bool(os.environ.get("RAY_ADDRESS"))
     try:
         deploy(argv)
     except (ArtifactError, ValueError) as e:  # a bad --model or setting, before anything starts

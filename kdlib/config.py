@@ -1,5 +1,9 @@
 """The typed run configuration: the YAML files in configs/ validate into `RunConfig`.
 
+`BaseRunConfig` holds what every job's config shares (run name, storage, data, seed, encoder, tasks,
+teachers, Ray) and the rules on it; `RunConfig` and the depth search's `kdlib.tune.config.TuneRunConfig`
+extend it.
+
 The schema is the single source of defaults; library code takes plain arguments, and only jobs/ reads
 this object. Load a file with `load_run_config(path, overrides)`.
 """
@@ -7,7 +11,7 @@ this object. Load a file with `load_run_config(path, overrides)`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -15,11 +19,13 @@ from kdlib.config_loading import load_config
 from kdlib.students.binning import ScoreBins
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """A schema that refuses unknown keys: a misspelt key fails naming the allowed ones instead of being ignored."""
+
     model_config = ConfigDict(extra="forbid")
 
 
-class EncoderConfig(_Strict):
+class EncoderConfig(StrictModel):
     """The pretrained encoder that teachers fine-tune and students are cut from."""
 
     name: str = "sentence-transformers/all-MiniLM-L6-v2"
@@ -30,14 +36,14 @@ class EncoderConfig(_Strict):
     pooling: Literal["mean", "cls"] = "mean"
 
 
-class AugmentConfig(_Strict):
+class AugmentConfig(StrictModel):
     """Masking augmentation (MKD sec. 6.2): `copies` masked copies of each training example."""
 
     copies: int = Field(0, ge=0)  # N; MKD used 40 for small sets (STS-B, MRPC), 10 for larger ones
     mask_prob: float = Field(0.1, ge=0, le=1)  # each word becomes the mask token with this probability
 
 
-class TaskConfig(_Strict):
+class TaskConfig(StrictModel):
     """One task: where its data is, which columns hold what, and its depths in the branched model."""
 
     kind: Literal["classification", "regression"]
@@ -98,7 +104,7 @@ class TaskConfig(_Strict):
         return self
 
 
-class TeacherConfig(_Strict):
+class TeacherConfig(StrictModel):
     """Partial fine-tuning of each task's K-member ensemble (flexible-multitask-bert-serving, sec. 3.1)."""
 
     members: int = Field(2, ge=1)  # K seeds per task
@@ -110,7 +116,7 @@ class TeacherConfig(_Strict):
     cpus_per_task: float = Field(1.0, gt=0)  # one Ray task per task trains its K members
 
 
-class LabelingConfig(_Strict):
+class LabelingConfig(StrictModel):
     """Teacher ensembles in a Ray Data actor pool filling the soft-target store, shard by shard."""
 
     num_actors: int = Field(2, ge=1)  # each hosts every task's ensemble on one shared encoder
@@ -122,7 +128,7 @@ class LabelingConfig(_Strict):
     progress_seconds: float = Field(10.0, gt=0)  # how often labeling prints done / rate / ETA
 
 
-class StudentConfig(_Strict):
+class StudentConfig(StrictModel):
     """The student architecture: one shared encoder, one head per task (fields apply to the kinds named).
 
     branched: the encoder's frozen trunk plus per-task branches cut from the teachers (tasks.<t>.branch_layers);
@@ -164,7 +170,7 @@ class StudentConfig(_Strict):
                          **pairs, **common}}[self.kind]
 
 
-class DistillConfig(_Strict):
+class DistillConfig(StrictModel):
     """Multi-task student training on Ray Train: KL with temperature against the ensemble + hard loss.
 
     Each task's `aggregation` decides how its teachers' logits combine into the target."""
@@ -201,39 +207,34 @@ class DistillConfig(_Strict):
     fine_tune_lr: float = Field(5e-5, gt=0)  # MKD picks from {1, 1.5, 5} x 1e-5
 
 
-class RayConfig(_Strict):
+class RayConfig(StrictModel):
     address: str | None = None  # None: join the cluster a `ray job submit` driver runs in, else start one
     num_cpus: int | None = Field(None, ge=1)  # only for a locally started Ray
 
 
-class RunConfig(_Strict):
-    run_name: str = Field("demo", pattern=r"^[A-Za-z0-9_.-]+$")
-    storage_root: str = "runs"  # runs/, cached stages and artifacts live under it
+RunName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]  # a folder name under storage_root
+
+
+class BaseRunConfig(StrictModel):
+    """What every job's config shares: where it runs and stores, the encoder, the tasks and their teachers, Ray.
+
+    `RunConfig` (jobs/distill.py) and the depth search's `kdlib.tune.config.TuneRunConfig` extend it, so a
+    task block reads the same in both, and the rules on these fields are checked in one place.
+    """
+
+    run_name: RunName = "demo"
+    storage_root: str = "runs"  # a path or pyarrow.fs URI; cached stages, artifacts and run folders live under it
     data_dir: str | None = None  # relative task paths are read from here
     seed: int = 0
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     tasks: dict[str, TaskConfig]
     teachers: TeacherConfig = Field(default_factory=TeacherConfig)
-    labeling: LabelingConfig = Field(default_factory=LabelingConfig)
-    student: StudentConfig = Field(default_factory=StudentConfig)
-    distill: DistillConfig = Field(default_factory=DistillConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")
-    def _check(self) -> "RunConfig":
+    def _check_tasks(self) -> "BaseRunConfig":
         if not self.tasks:
             raise ValueError("tasks: at least one task is needed")
-        if self.distill.schedule == "road" and self.distill.road_k > len(self.tasks):
-            raise ValueError(f"distill.road_k ({self.distill.road_k}) exceeds the number of tasks ({len(self.tasks)})")
-        for name, t in self.tasks.items():
-            objective = t.objective or self.distill.objective
-            if objective == "mse_logits" and t.resolved_aggregation == "mean_probs":
-                raise ValueError(f"tasks.{name}: objective mse_logits needs logits; aggregation mean_probs gives "
-                                 "probabilities (use mean_logits or weighted)")
-        binned = [n for n, t in self.tasks.items() if t.bins is not None]
-        if binned and self.student.kind == "branched":
-            raise ValueError(f"tasks {binned} set bins, which the end-to-end students use; student.kind is branched "
-                             "(choose small_transformer, bilstm or cmow, or drop bins)")
         for name in self.tasks:
             if not name.replace("_", "").replace("-", "").isalnum():
                 raise ValueError(f"task name {name!r}: use letters, digits, '-' and '_' only")
@@ -246,18 +247,37 @@ class RunConfig(_Strict):
         return self
 
     def task_path(self, task: str, split: Literal["train", "dev", "unlabeled"]) -> str:
-        """Where a task split's data is: data_dir joined for file formats, as given otherwise."""
-        return resolve_task_path(self.tasks[task], task, split, self.data_dir)
+        """Where a task split's data is: as given for hub/demo names and absolute paths, else under data_dir."""
+        t = self.tasks[task]
+        raw = getattr(t, split)
+        if (t.format in ("hub", "demo") and split != "unlabeled") or Path(raw).is_absolute():
+            return raw
+        if self.data_dir is None:
+            raise ValueError(f"tasks.{task}.{split} is a relative path but data_dir is not set")
+        return str(Path(self.data_dir).expanduser() / raw)
 
 
-def resolve_task_path(t: TaskConfig, task: str, split: str, data_dir: str | None) -> str:
-    """A task file's location: as given for hub/demo names and absolute paths, else under data_dir."""
-    raw = getattr(t, split)
-    if (t.format in ("hub", "demo") and split != "unlabeled") or Path(raw).is_absolute():
-        return raw
-    if data_dir is None:
-        raise ValueError(f"tasks.{task}.{split} is a relative path but data_dir is not set")
-    return str(Path(data_dir).expanduser() / raw)
+class RunConfig(BaseRunConfig):
+    """A distillation run (jobs/distill.py): the shared fields plus labeling, the student and its training."""
+
+    labeling: LabelingConfig = Field(default_factory=LabelingConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunConfig":
+        if self.distill.schedule == "road" and self.distill.road_k > len(self.tasks):
+            raise ValueError(f"distill.road_k ({self.distill.road_k}) exceeds the number of tasks ({len(self.tasks)})")
+        for name, t in self.tasks.items():
+            objective = t.objective or self.distill.objective
+            if objective == "mse_logits" and t.resolved_aggregation == "mean_probs":
+                raise ValueError(f"tasks.{name}: objective mse_logits needs logits; aggregation mean_probs gives "
+                                 "probabilities (use mean_logits or weighted)")
+        binned = [n for n, t in self.tasks.items() if t.bins is not None]
+        if binned and self.student.kind == "branched":
+            raise ValueError(f"tasks {binned} set bins, which the end-to-end students use; student.kind is branched "
+                             "(choose small_transformer, bilstm or cmow, or drop bins)")
+        return self
 
 
 def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:

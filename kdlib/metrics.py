@@ -91,24 +91,15 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float:
     Returns:
         Correlation in points (-100 to 100); 0.0 when either side is constant.
     """
-    x, y = _pair(x, y, dtype=np.float64)
-    _check_finite(x, y)
-    return _correlation(x, y)
+    return _correlation(*_finite_pair(x, y))
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman rank correlation (ties get their average rank, as in scipy).
+    """Spearman rank correlation: `pearson` of the ranks (ties get their average rank, as in scipy).
 
-    Args:
-        x: Predictions, shape (N,).
-        y: Targets, shape (N,).
-
-    Returns:
-        Correlation in points (-100 to 100); 0.0 when either side is constant.
+    Same arguments and range as `pearson`.
     """
-    x, y = _pair(x, y, dtype=np.float64)
-    _check_finite(x, y)
-    return _correlation(_average_ranks(x), _average_ranks(y))
+    return _correlation(*map(_average_ranks, _finite_pair(x, y)))
 
 
 def task_metrics(kind: str, outputs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -169,10 +160,14 @@ def _pair(a: np.ndarray, b: np.ndarray, dtype: type | None = None) -> tuple[np.n
     return a, b
 
 
-def _check_finite(x: np.ndarray, y: np.ndarray) -> None:
-    # A diverged model's NaN predictions must fail loudly, not turn into a correlation.
+def _finite_pair(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both inputs as float64 `_pair`s, every value finite."""
+    x, y = _pair(x, y, dtype=np.float64)
+    # A diverged model's NaN predictions must fail loudly, not turn into a correlation (checked before
+    # ranking, which would give NaN a rank like any other value).
     if not (np.isfinite(x).all() and np.isfinite(y).all()):
         raise ValueError("predictions or targets contain NaN or infinity")
+    return x, y
 
 
 def _correlation(x: np.ndarray, y: np.ndarray) -> float:

@@ -1,25 +1,110 @@
-"""Every shipped config validates; the schema's error messages point at file, line and key."""
+"""Every shipped config validates with its schema; the schema's error messages point at file, line and key;
+the run and the depth-search configs share one base schema."""
 
+import re
 from pathlib import Path
 
 import pytest
+import yaml
+from pydantic import ValidationError
 
 from kdlib.config import load_run_config
 from kdlib.errors import ConfigError
+from kdlib.serve.api import ServeArgs, UserConfig
+from kdlib.tune.config import load_tune_config
 
-CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parent.parent
+LOADERS = {"configs": load_run_config, "configs/tune": load_tune_config}  # folder -> its schema's loader
+CONFIGS = sorted(p for folder in LOADERS for p in (ROOT / folder).glob("*.yaml"))
+SERVE_CONFIGS = sorted((ROOT / "configs" / "serve").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def _loader(path: Path):
+    return LOADERS[str(path.parent.relative_to(ROOT))]
+
+
+def test_every_yaml_in_configs_has_a_schema():
+    # A config in a new folder (or a new kind of file) must get a schema here, or its typos go unnoticed.
+    every = sorted((ROOT / "configs").rglob("*.y*ml"))
+    assert every == sorted(CONFIGS + SERVE_CONFIGS) and CONFIGS and SERVE_CONFIGS
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_config_validates(path):
-    cfg = load_run_config(path)
-    assert cfg.tasks
+    cfg = _loader(path)(path)
+    # The file's own values win over the schema's defaults (run_name's defaults differ between the schemas).
+    assert cfg.run_name == yaml.safe_load(path.read_text())["run_name"]
     first_line = path.read_text().splitlines()[0]
     assert first_line.startswith("#"), "a config starts with a comment naming what it runs"
 
 
-def test_there_are_configs():
-    assert {"demo.yaml", "glue_mini.yaml"} <= {p.name for p in CONFIGS}
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_a_misspelt_key_in_a_shipped_config_names_file_line_and_key(path, tmp_path):
+    lines = path.read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("encoder:")) + 1
+    bad = tmp_path / f"broken_{path.name}"
+    bad.write_text("\n".join(lines[:at] + ["  max_lenght: 64"] + lines[at:]) + "\n")
+    with pytest.raises(ConfigError, match=rf"broken_{path.name}, line {at + 1}: encoder.max_lenght = 64: "
+                                          r"Extra inputs are not permitted; allowed keys: name, path, .*max_length"):
+        _loader(path)(bad)
+
+
+@pytest.mark.parametrize("path", SERVE_CONFIGS, ids=lambda p: p.name)
+def test_every_serve_config_validates_and_a_misspelt_arg_is_named(path):
+    (app,) = yaml.safe_load(path.read_text())["applications"]
+    args = ServeArgs.model_validate(app["args"])
+    assert args.max_batch_size == app["args"]["max_batch_size"]
+    for d in app["deployments"]:
+        UserConfig.model_validate(d["user_config"])
+    misspelt = {("max_batch_sise" if k == "max_batch_size" else k): v for k, v in app["args"].items()}
+    with pytest.raises(ValidationError, match=r"max_batch_sise\n  Extra inputs are not permitted"):
+        ServeArgs.model_validate(misspelt)
+
+
+MINIMAL = "tasks:\n  t: {kind: regression, format: demo, train: similarity, dev: similarity}\n"
+
+
+def test_run_and_tune_configs_keep_their_own_defaults(tmp_path):
+    path = _write(tmp_path, MINIMAL)
+    run, tune = load_run_config(path), load_tune_config(path)
+    assert (run.run_name, tune.run_name) == ("demo", "tune_demo")
+    assert (run.student.kind, tune.student.epochs) == ("branched", 4)  # each schema's own `student`
+
+
+@pytest.mark.parametrize("text, override, problem", [
+    (MINIMAL, "run_name=a/b", r"run_name = 'a/b': String should match pattern"),
+    (MINIMAL, "tasks.t.kind=clasification", r"tasks.t.kind = 'clasification'"),
+    (MINIMAL, "encoder.max_length=4", r"encoder.max_length = 4: Input should be greater than or equal to 8"),
+    (MINIMAL, "teachers.members=0", r"teachers.members = 0: Input should be greater than or equal to 1"),
+    (MINIMAL, "ray.num_cpus=0", r"ray.num_cpus = 0: Input should be greater than or equal to 1"),
+    ("tasks: {}\n", "seed=1", r"tasks: at least one task is needed"),
+    (MINIMAL.replace("  t:", "  t t:"), "seed=1", r"task name 't t': use letters, digits"),
+    (MINIMAL.replace("format: demo", "format: tsv"), "seed=1", r"data_dir is not set but tasks \['t'\]"),
+])
+def test_a_shared_field_is_checked_once_for_both_jobs(tmp_path, text, override, problem):
+    path = _write(tmp_path, text)
+    problems = []
+    for load in (load_run_config, load_tune_config):
+        with pytest.raises(ConfigError) as e:
+            load(path, [override])
+        problems.append(e.value.problems)
+    assert problems[0] == problems[1]  # the same rule, word for word, in the run and the depth search
+    assert any(re.search(problem, line) for line in problems[0]), problems[0]
+
+
+def test_a_tune_config_with_an_unknown_key_names_it(tmp_path):
+    text = (ROOT / "configs" / "tune" / "demo.yaml").read_text()
+    line = next(i for i, t in enumerate(text.splitlines(), 1) if t.startswith("  epochs: 4"))
+    bad = _write(tmp_path, text.replace("  epochs: 4 ", "  epoch: 4  "))
+    with pytest.raises(ConfigError) as e:
+        load_tune_config(bad)
+    (problem,) = e.value.problems
+    # The trial student's keys, not the distillation student's (`kind`, `hidden`, ...): the YAML key `student`
+    # is TrialStudentConfig here.
+    assert problem == (f"{bad}, line {line}: student.epoch = 4: Extra inputs are not permitted; allowed keys: "
+                       "epochs, batch_size, lr, weight_decay, temperature, alpha")
+    with pytest.raises(ConfigError, match=r"\(from command line\): labeling = .*Extra inputs are not permitted"):
+        load_tune_config(ROOT / "configs" / "tune" / "demo.yaml", ["labeling={num_actors: 2}"])  # a run's key
 
 
 def test_glue_mini_data_dir_override(tmp_path):

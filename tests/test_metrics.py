@@ -136,6 +136,8 @@ def test_bad_inputs_are_refused():
         pearson(np.array([]), np.array([]))
     with pytest.raises(ValueError, match="NaN"):
         pearson(np.array([1.0, np.nan, 2.0]), np.array([1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match="NaN"):  # checked before ranking, which would give NaN a rank
+        spearman(np.array([1.0, 2.0, 3.0]), np.array([1.0, np.inf, 2.0]))
     with pytest.raises(ValueError, match=r"\(N, classes\)"):
         task_metrics("classification", np.array([0.1, 0.9]), np.array([0, 1]))
     with pytest.raises(ValueError, match=r"\(N,\) or \(N, 1\)"):

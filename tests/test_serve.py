@@ -13,6 +13,7 @@ import shutil
 import socket
 import threading
 import time
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -222,6 +223,72 @@ def test_job_refuses_bad_settings_before_starting_anything(artifacts, tmp_path, 
     assert "neither a model artifact" in capsys.readouterr().err
     assert job["main"](["--model", str(artifacts["v1"]), "--max-inputs-per-request", "65"]) == 2
     assert "must not exceed max_batch_size" in capsys.readouterr().err
+
+
+def _other_value(annotation, default):
+    """A valid value of a ServeArgs field that differs from its default, as a command-line word and as typed."""
+    options = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    kind = options[0]
+    if typing.get_origin(annotation) is typing.Literal:
+        value = next(a for a in typing.get_args(annotation) if a != default)
+    elif kind is bool:
+        value = not default
+    elif kind is int:
+        value = (default or 0) + 1
+    elif kind is float:
+        value = default + 0.5
+    else:
+        value = f"/other/{default}"
+    return str(value), value
+
+
+def test_every_serve_setting_is_a_flag_of_the_job_with_its_default(artifacts, tmp_path, monkeypatch):
+    job = runpy.run_path(str(ROOT / "jobs" / "serve.py"), run_name="serve_job")
+    launch, flags = job["parse_args"](["--model", "m"])
+    assert (launch.model, launch.host, launch.port, launch.detach) == ("m", "127.0.0.1", 8000, False)
+    assert flags == ServeArgs().model_dump(exclude={"model_dir"})  # --model gives model_dir
+    # Every field given a non-default value on the command line reaches the replicas' ServeArgs, typed.
+    monkeypatch.chdir(tmp_path)
+    argv, expected = ["--model", str(artifacts["v1"])], {}
+    for name, field in ServeArgs.model_fields.items():
+        if name != "model_dir":
+            word, expected[name] = _other_value(field.annotation, field.default)
+            argv += ["--" + name.replace("_", "-")] + ([] if field.annotation is bool else [word])
+    args = job["serve_args"](*job["parse_args"](argv))
+    assert isinstance(args, ServeArgs) and args.model_dir == str(artifacts["v1"] / "model")
+    assert args.model_dump(exclude={"model_dir"}) == expected
+    # A token configured for this launch is required of every replica, even without --require-token.
+    (tmp_path / "token").write_text("secret")
+    args = job["serve_args"](*job["parse_args"](["--model", str(artifacts["v1"]), "--token-file", "token"]))
+    assert args.require_token and args.token_file == str(tmp_path / "token")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-batch-size", "0"], "argument --max-batch-size: invalid value '0': Input should be greater than or equal"),
+    (["--num-cpus", "many"], "argument --num-cpus: invalid value 'many': Input should be a valid number"),
+    (["--quantize", "int4"], "argument --quantize: invalid value 'int4': Input should be 'none' or 'int8'"),
+    (["--torch-threads", "0"], "argument --torch-threads: invalid value '0': Input should be greater than or equal"),
+    (["--port", "http"], "argument --port: invalid value 'http': Input should be a valid integer"),
+    (["--max-batch-sise", "8"], "unrecognized arguments: --max-batch-sise 8"),
+])
+def test_a_bad_flag_value_is_an_error_naming_the_flag(argv, message, capsys):
+    job = runpy.run_path(str(ROOT / "jobs" / "serve.py"), run_name="serve_job")
+    with pytest.raises(SystemExit) as e:
+        job["parse_args"](["--model", "m", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_serve_run_string_args_reach_the_replicas_typed():
+    from kdlib.serve.app import build_app
+
+    # `serve run kdlib.serve.app:build_app key=value ...` passes every value as a string.
+    app = build_app({"model_dir": "/abs/model", "max_batch_size": "128", "num_cpus": "0.5", "require_token": "true",
+                     "torch_threads": "2"})
+    (args,) = app._bound_deployment.init_args
+    assert isinstance(args, ServeArgs)
+    assert (args.max_batch_size, args.num_cpus, args.require_token, args.torch_threads) == (128, 0.5, True, 2)
+    with pytest.raises(ValueError, match="max_batch_size\n  Input should be a valid integer"):
+        build_app({"max_batch_size": "many"})
 
 
 # --- over HTTP ------------------------------------------------------------------------------------------------

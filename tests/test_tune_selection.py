@@ -120,11 +120,39 @@ def test_curve_has_a_point_per_threshold_and_feasible_budget():
         assert budget_select(table5_candidates(), layers, 12).average() >= threshold_select(table5_candidates(), c).average() - 1e-9
 
 
+def search_space(cfg, rng: random.Random) -> list[Candidate]:
+    """Every branch a config's search can offer, with random scores: students of l = 1..l_max per L, and the
+    undistilled teacher (l = L) when the config includes it."""
+    s, out = cfg.search, []
+    for task in cfg.tasks:
+        for L in range(s.min_fine_tune_layers, s.max_fine_tune_layers + 1):
+            teacher = rng.uniform(60, 90)
+            out += [Candidate(task, L, l, rng.uniform(50, 90), teacher)
+                    for l in range(1, min(s.max_branch_layers, L) + 1)]
+            if s.include_teacher:
+                out.append(Candidate(task, L, L, teacher, teacher, source="teacher"))
+    return out
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "tune").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_tune_config_validates_and_fits_minilm(path):
+def test_every_tune_config_fits_minilm_and_its_selection_settings_all_give_a_choice(path):
     cfg = load_tune_config(path)
     check_feasible(cfg, 6)  # MiniLM's 6 layers
-    assert cfg.search.max_branch_layers <= 3
+    sel, n_tasks = cfg.selection, len(cfg.tasks)
+    cands = search_space(cfg, random.Random(0))
+    # check_feasible's promise: the configured budget holds a merged model, whatever the trials score.
+    if sel.budget is not None:
+        chosen = budget_select(cands, sel.budget, 6)
+        assert chosen is not None and set(chosen.choice) == set(cfg.tasks) and chosen.total_layers(6) <= sel.budget
+    # The curve has one point per swept threshold and one per budget (every feasible one when none is given:
+    # from the shallowest trunk plus one layer per task up to every task's full encoder).
+    points = curve(cands, 6, sel.sweep_thresholds, sel.sweep_budgets)
+    assert [p["setting"] for p in points if p["rule"] == "threshold"] == sel.sweep_thresholds
+    smallest = 6 - cfg.search.max_fine_tune_layers + n_tasks
+    budgets = sel.sweep_budgets or list(range(smallest, 6 * n_tasks + 1))
+    assert [p["setting"] for p in points if p["rule"] == "budget"] == budgets
+    assert all(p["total_layers"] <= p["setting"] and set(p["choice"]) == set(cfg.tasks)
+               for p in points if p["rule"] == "budget")
 
 
 def test_bad_settings_name_file_line_and_key(tmp_path):

@@ -18,25 +18,33 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, f
 
 
 class ServeArgs(BaseModel):
-    """Application arguments (`build_app(args)`, the `args:` of a Serve config). The single source of defaults."""
+    """Application arguments (`build_app(args)`, the `args:` of a Serve config, the flags of jobs/serve.py).
+
+    The single source of defaults; each description is also the help of the field's jobs/serve.py flag."""
 
     model_config = ConfigDict(extra="forbid")
 
-    model_dir: str | None = None  # artifact or run folder; absent: the deployment's user_config must give it
-    quantize: Literal["none", "int8"] = "none"
-    tokenizer_path: str | None = None  # default: the encoder recorded in the manifest
-    max_batch_size: int = Field(64, ge=1)  # inputs (not requests) per batch
-    batch_wait_timeout_s: float = Field(0.005, ge=0)
-    max_inputs_per_request: int = Field(64, ge=1)
-    max_text_chars: int = Field(2000, ge=1)
-    max_body_bytes: int = Field(1_000_000, ge=1)
-    max_ongoing_requests: int = Field(64, ge=1)
-    num_replicas: int = Field(1, ge=1)
-    num_cpus: float = Field(1.0, ge=0)
-    torch_threads: int | None = Field(None, ge=1)
-    token_env: str = "KDLIB_SERVE_TOKEN"  # name of the environment variable holding the token (not the token)
-    token_file: str | None = None  # a file holding the token (e.g. a mounted Kubernetes Secret)
-    require_token: bool = False  # refuse to start without a token instead of serving unauthenticated
+    model_dir: str | None = Field(None, description="artifact or run folder; absent: the deployment's user_config "
+                                                    "must give it")
+    quantize: Literal["none", "int8"] = Field("none", description="int8: dynamic int8 linear layers")
+    tokenizer_path: str | None = Field(None, description="tokenizer folder; default: the encoder recorded in the "
+                                                         "model's manifest")
+    max_batch_size: int = Field(64, ge=1, description="inputs (not requests) per batch across concurrent requests")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, description="seconds a batch waits to fill")
+    max_inputs_per_request: int = Field(64, ge=1, description="more inputs in one request: 413")
+    max_text_chars: int = Field(2000, ge=1, description="a longer text or text_pair: 413")
+    max_body_bytes: int = Field(1_000_000, ge=1, description="a larger request body: 413")
+    max_ongoing_requests: int = Field(64, ge=1, description="requests a replica accepts at once")
+    num_replicas: int = Field(1, ge=1, description="replicas, each holding a copy of the model")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica")
+    torch_threads: int | None = Field(None, ge=1, description="intra-op threads per replica; default: Ray's "
+                                                              "(the replica's CPUs)")
+    token_env: str = Field("KDLIB_SERVE_TOKEN", description="the environment variable holding the bearer token "
+                                                            "(its name, not the token)")
+    token_file: str | None = Field(None, description="file holding the bearer token (e.g. a mounted Kubernetes "
+                                                     "Secret); wins over token_env")
+    require_token: bool = Field(False, description="refuse to start without a token instead of serving "
+                                                   "unauthenticated")
 
     @model_validator(mode="after")
     def _request_fits_a_batch(self):

@@ -49,8 +49,8 @@ def count_inputs(jobs: list[Job]) -> int:
 class KdlibServer:
     """One replica: the current model version, the batcher, the replica's counters and metrics."""
 
-    def __init__(self, args: dict):
-        self.args = ServeArgs.model_validate(args)
+    def __init__(self, args: ServeArgs):
+        self.args = args
         self.token = read_token(self.args.token_env, self.args.token_file)
         if self.token is None and self.args.require_token:
             raise RuntimeError(f"require_token is set but neither ${self.args.token_env} nor token_file gives a "
@@ -166,17 +166,19 @@ class KdlibServer:
         return [(model.version, r) for r in results]
 
 
-def build_app(args: dict) -> serve.Application:
+def build_app(args: ServeArgs | dict) -> serve.Application:
     """Serve application builder (`import_path: kdlib.serve.app:build_app`).
 
     Args:
-        args: ServeArgs fields. `model_dir` (absolute, reachable from every replica) and `quantize` become
-            the deployment's user_config; a Serve config file may give user_config instead, which makes a
-            later change of model a live `reconfigure`.
+        args: ServeArgs, or its fields as a dict: a Serve config's `args:`, or `serve run`'s `key=value`
+            strings, which validate into the same types. `model_dir` (absolute, reachable from every replica)
+            and `quantize` become the deployment's user_config; a Serve config file may give user_config
+            instead, which makes a later change of model a live `reconfigure`. The replicas receive the
+            validated ServeArgs.
     """
     a = ServeArgs.model_validate(args or {})
     options = dict(num_replicas=a.num_replicas, max_ongoing_requests=a.max_ongoing_requests,
                    ray_actor_options={"num_cpus": a.num_cpus})
     if a.model_dir is not None:
         options["user_config"] = UserConfig(model_dir=a.model_dir, quantize=a.quantize).model_dump()
-    return KdlibServer.options(**options).bind(a.model_dump())
+    return KdlibServer.options(**options).bind(a)

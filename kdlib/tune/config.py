@@ -1,8 +1,9 @@
 """The typed config of a depth search (`jobs/tune_depth.py`); YAML files live in configs/tune/.
 
-Tasks, encoder, teachers and Ray reuse kdlib.config's schemas, so a task block reads the same in both
-jobs, and a teacher trained by the search is the very artifact `jobs/distill.py` would train (same
-stage fingerprint). A task's `fine_tune_layers` / `branch_layers` are ignored here: the search picks them.
+`TuneRunConfig` extends kdlib.config's `BaseRunConfig` (run name, storage, data, seed, encoder, tasks,
+teachers, Ray), so a task block reads the same in both jobs, and a teacher trained by the search is the
+very artifact `jobs/distill.py` would train (same stage fingerprint). A task's `fine_tune_layers` /
+`branch_layers` are ignored here: the search picks them.
 """
 
 from __future__ import annotations
@@ -10,17 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from kdlib.config import EncoderConfig, RayConfig, TaskConfig, TeacherConfig, resolve_task_path
+from kdlib.config import BaseRunConfig, RunName, StrictModel
 from kdlib.config_loading import load_config
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class SearchConfig(_Strict):
+class SearchConfig(StrictModel):
     """What Ray Tune searches, per task, and how many trials it runs at once."""
 
     min_fine_tune_layers: int = Field(2, ge=1)  # N_min: the paper keeps a minimum of sharing this way
@@ -37,8 +34,8 @@ class SearchConfig(_Strict):
     inject_failures: list[str] = Field(default_factory=list)  # "task:L:l" trials that raise (fault tests)
 
 
-class StudentConfig(_Strict):
-    """One trial's single-task distillation on cached trunk states (sec. 3.2; Hinton KD)."""
+class TrialStudentConfig(StrictModel):
+    """The YAML's `student`: one trial's single-task distillation on cached trunk states (sec. 3.2; Hinton KD)."""
 
     epochs: int = Field(4, ge=1)  # ASHA's max_t; dev is scored at its rungs and the last epoch
     batch_size: int = Field(32, ge=1)
@@ -48,14 +45,14 @@ class StudentConfig(_Strict):
     alpha: float = Field(0.9, ge=0, le=1)  # weight of the KD term; the rest is the hard-label loss
 
 
-class SchedulerConfig(_Strict):
+class SchedulerConfig(StrictModel):
     """ASHA early stopping over student epochs (metric: the task's primary dev score)."""
 
     grace_period: int = Field(2, ge=1)  # epochs every trial gets before it can be stopped
     reduction_factor: float = Field(2.0, gt=1)  # keep the top 1/reduction_factor at each rung
 
 
-class SelectionConfig(_Strict):
+class SelectionConfig(StrictModel):
     """How the merged model's (L, l) per task are chosen; both rules are always computed and reported."""
 
     rule: Literal["threshold", "budget"] = "threshold"  # which rule builds the merged model
@@ -65,29 +62,22 @@ class SelectionConfig(_Strict):
     sweep_budgets: list[int] = Field(default_factory=list)  # curve points; empty: every feasible budget
 
 
-class ReferenceConfig(_Strict):
+class ReferenceConfig(StrictModel):
     full_fine_tuning: bool = True  # train one L = N member per task: the 100%-overhead reference
 
 
-class TuneRunConfig(_Strict):
-    run_name: str = Field("tune_demo", pattern=r"^[A-Za-z0-9_.-]+$")
-    storage_root: str = "runs"  # a path or pyarrow.fs URI: caches in <root>/cache/, results in <root>/<run_name>/tune/
-    data_dir: str | None = None
-    seed: int = 0
-    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
-    tasks: dict[str, TaskConfig]
-    teachers: TeacherConfig = Field(default_factory=TeacherConfig)
+class TuneRunConfig(BaseRunConfig):
+    """A depth search: the shared fields plus what Ray Tune searches, each trial's student, ASHA, the selection."""
+
+    run_name: RunName = "tune_demo"  # results in <storage_root>/<run_name>/tune/, caches in <storage_root>/cache/
     search: SearchConfig = Field(default_factory=SearchConfig)
-    student: StudentConfig = Field(default_factory=StudentConfig)
+    student: TrialStudentConfig = Field(default_factory=TrialStudentConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
-    ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")
     def _check(self) -> "TuneRunConfig":
-        if not self.tasks:
-            raise ValueError("tasks: at least one task is needed")
         s = self.search
         if s.min_fine_tune_layers > s.max_fine_tune_layers:
             raise ValueError(f"search.min_fine_tune_layers ({s.min_fine_tune_layers}) exceeds "
@@ -99,9 +89,6 @@ class TuneRunConfig(_Strict):
             raise ValueError(f"scheduler.grace_period ({self.scheduler.grace_period}) exceeds student.epochs "
                              f"({self.student.epochs})")
         return self
-
-    def task_path(self, task: str, split: Literal["train", "dev"]) -> str:
-        return resolve_task_path(self.tasks[task], task, split, self.data_dir)
 
 
 def load_tune_config(path: str | Path, overrides: list[str] = ()) -> TuneRunConfig:

@@ -30,10 +30,7 @@ def plot_tasks(cands: list[Candidate], path: Path) -> Path:
         ax.set_xlabel("branch layers l")
         ax.set_ylabel("primary dev score")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_curve(points: list[dict], chosen: dict, reference: float | None, path: Path) -> Path:
@@ -52,6 +49,10 @@ def plot_curve(points: list[dict], chosen: dict, reference: float | None, path: 
     ax.set_xlabel("overhead (% of running every task's full encoder)")
     ax.set_ylabel("average primary dev score")
     ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
