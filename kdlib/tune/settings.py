@@ -9,11 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pandas as pd
-from pydantic import BaseModel
-
 from kdlib.config import TeacherConfig
 from kdlib.encoder import EncoderRef
 from kdlib.pipeline.data import TaskData
+from kdlib.tune.config import TrialStudentConfig
 from kdlib.tune.search import scored_epochs
 
 
@@ -22,7 +21,7 @@ class TrialSettings:
     data: TaskData  # the task's validated train and dev examples
     encoder: EncoderRef
     teachers: TeacherConfig  # how a (task, L) ensemble trains (kdlib.pipeline.teachers)
-    student: BaseModel  # the trial's single-task distillation settings (kdlib.tune.config, `student:`)
+    student: TrialStudentConfig  # the trial's single-task distillation settings
     aggregation: str  # how the K teachers' logits become one target
     wrong_teacher_weight: float
     storage_root: str  # shared caches live under <storage_root>/cache/
