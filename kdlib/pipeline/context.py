@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kdlib import storage
@@ -16,7 +17,7 @@ class RunContext:
     cfg: RunConfig
     encoder: EncoderRef
     cache: StageCache
-    log: callable = field(default=print)
+    log: Callable[[str], None] = field(default=print)  # where the stages' progress lines go
 
     @classmethod
     def create(cls, cfg: RunConfig, log=print) -> "RunContext":

@@ -12,7 +12,7 @@ disk (`storage.local_copy`).
 
 Layout under <storage_root>/cache/:
     trunk_states/<task>/<fp>/{train,dev}.safetensors   flat (sum T_i, H) states + (N,) lengths
-    teachers/<fp>/ensemble                               kdlib.teachers artifact (same key as jobs/distill.py)
+    teachers/<fp>/ensemble                               kdlib.teachers artifact (same key as kdlib.pipeline.teachers)
     tune_teacher_outputs/<fp>/                           teacher logits on train/dev, member scores, best member
     tune_students/<fp>/student                           a trial's single-task student + per-epoch scores
     <kind folder>/_computed/<entry>-<id>.json            one record per computation (tests and benchmarks count them)
