@@ -65,8 +65,10 @@ def test_the_depth_search_asks_for_the_pipelines_ensemble(tiny_pipeline):
     from kdlib.tune.config import TuneRunConfig
 
     p = tiny_pipeline
-    tune_cfg = TuneRunConfig(**p.cfg.model_dump(include={"storage_root", "data_dir", "seed", "encoder", "tasks",
-                                                         "teachers"}))
+    fields = p.cfg.model_dump(include={"storage_root", "data_dir", "seed", "encoder", "tasks", "teachers"})
+    for task in fields["tasks"].values():
+        task.pop("augment")  # the depth search labels no masked copies
+    tune_cfg = TuneRunConfig(**fields)
     s = TrialSettings.from_config(tune_cfg, p.tasks["sentiment"], p.ctx.encoder, str(p.root), str(p.root / "tune"))
     L = p.cfg.tasks["sentiment"].fine_tune_layers
     assert teacher_fingerprint(s, L) == p.teachers.key("sentiment")
