@@ -9,13 +9,14 @@ unlabeled rows carry no gold label (NaN): they are trained on teacher targets on
 from __future__ import annotations
 
 import hashlib
+import io
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from kdlib.errors import DataError
-from kdlib.readers import EXAMPLE_COLUMNS
+from kdlib.readers import EXAMPLE_COLUMNS, read_text_file
 
 
 def mask_words(text: str, p: float, rng: np.random.Generator, mask_token: str) -> str:
@@ -47,29 +48,29 @@ def masked_copies(train: pd.DataFrame, *, copies: int, p: float, seed: int, mask
 def read_unlabeled(path: str, *, task: str, has_pair: bool) -> pd.DataFrame:
     """Plain text, one example per line (UTF-8); for pair tasks the two sentences are split by a tab.
 
-    Blank lines are skipped. Ids hash the text and its occurrence number, like the readers' ids.
+    Read like a tsv task file without a header row (header: false): a BOM is dropped, blank lines are
+    skipped but counted, and errors name the line. Ids hash the text and its occurrence number, like the readers' ids.
     """
-    file = Path(path)
-    if not file.is_file():
-        raise DataError("unlabeled text file not found", path=path)
     rows = {c: [] for c in ("id", "text", "text_pair")}
     seen: dict[str, int] = {}
-    with file.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            line = line.rstrip("\n").rstrip("\r")
-            if not line.strip():
-                continue
-            fields = line.split("\t")
-            if len(fields) != (2 if has_pair else 1) or not all(s.strip() for s in fields):
-                want = "two tab-separated sentences" if has_pair else "one sentence without tabs"
-                raise DataError(f"expected {want}, got {len(fields)} field(s)", path=path, line=lineno)
-            text, pair = fields[0], (fields[1] if has_pair else None)
-            key = f"{task}\x1funlabeled\x1f{text}\x1f{pair}"
-            k = seen.get(key, 0)
-            seen[key] = k + 1
-            rows["id"].append(hashlib.sha1(f"{key}\x1f{k}".encode()).hexdigest()[:16])
-            rows["text"].append(text)
-            rows["text_pair"].append(pair)
+    for lineno, line in enumerate(io.StringIO(read_text_file(path)), start=1):
+        line = line.rstrip("\n").rstrip("\r")
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) != (2 if has_pair else 1):
+            want = "two tab-separated sentences" if has_pair else "one sentence without tabs"
+            raise DataError(f"expected {want}, got {len(fields)} field{'s' * (len(fields) != 1)}", path=path, line=lineno)
+        blank = next((i for i, s in enumerate(fields) if not s.strip()), None)
+        if blank is not None:
+            raise DataError(f"empty {('first', 'second')[blank]} sentence", path=path, line=lineno)
+        text, pair = fields[0], (fields[1] if has_pair else None)
+        key = f"{task}\x1funlabeled\x1f{text}\x1f{pair}"
+        k = seen.get(key, 0)
+        seen[key] = k + 1
+        rows["id"].append(hashlib.sha1(f"{key}\x1f{k}".encode()).hexdigest()[:16])
+        rows["text"].append(text)
+        rows["text_pair"].append(pair)
     if not rows["id"]:
         raise DataError("no unlabeled examples (the file is empty)", path=path)
     return _frame(rows, task=task, source="unlabeled")

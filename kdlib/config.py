@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator, model_validator
 
 from kdlib.config_loading import load_config
 from kdlib.students.binning import ScoreBins
@@ -51,9 +51,12 @@ class TaskConfig(StrictModel):
     train: str  # file relative to data_dir (or absolute), hub dataset name, or demo task name
     dev: str
     hub_config: str | None = None
-    text_column: str = "sentence"
-    text_pair_column: str | None = None
-    label_column: str = "label"
+    # tsv/csv: false reads every line as an example (no header row); the columns are then positions, 0 first.
+    # Positions also work with a header row (which is then skipped); other formats name their columns.
+    header: bool = True
+    text_column: str | StrictInt = Field("sentence", validate_default=True)
+    text_pair_column: str | StrictInt | None = None
+    label_column: str | StrictInt = Field("label", validate_default=True)
     labels: list[str] | None = None  # declared label set (classification); None: sorted values seen in train
     metric: Literal["accuracy", "f1", "matthews", "pearson", "spearman"] | None = None  # None: kind's default
     max_train_examples: int | None = Field(None, gt=0)  # first N rows of train (quick benchmarks)
@@ -73,6 +76,37 @@ class TaskConfig(StrictModel):
     # [low, high, width]: end-to-end students learn this regression target as classes over score bins and
     # predict the expected score (CMOW paper sec. IV-B: STS-B as [0, 5, 0.2], 26 classes).
     bins: tuple[float, float, float] | None = None
+
+    @field_validator("header")
+    @classmethod
+    def _header_fits_format(cls, header: bool, info: ValidationInfo) -> bool:
+        fmt = info.data.get("format")
+        if not header and fmt not in ("tsv", "csv"):
+            raise ValueError(f"header: false applies to tsv and csv files; {fmt} files name their columns")
+        return header
+
+    @field_validator("text_column", "text_pair_column", "label_column")
+    @classmethod
+    def _column_fits_format(cls, column: str | int | None, info: ValidationInfo) -> str | int | None:
+        fmt, header = info.data.get("format"), info.data.get("header", True)  # absent: invalid, named already
+        if isinstance(column, int):
+            if fmt not in ("tsv", "csv"):
+                raise ValueError(f"a column position applies to tsv and csv files; give the {fmt} column's name")
+            if column < 0:
+                raise ValueError("a column position counts from 0 (the first column)")
+        elif column is not None and not header:
+            default = " (the default)" if column == cls.model_fields[info.field_name].default else ""
+            raise ValueError(f"header: false reads a file without column names, so {info.field_name} must be a "
+                             f"column position (0 is the first column), not the name {column!r}{default}")
+        return column
+
+    @model_validator(mode="after")
+    def _columns_distinct(self) -> "TaskConfig":
+        given = [c for c in (self.text_column, self.text_pair_column, self.label_column) if c is not None]
+        if len(set(given)) != len(given):
+            raise ValueError(f"text_column, text_pair_column and label_column must be different columns; got "
+                             f"{self.text_column!r}, {self.text_pair_column!r}, {self.label_column!r}")
+        return self
 
     @property
     def resolved_aggregation(self) -> str:

@@ -23,12 +23,13 @@ class DataError(KdlibError):
         path: The file (or dataset name) the data came from.
         line: 1-based line as seen in an editor; for formats without lines
             (parquet, hub, demo) the 1-based row, with ``line_word="row"``.
-        column: The column holding the bad value.
+        column: The column holding the bad value: its name, or its 0-based position in a file
+            without a header row (``column 2``).
         line_word: How the location reads: ``"line"`` or ``"row"``.
     """
 
     def __init__(self, message: str, *, path: str | None = None, line: int | None = None,
-                 column: str | None = None, line_word: str = "line"):
+                 column: str | int | None = None, line_word: str = "line"):
         self.path, self.line, self.column, self.reason = path, line, column, message
         self.line_word = line_word
         where = [str(path)] if path else []

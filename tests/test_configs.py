@@ -176,3 +176,37 @@ def test_student_kinds_and_their_architecture_arguments(tmp_path):
         load_run_config(path, ["tasks.t.bins=[0, 5, 0.2]"])
     with pytest.raises(ConfigError, match="whole number of bins"):
         load_run_config(path, ["student.kind=cmow", "tasks.t.bins=[0, 5, 0.3]"])
+
+
+def test_header_false_takes_columns_by_position(tmp_path):
+    base = ("data_dir: /x\ntasks:\n  t:\n    kind: classification\n    format: tsv\n    train: a.tsv\n"
+            "    dev: b.tsv\n    header: false\n")
+    task = load_run_config(_write(tmp_path, base), ["tasks.t.text_column=0", "tasks.t.label_column=1"]).tasks["t"]
+    assert (task.header, task.text_column, task.label_column) == (False, 0, 1)
+    cases = [  # (overrides, the problem's key, what it says)
+        (["tasks.t.label_column=1"], "tasks.t", (r"header: false reads a file without column names, so text_column "
+                                                 r"must be a column position \(0 is the first column\), not the "
+                                                 r"name 'sentence' \(the default\)")),
+        (["tasks.t.text_column=0", "tasks.t.label_column=label"], "tasks.t.label_column = 'label'",
+         "so label_column must be a column position"),
+        (["tasks.t.text_column=0", "tasks.t.label_column=1", "tasks.t.text_pair_column=s2"],
+         "tasks.t.text_pair_column = 's2'", "so text_pair_column must be a column position"),
+        (["tasks.t.text_column=-1", "tasks.t.label_column=1"], "tasks.t.text_column = -1",
+         r"a column position counts from 0"),
+        (["tasks.t.text_column=1", "tasks.t.label_column=1"], "tasks.t",
+         "text_column, text_pair_column and label_column must be different columns"),
+        (["tasks.t.text_column=0", "tasks.t.label_column=1", "tasks.t.format=jsonl"], "tasks.t.header = False",
+         "header: false applies to tsv and csv files; jsonl files name their columns"),
+        (["tasks.t.header=true", "tasks.t.label_column=1", "tasks.t.format=parquet"], "tasks.t.label_column = 1",
+         "a column position applies to tsv and csv files; give the parquet column's name"),
+        (["tasks.t.text_column=0", "tasks.t.label_column=true"], "tasks.t.label_column = True",
+         "Input should be a valid"),  # YAML's true is no position
+    ]
+    for overrides, key, says in cases:
+        with pytest.raises(ConfigError) as e:
+            load_run_config(_write(tmp_path, base), overrides)
+        assert any(key in p and re.search(says, p) for p in e.value.problems), (overrides, e.value.problems)
+    # with a header row, names and positions both work, and a quoted number is a name
+    task = load_run_config(_write(tmp_path, base), ["tasks.t.header=true", "tasks.t.text_column=1",
+                                                    "tasks.t.label_column='0'"]).tasks["t"]
+    assert (task.header, task.text_column, task.label_column) == (True, 1, "0")

@@ -202,7 +202,8 @@ def test_missing_file(tmp_path):
 def test_missing_column_lists_the_columns(tmp_path):
     path = write(tmp_path, "a.tsv", "text\tlabel\na\t1\n")
     err = fails(path, "tsv")
-    assert "no column 'sentence'" in str(err) and "'text', 'label'" in str(err) and err.line is None
+    # the header row's values are names, so no hint about header: false
+    assert str(err) == f"{path}, line 1, column 'sentence': not found (columns: 'text', 'label')"
 
 
 @pytest.mark.parametrize("cell", ["", "   "])
@@ -283,6 +284,190 @@ def test_bad_config_values(tmp_path):
         read(path, "tsv", kind="ranking")
     with pytest.raises(ConfigError, match="distinct"):
         read(path, "tsv", labels=["1", "1"])
+
+
+# --- files without a header row -----------------------------------------------------
+
+TOPICS = "stocks fell sharply today\tbusiness\nthe striker scored twice\tsport\nnew phone chips are faster\ttech\n"
+
+
+def test_headerless_tsv_reads_columns_by_position(tmp_path):
+    path = write(tmp_path, "topics.tsv", TOPICS)
+    examples, names = read(path, "tsv", header=False, text_column=0, label_column=1)
+    # the first line is an example, not a header
+    assert list(examples["text"]) == ["stocks fell sharply today", "the striker scored twice",
+                                      "new phone chips are faster"]
+    assert names == ["business", "sport", "tech"] and list(examples["label"]) == [0, 1, 2]
+    # the same file read with a header row would lose its first example; positions map the same columns
+    with_header, _ = read(path, "tsv", text_column=0, label_column=1)
+    assert list(with_header["text"]) == list(examples["text"])[1:]
+
+
+def test_headerless_csv_pair_task_with_the_label_first(tmp_path):
+    path = write(tmp_path, "nli.csv", 'entailment,"a man, sleeping",a person rests\ncontradiction,a cat,a dog\n')
+    examples, _ = read(path, "csv", header=False, text_column=1, text_pair_column=2, label_column=0,
+                       labels=["entailment", "contradiction"])
+    assert list(examples["text"]) == ["a man, sleeping", "a cat"]
+    assert list(examples["text_pair"]) == ["a person rests", "a dog"] and list(examples["label"]) == [0, 1]
+    # errors in a headerless file name the column by its position, and lines count from the first example
+    bad = write(tmp_path, "bad.csv", "entailment,a,b\ncontradiction, ,d\n")
+    err = fails(bad, "csv", header=False, text_column=1, text_pair_column=2, label_column=0)
+    assert str(err) == f"{bad}, line 2, column 1: empty text"
+
+
+def test_positions_with_a_header_row_name_the_column_in_errors(tmp_path):
+    path = write(tmp_path, "a.tsv", "review\tstars\ngood\t5\n\t1\n")
+    err = fails(path, "tsv", text_column=0, label_column=1)
+    assert str(err) == f"{path}, line 3, column 'review': empty text"
+
+
+def test_a_header_row_that_looks_like_data_suggests_header_false(tmp_path):
+    path = write(tmp_path, "sst.tsv", "the film was great\tpos\nawful acting\tneg\nloved it\tpos\n")
+    err = fails(path, "tsv")
+    assert str(err) == (
+        f"{path}, line 1, column 'sentence': not found (columns: 'the film was great', 'pos'); the first row "
+        "looks like data: if the file has no header row, set tasks.t.header: false and give columns by "
+        "position (text_column: 0, label_column: 1)")
+    # the label found first in the row (it repeats further down its column) gets its position
+    path = write(tmp_path, "first.tsv", "1\tgreat film\n0\tbad film\n")
+    assert "(text_column: 1, label_column: 0)" in str(fails(path, "tsv", task="mood"))
+    assert "tasks.mood.header: false" in str(fails(path, "tsv", task="mood"))
+    # a declared label in the header row is enough; so is a pair task's sentence
+    path = write(tmp_path, "pair.csv", "a dog runs,a cat sleeps,neutral\nx,y,entailment\n")
+    err = fails(path, "csv", text_column="premise", text_pair_column="hypothesis",
+                labels=["entailment", "neutral"])
+    assert "(text_column: 0, text_pair_column: 1, label_column: 2)" in str(err)
+
+
+@pytest.mark.parametrize("header", ["text\tcategory", "sentence\ttopic", "text\tlabel"])
+def test_a_header_row_of_names_gets_no_header_hint(tmp_path, header):
+    # names that do not match (or match in part) are a naming mistake, not a missing header row
+    path = write(tmp_path, "a.tsv", f"{header}\na film\tpos\n")
+    assert "header: false" not in str(fails(path, "tsv"))
+
+
+def test_a_header_row_read_as_an_example_is_pointed_out(tmp_path):
+    path = write(tmp_path, "a.tsv", "sentence\tlabel\na film\tpos\n")
+    err = fails(path, "tsv", header=False, text_column=0, label_column=1, labels=["neg", "pos"])
+    assert str(err) == (f"{path}, line 1, column 1: label 'label' is not one of the declared labels "
+                        "['neg', 'pos']; line 1 looks like a header row: if the file has one, set "
+                        "tasks.t.header: true (the column positions still work)")
+    err = fails(path, "tsv", header=False, text_column=0, label_column=1, kind="regression")
+    assert (err.line, err.column) == (1, 1) and "looks like a header row" in str(err)
+
+
+def test_header_and_positions_apply_to_tsv_and_csv_only(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text(json.dumps({"sentence": "a", "label": 1}) + "\n")
+    with pytest.raises(ConfigError, match="header: false applies to tsv and csv files, not jsonl"):
+        read(path, "jsonl", header=False)
+    with pytest.raises(ConfigError, match="label_column is 1; jsonl columns are given by name"):
+        read(path, "jsonl", label_column=1)
+    tsv = write(tmp_path, "a.tsv", "sentence\tlabel\na\t1\n")
+    with pytest.raises(ConfigError, match="text_column and label_column are the same column 'sentence'"):
+        read(tsv, "tsv", label_column=0)
+
+
+# --- broken files, one per row: each a DataError naming file, line (or row) and column --
+
+def _frame(**columns) -> pd.DataFrame:
+    return pd.DataFrame(columns)
+
+
+_OK = json.dumps({"sentence": "a", "label": 1})
+_REG = {"kind": "regression", "label_column": "score"}
+_PAIR = {"text_column": "s1", "text_pair_column": "s2"}
+_HEADERLESS = {"header": False, "text_column": 0, "label_column": 1}
+
+# (file name, content, read_split arguments, line or row, column, what the message says).
+# content: text, bytes, a DataFrame (written as parquet), None (no file) or "<folder>".
+BROKEN = {
+    "missing file": ("a.tsv", None, {}, None, None, "file not found"),
+    "a folder": ("a.tsv", "<folder>", {}, None, None, "is a folder; expected a file"),
+    "empty tsv": ("a.tsv", "", {}, 1, None, "empty file; expected a header row"),
+    "empty headerless tsv": ("a.tsv", "\n", _HEADERLESS, 1, None, "empty file"),
+    "header only": ("a.tsv", "sentence\tlabel\n", {}, 1, None, "no examples: the file has a header row only"),
+    "missing column": ("a.tsv", "text\tlabel\na\t1\n", {}, 1, "sentence", "not found (columns: 'text', 'label')"),
+    "too many fields": ("a.tsv", "sentence\tlabel\na\t1\nb\tc\t1\n", {}, 3, None,
+                        "expected 2 fields (as in the header), found 3"),
+    "too few fields": ("a.csv", "sentence,label\na,1\n\nb\n", {}, 4, None,
+                       "expected 2 fields (as in the header), found 1"),
+    "duplicate column names": ("a.csv", "sentence,label,label\na,1,2\n", {}, 1, None, "duplicate column names"),
+    "unterminated quote": ("a.csv", 'sentence,label\na,1\n"b,0\nc,1\n', {}, 3, None,
+                           "a quoted field that starts on this line is never closed"),
+    "stray quote": ("a.csv", 'sentence,label\na,1\n"b"c,0\n', {}, 3, None, "must be doubled"),
+    "empty text": ("a.tsv", "sentence\tlabel\na\t1\n \t0\n", {}, 3, "sentence", "empty text"),
+    "empty label": ("a.csv", "sentence,label\na,1\nb,\n", {}, 3, "label", "missing label"),
+    "label not declared": ("a.tsv", "sentence\tlabel\na\tpos\nb\tmeh\n", {"labels": ["neg", "pos"]}, 3, "label",
+                           "label 'meh' is not one of the declared labels ['neg', 'pos']"),
+    "non-numeric regression label": ("a.tsv", "sentence\tscore\na\t1\nb\thigh\n", _REG, 3, "score",
+                                     "regression label 'high' is not a finite number"),
+    "infinite regression label": ("a.csv", "sentence,score\na,inf\n", _REG, 2, "score", "not a finite number"),
+    "pair missing": ("a.tsv", "s1\ts2\tlabel\na\tb\t1\nc\t\t0\n", _PAIR, 3, "s2", "empty text"),
+    "invalid UTF-8 in text": ("a.tsv", b"sentence\tlabel\na\t1\nb\xff\t0\n", {}, 3, "sentence",
+                              "not UTF-8 text: byte 0xff at character 2 of the line"),
+    "invalid UTF-8 in label": ("a.tsv", b"sentence\tlabel\na\t1\xe9\n", {}, 2, "label", "not UTF-8"),
+    "invalid UTF-8 headerless": ("a.tsv", b"a\t1\nb\t\xc3\n", _HEADERLESS, 2, 1, "not UTF-8"),
+    "headerless too few columns": ("a.tsv", "a\t1\n", {**_HEADERLESS, "label_column": 2}, 1, 2,
+                                   "not found: the lines have 2 fields, so label_column can be 0 to 1"),
+    "headerless ragged line": ("a.tsv", "a\t1\nb\t0\t1\n", _HEADERLESS, 2, None,
+                               "expected 2 fields (as on line 1, the first), found 3"),
+    "position past the header": ("a.csv", "sentence,label\na,1\n", {"label_column": 5}, 1, 5,
+                                 ("not found: the header row has 2 columns ('sentence', 'label'), "
+                                  "so label_column can be 0 to 1")),
+    "jsonl not JSON": ("a.jsonl", f"{_OK}\n{{'sentence': 'b'}}\n", {}, 2, None, "malformed JSON"),
+    "jsonl not an object": ("a.jsonl", f'{_OK}\n"b"\n', {}, 2, None, "expected a JSON object, found str"),
+    "jsonl missing key": ("a.jsonl", f'{_OK}\n\n{{"sentence": "b"}}\n', {}, 3, "label", "missing label"),
+    "jsonl key on no line": ("a.jsonl", '{"sentence": "a", "y": 1}\n', {}, None, "label",
+                             "no line has this key (keys: 'sentence', 'y')"),
+    "jsonl duplicate key": ("a.jsonl", '{"sentence": "a", "label": 1, "label": 2}\n', {}, 1, "label",
+                            "the key appears twice in this object"),
+    "jsonl null text": ("a.jsonl", f'{_OK}\n{{"sentence": null, "label": 0}}\n', {}, 2, "sentence", "missing text"),
+    "jsonl list label": ("a.jsonl", f'{_OK}\n{{"sentence": "b", "label": [0, 1]}}\n', {}, 2, "label",
+                         "expected a label (text or a number), found [0, 1] (list)"),
+    "jsonl NaN regression label": ("a.jsonl", '{"sentence": "a", "score": NaN}\n', _REG, 1, "score",
+                                   "missing label"),
+    "jsonl invalid UTF-8": ("a.jsonl", _OK.encode() + b'\n{"sentence": "\xff"}\n', {}, 2, None, "not UTF-8"),
+    "jsonl empty": ("a.jsonl", "\n\n", {}, None, None, "no examples"),
+    "parquet not parquet": ("a.parquet", "sentence\tlabel\na\t1\n", {}, None, None,
+                            "cannot read as parquet (not a Parquet file, or a damaged one)"),
+    "parquet empty file": ("a.parquet", "", {}, None, None, "cannot read as parquet"),
+    "parquet missing column": ("a.parquet", _frame(sentence=["a"], y=[1]), {}, None, "label",
+                               "not found (columns: 'sentence', 'y')"),
+    "parquet no rows": ("a.parquet", _frame(sentence=pd.Series([], dtype=str), label=pd.Series([], dtype=int)),
+                        {}, None, None, "no examples"),
+    "parquet int text column": ("a.parquet", _frame(sentence=[1, 2], label=[0, 1]), {}, 1, "sentence",
+                                "expected text, found 1 (int"),
+    "parquet list label column": ("a.parquet", _frame(sentence=["a", "b"], label=[[0], [1]]), {}, 1, "label",
+                                  "expected a label (text or a number)"),
+    "parquet NaN label": ("a.parquet", _frame(sentence=["a", "b"], label=[1.0, np.nan]), {}, 2, "label",
+                          "missing label"),
+    "parquet text regression label": ("a.parquet", _frame(sentence=["a", "b"], score=["1.5", "high"]), _REG, 2,
+                                      "score", "regression label 'high' is not a finite number"),
+    "parquet infinite regression label": ("a.parquet", _frame(sentence=["a", "b"], score=[np.inf, 1.0]), _REG,
+                                          1, "score", "not a finite number"),
+}
+
+
+@pytest.mark.parametrize("name", list(BROKEN))
+def test_broken_files_fail_naming_file_line_and_column(tmp_path, name):
+    file_name, content, kwargs, line, column, says = BROKEN[name]
+    path = tmp_path / file_name
+    if isinstance(content, pd.DataFrame):
+        content.to_parquet(path)
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content == "<folder>":
+        path.mkdir()
+    elif content is not None:
+        path.write_text(content, encoding="utf-8")
+    fmt = file_name.rsplit(".", 1)[1]
+    err = fails(path, fmt, **kwargs)  # a DataError: no pandas, pyarrow, json or codec exception gets out
+    word = "row" if fmt == "parquet" else "line"
+    where = str(path) + (f", {word} {line}" if line is not None else "") + \
+        (f", column {column!r}" if column is not None else "")
+    assert (err.path, err.line, err.column) == (str(path), line, column)
+    assert str(err).startswith(where + ": ") and says in err.reason, str(err)
 
 
 # --- ids -----------------------------------------------------------------------------

@@ -148,6 +148,21 @@ def test_unlabeled_text_files(tmp_path):
         read_unlabeled(str(tmp_path / "missing.txt"), task="t", has_pair=False)
 
 
+def test_unlabeled_text_is_read_like_a_headerless_tsv(tmp_path):
+    # the task files' rules: a BOM is dropped, a bad byte or an empty sentence fails naming its line
+    path = tmp_path / "u.txt"
+    path.write_bytes("first\tsecond\n".encode("utf-8-sig"))
+    assert list(read_unlabeled(str(path), task="t", has_pair=True)["text"]) == ["first"]
+    path.write_bytes(b"fine\tok\n\nbad \xff byte\tok\n")
+    with pytest.raises(DataError, match=r"u.txt, line 3: not UTF-8 text: byte 0xff at character 5"):
+        read_unlabeled(str(path), task="t", has_pair=True)
+    path.write_text("fine\tok\nleft\t \n")
+    with pytest.raises(DataError, match=r"u.txt, line 2: empty second sentence"):
+        read_unlabeled(str(path), task="t", has_pair=True)
+    with pytest.raises(DataError, match="is a folder"):
+        read_unlabeled(str(tmp_path), task="t", has_pair=False)
+
+
 def test_written_unlabeled_text_reads_back(tmp_path):
     """write_unlabeled keeps every example on one line (tabs and line breaks inside become spaces) and
     skips blank ones, so read_unlabeled returns the same sentences."""

@@ -56,3 +56,22 @@ def test_a_missing_column_names_the_file(tmp_path):
     config = tsv_config(tmp_path, [("good", "pos")])
     with pytest.raises(KdlibError, match=r"train\.tsv.*sentence|sentence.*train\.tsv"):
         load(config, "tasks.mood.text_column=sentence")
+
+
+def test_a_tsv_without_header_row_loads_by_position(tmp_path):
+    config = tsv_config(tmp_path, [("good", "pos")])
+    data = tmp_path / "data"
+    (data / "topics.tsv").write_text("stocks fell today\tbusiness\nthe striker scored twice\tsport\n"
+                                     "new chips are faster\ttech\nmarkets rallied\tbusiness\n")
+    headerless = ["tasks.mood.train=topics.tsv", "tasks.mood.dev=topics.tsv"]
+    # read with the default header row, the first example is taken for column names, and the error says so
+    with pytest.raises(KdlibError, match=r"topics\.tsv, line 1, column 'text': not found \(columns: 'stocks fell "
+                                         r"today', 'business'\); the first row looks like data: if the file has no "
+                                         r"header row, set tasks\.mood\.header: false and give columns by position "
+                                         r"\(text_column: 0, label_column: 1\)"):
+        load(config, *headerless)
+    tasks, _ = load(config, *headerless, "tasks.mood.header=false", "tasks.mood.text_column=0",
+                    "tasks.mood.label_column=1")
+    mood = tasks["mood"]
+    assert len(mood.train) == 4 and mood.train["text"].iloc[0] == "stocks fell today"
+    assert mood.label_names == ["business", "sport", "tech"] and mood.train["label"].tolist() == [0, 1, 2, 0]

@@ -26,12 +26,13 @@ class TaskData:
         return len(self.label_names) if self.kind == "classification" else 1
 
 
-def load_task(*, name: str, kind: str, format: str, train_path: str, dev_path: str, text_column: str,
-              text_pair_column: str | None, label_column: str, labels: list[str] | None, metric: str | None,
-              hub_config: str | None = None, max_train_examples: int | None = None) -> TaskData:
+def load_task(*, name: str, kind: str, format: str, train_path: str, dev_path: str, text_column: str | int,
+              text_pair_column: str | int | None, label_column: str | int, labels: list[str] | None,
+              metric: str | None, header: bool = True, hub_config: str | None = None,
+              max_train_examples: int | None = None) -> TaskData:
     """Read and validate both splits; dev is read against train's label set so ids mean the same classes."""
     common = dict(task=name, format=format, text_column=text_column, text_pair_column=text_pair_column,
-                  label_column=label_column, kind=kind, hub_config=hub_config)
+                  label_column=label_column, kind=kind, header=header, hub_config=hub_config)
     train, label_names = read_split(split="train", path=train_path, labels=labels, **common)
     dev, _ = read_split(split="dev", path=dev_path, labels=label_names if kind == "classification" else None,
                         **common)
@@ -51,7 +52,8 @@ def load_tasks(cfg) -> dict[str, TaskData]:
     return {name: load_task(name=name, kind=t.kind, format=t.format, train_path=cfg.task_path(name, "train"),
                             dev_path=cfg.task_path(name, "dev"), text_column=t.text_column,
                             text_pair_column=t.text_pair_column, label_column=t.label_column, labels=t.labels,
-                            metric=t.metric, hub_config=t.hub_config, max_train_examples=t.max_train_examples)
+                            metric=t.metric, header=t.header, hub_config=t.hub_config,
+                            max_train_examples=t.max_train_examples)
             for name, t in cfg.tasks.items()}
 
 
