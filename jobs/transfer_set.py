@@ -40,12 +40,13 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             train, _ = read_split(task=name, split="train", path=cfg.task_path(name, "train"), format=t.format,
                                   text_column=t.text_column, text_pair_column=t.text_pair_column,
-                                  label_column=t.label_column, kind=t.kind, labels=t.labels, hub_config=t.hub_config)
+                                  label_column=t.label_column, kind=t.kind, labels=t.labels, hub_config=t.hub_config,
+                                  header=t.header)
             rest = train.iloc[t.max_train_examples:]
             if rest.empty:
                 print(f"[transfer:{name}] {len(train)} training rows, none past the first {t.max_train_examples}")
                 continue
-            pairs = rest["text_pair"].tolist() if t.text_pair_column else None
+            pairs = rest["text_pair"].tolist() if t.text_pair_column is not None else None
             written = write_unlabeled(rest["text"].tolist(), pairs, str(out / f"{name}.txt"))
             print(f"[transfer:{name}] {written} of {len(train)} training rows (after the first "
                   f"{t.max_train_examples}) -> {out / f'{name}.txt'}")
