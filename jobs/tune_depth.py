@@ -141,7 +141,8 @@ def run(cfg: TuneRunConfig, config_path: str = "") -> dict:
                "share_of_full_ft": 100 * chosen.average() / ref_avg if ref_avg else None}
     with storage.staged_dir(out_dir) as local_out:  # the model and plots (uploaded at the end if remote)
         save_merged(merged, local_out / "model",
-                    tasks={n: {"kind": d.kind, "label_names": d.label_names, "metric": d.metric} for n, d in tasks.items()},
+                    tasks={n: {"kind": d.kind, "label_names": d.label_names, "metric": d.metric,
+                               "pair": cfg.tasks[n].text_pair_column is not None} for n, d in tasks.items()},
                     extra={"encoder": encoder.manifest(), "max_length": cfg.encoder.max_length,
                            "selection": {"rule": chosen.rule, "setting": chosen.setting}})
         plot_tasks(cands, local_out / "tasks.png")

@@ -7,10 +7,15 @@ session's Ray, and shuts down at the end of the module.
 from __future__ import annotations
 
 import json
+import os
+import re
 import runpy
 import secrets
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import typing
@@ -26,7 +31,7 @@ from kdlib.artifact import ArtifactError, load_model, read_manifest, save_model
 from kdlib.branched import BranchedModel, BranchSpec
 from kdlib.encoder import encoder_fingerprint, load_encoder, load_tokenizer, resolve_encoder_path
 from kdlib.predict import predict
-from kdlib.serve.api import ServeArgs, read_token
+from kdlib.serve.api import ClientError, Limits, ServeArgs, parse_predict, read_token
 from kdlib.serve.loadtest import run_load_test
 from kdlib.serve.model import Job, ModelSlot, ServedModel, resolve_model_dir
 from kdlib.serve.quantize import compare_float_int8
@@ -35,10 +40,11 @@ ROOT = Path(__file__).resolve().parent.parent
 ENCODER = "sentence-transformers/all-MiniLM-L6-v2"  # its real WordPiece tokenizer; random tiny weights
 TINY = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2, "intermediate_size": 64}
 MAX_LENGTH = 32
-TASKS = {"a": {"kind": "classification", "label_names": ["neg", "pos"], "metric": "accuracy"},
-         "b": {"kind": "regression", "label_names": [], "metric": "pearson"},
-         "c": {"kind": "classification", "label_names": ["x", "y", "z"], "metric": "accuracy"},
-         "d": {"kind": "classification", "label_names": ["no", "yes"], "metric": "f1"}}
+# b takes a sentence pair (text, text_pair), the others a single text
+TASKS = {"a": {"kind": "classification", "label_names": ["neg", "pos"], "metric": "accuracy", "pair": False},
+         "b": {"kind": "regression", "label_names": [], "metric": "pearson", "pair": True},
+         "c": {"kind": "classification", "label_names": ["x", "y", "z"], "metric": "accuracy", "pair": False},
+         "d": {"kind": "classification", "label_names": ["no", "yes"], "metric": "f1", "pair": False}}
 SPECS = {"a": BranchSpec("a", "classification", 2, 2, 1), "b": BranchSpec("b", "regression", 1, 1, 2),
          "c": BranchSpec("c", "classification", 3, 3, 1), "d": BranchSpec("d", "classification", 2, 2, 1)}
 TEXTS = ["a fine film", "not good at all, and far too long for what it has to say", "ok"]
@@ -72,7 +78,8 @@ def _save_merged(folder: Path, encoder, branches: dict[str, torch.nn.Module | in
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
-    """v1: a, b, c. v2: c replaced, d added. v3: b removed. Each a run folder with results.json."""
+    """v1: a, b, c. v2: c replaced, d added. v3: b removed. Each a run folder with results.json. legacy: v1 with a
+    manifest from before it recorded which tasks take a sentence pair."""
     root = tmp_path_factory.mktemp("serve_models")
     encoder = load_encoder(resolve_encoder_path(ENCODER), True, TINY, seed=0)
     v1 = _save_merged(root / "v1", encoder, {"a": 1, "b": 2, "c": 3})
@@ -86,7 +93,15 @@ def artifacts(tmp_path_factory):
     with open(tampered / "model" / "weights.safetensors", "r+b") as f:
         f.seek(-4, 2)
         f.write(b"\x00\x01\x02\x03")
-    return {"v1": v1, "v2": v2, "v3": v3, "tampered": tampered, "tokenizer": load_tokenizer(resolve_encoder_path(ENCODER))}
+    legacy = root / "legacy"
+    shutil.copytree(v1, legacy)
+    (legacy / "results.json").write_text(json.dumps({"model_dir": str(legacy / "model")}))
+    manifest = json.loads((legacy / "model" / "manifest.json").read_text())
+    for facts in manifest["tasks"].values():
+        del facts["pair"]
+    (legacy / "model" / "manifest.json").write_text(json.dumps(manifest))
+    return {"v1": v1, "v2": v2, "v3": v3, "tampered": tampered, "legacy": legacy,
+            "tokenizer": load_tokenizer(resolve_encoder_path(ENCODER))}
 
 
 def _reference(artifacts, version: str, task: str, pairs) -> np.ndarray:
@@ -134,20 +149,40 @@ def _wait_for(fn, timeout_s: float = 180.0):
 
 
 def test_mixed_task_batch_equals_predict(artifacts):
-    """One run over rows asking for different tasks (at depths 1, 2, 3) equals predict task by task."""
+    """One run over rows asking for different tasks (at depths 1, 2, 3) equals predict task by task; in a job
+    naming a sentence-pair task (b) and a single-sentence one (c), each reads what it takes."""
     served = ServedModel.load(artifacts["v1"])  # a run folder: its results.json names the model
     assert served.model_dir == str((artifacts["v1"] / "model").resolve())
     jobs = [Job(TEXTS, [None] * 3, ("a",)), Job(TEXTS, PAIRS, ("b", "c")), Job(TEXTS, [None] * 3, ("c", "a"))]
     answers = served.infer(jobs)
     np.testing.assert_allclose(_as_array(answers[0], "a"), _expected(artifacts, "v1", "a", None), atol=1e-5)
     np.testing.assert_allclose(_as_array(answers[1], "b"), _expected(artifacts, "v1", "b", PAIRS), atol=1e-5)
-    np.testing.assert_allclose(_as_array(answers[1], "c"), _expected(artifacts, "v1", "c", PAIRS), atol=1e-5)
+    np.testing.assert_allclose(_as_array(answers[1], "c"), _expected(artifacts, "v1", "c", None), atol=1e-5)
+    assert [list(a) for a in answers[1]] == [["b", "c"]] * 3 and [list(a) for a in answers[2]] == [["c", "a"]] * 3
     np.testing.assert_allclose(_as_array(answers[2], "c"), _expected(artifacts, "v1", "c", None), atol=1e-5)
     assert answers[0][0]["a"]["label"] in ("neg", "pos")
     # A row mixing in a text pair does not change the rows without one.
     mixed = served.run(TEXTS, [None, "x y", None], [("a",)] * 3)
     ref = _reference(artifacts, "v1", "a", None)
     np.testing.assert_allclose(np.stack([mixed[0]["a"], mixed[2]["a"]]), ref[[0, 2]], atol=1e-5)
+
+
+def test_the_manifest_says_which_tasks_take_a_pair_and_an_older_artifact_takes_either(artifacts):
+    served, legacy = ServedModel.load(artifacts["v1"]), ServedModel.load(artifacts["legacy"])
+    assert {t: x["pair"] for t, x in served.tasks.items()} == {"a": False, "b": True, "c": False}
+    assert {t: x["pair"] for t, x in legacy.tasks.items()} == {"a": None, "b": None, "c": None}
+
+    def limits(model: ServedModel) -> Limits:
+        return Limits(10_000, 8, 100, {t: x["pair"] for t, x in model.tasks.items()})
+
+    for body in ({"task": "a", "inputs": _items(PAIRS)}, {"task": "b", "inputs": _items()}):
+        with pytest.raises(ClientError) as e:
+            parse_predict(json.dumps(body).encode(), limits(served))
+        assert e.value.status == 422
+        assert [x["field"] for x in e.value.body()["errors"]] == [f"inputs[{i}].text_pair" for i in range(3)]
+        assert parse_predict(json.dumps(body).encode(), limits(legacy)).inputs  # unknown kind: either is taken
+    (answers,) = legacy.infer([Job(TEXTS, PAIRS, ("a",))])  # and read as given: the pair
+    np.testing.assert_allclose(_as_array(answers, "a"), _expected(artifacts, "v1", "a", PAIRS), atol=1e-5)
 
 
 def test_tampered_weights_are_refused_and_the_old_model_keeps_serving(artifacts):
@@ -357,8 +392,9 @@ def test_tasks_and_health(server, artifacts):
     info = server.get("/v1/tasks").json()
     assert info["model_version"] == version and info["quantize"] == "none"
     assert info["tasks"]["a"] == {"kind": "classification", "label_names": ["neg", "pos"], "metric": "accuracy",
-                                  "depth": 2, "layers": 1}
+                                  "pair": False, "depth": 2, "layers": 1}
     assert info["tasks"]["b"]["kind"] == "regression" and info["tasks"]["b"]["label_names"] is None
+    assert {t: x["pair"] for t, x in info["tasks"].items()} == {"a": False, "b": True, "c": False}
     assert set(info["tasks"]) == {"a", "b", "c"}
     health = requests.get(server.url + "/healthz", timeout=30)  # open: probes carry no token
     assert health.status_code == 200 and health.json()["model_version"] == version
@@ -377,12 +413,17 @@ def test_http_outputs_equal_predict(server, artifacts):
 
 
 @pytest.mark.slow
-def test_multi_task_request_equals_single_task_requests(server):
+def test_multi_task_request_equals_single_task_requests(server, artifacts):
+    """Single-sentence tasks (a, c) and a sentence-pair task (b) on the same inputs: each reads what it takes,
+    as in its own request (text alone for a and c, the pair for b)."""
     multi = server.predict({"tasks": ["c", "a", "b"], "inputs": _items(PAIRS)})
     assert multi["tasks"] == ["c", "a", "b"] and len(multi["results"]) == 3
     for task in ("a", "b", "c"):
-        single = server.predict({"task": task, "inputs": _items(PAIRS)})
+        pairs = PAIRS if task == "b" else None
+        single = server.predict({"task": task, "inputs": _items(pairs)})
         np.testing.assert_allclose(_as_array(multi["results"], task), _as_array(single["results"], task), atol=1e-5)
+        np.testing.assert_allclose(_as_array(multi["results"], task), _expected(artifacts, "v1", task, pairs),
+                                   atol=1e-5)
 
 
 @pytest.mark.slow
@@ -401,7 +442,7 @@ def test_bad_requests_get_the_right_status_naming_the_problem(server):
 
     assert server.post("/v1/predict", ok).status_code == 200
     check(400, data="{\"task\": \"a\", \"inputs\": [", contains="malformed JSON")
-    check(400, data=b"\xff\xfe not json", contains="malformed JSON")
+    check(400, data=b"\xff\xfe not json", contains="malformed JSON: the body is not valid UTF-8")
     check(422, {"task": "a", "inputs": [{}]}, field="inputs[0].text")
     check(422, {"task": "a", "inputs": [{"text": ""}]}, field="inputs[0].text")
     check(422, {"task": "a", "inputs": [{"text": "   "}]}, field="inputs[0].text")
@@ -427,6 +468,186 @@ def test_bad_requests_get_the_right_status_naming_the_problem(server):
     assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
     assert server.post("/v1/predict", ok, headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert server.post("/v1/predict", ok, headers={"Authorization": server.token}).status_code == 401  # no scheme
+
+
+@pytest.mark.slow
+def test_a_pair_task_requires_text_pair_and_a_single_text_task_refuses_it(server):
+    """The manifest records which tasks take a sentence pair (b) and which a single text (a, c); a request
+    that does not fit gets a 422 naming each offending inputs[i].text_pair."""
+    cases = [({"task": "b", "inputs": _items()}, [0, 1, 2], "required: task(s) ['b'] take a sentence pair"),
+             ({"task": "a", "inputs": _items(PAIRS)}, [0, 1, 2], "not allowed: task(s) ['a'] take a single text"),
+             ({"task": "b", "inputs": [{"text": "x", "text_pair": "y"}, {"text": "x", "text_pair": None}]}, [1],
+              "required"),
+             ({"tasks": ["c", "b"], "inputs": [{"text": "x", "text_pair": "y"}, {"text": "x"}]}, [1], "required")]
+    for body, rows, message in cases:
+        r = server.post("/v1/predict", body)
+        assert r.status_code == 422, (body, r.status_code, r.text)
+        errors = r.json()["errors"]
+        assert [e["field"] for e in errors] == [f"inputs[{i}].text_pair" for i in rows], r.json()
+        assert message in errors[0]["message"] and f"inputs[{rows[0]}].text_pair" in r.json()["error"]
+
+
+@pytest.fixture(scope="module")
+def replica_before_bad_requests(server) -> str:
+    return server.get("/v1/stats").json()["replica"]
+
+
+OK_INPUT = {"text": "fine"}
+# (id, method, path, headers (None: drop the header), body (bytes: sent as they are; else JSON-encoded),
+#  the status, the text the error must hold: the offending field, header, method or path)
+BAD_REQUESTS = [
+    ("empty-body", "POST", "/v1/predict", {}, b"", 400, "empty request body"),
+    ("blank-body", "POST", "/v1/predict", {}, b" \n\t ", 400, "empty request body"),
+    ("not-json", "POST", "/v1/predict", {}, b"task=a&text=fine", 400, "line 1 column 1"),
+    ("truncated-json", "POST", "/v1/predict", {}, b'{"task": "a", "inputs": [', 400, "line 1 column 26"),
+    ("trailing-garbage", "POST", "/v1/predict", {}, b'{"task": "a", "inputs": [{"text": "x"}]} x', 400,
+     "Extra data: line 1"),
+    ("json-array", "POST", "/v1/predict", {}, ["a", {"text": "x"}], 422, "(body)"),
+    ("json-string", "POST", "/v1/predict", {}, "fine", 422, "(body)"),
+    ("json-null", "POST", "/v1/predict", {}, None, 422, "(body)"),
+    ("text-plain", "POST", "/v1/predict", {"Content-Type": "text/plain"}, {"task": "a", "inputs": [OK_INPUT]}, 415,
+     "Content-Type"),
+    ("curl-form-default", "POST", "/v1/predict", {"Content-Type": "application/x-www-form-urlencoded"},
+     {"task": "a", "inputs": [OK_INPUT]}, 415, "Content-Type"),
+    ("charset-latin1", "POST", "/v1/predict", {"Content-Type": "application/json; charset=latin-1"},
+     {"task": "a", "inputs": [OK_INPUT]}, 415, "charset"),
+    ("gzip-encoding", "POST", "/v1/predict", {"Content-Encoding": "gzip"}, {"task": "a", "inputs": [OK_INPUT]}, 415,
+     "Content-Encoding"),
+    ("missing-inputs", "POST", "/v1/predict", {}, {"task": "a"}, 422, "inputs: Field required"),
+    ("inputs-not-a-list", "POST", "/v1/predict", {}, {"task": "a", "inputs": "fine"}, 422, "inputs:"),
+    ("inputs-an-object", "POST", "/v1/predict", {}, {"task": "a", "inputs": OK_INPUT}, 422, "inputs:"),
+    ("inputs-empty", "POST", "/v1/predict", {}, {"task": "a", "inputs": []}, 422, "inputs:"),
+    ("input-a-string", "POST", "/v1/predict", {}, {"task": "a", "inputs": ["fine"]}, 422, "inputs[0]:"),
+    ("input-a-list", "POST", "/v1/predict", {}, {"task": "a", "inputs": [["fine"]]}, 422, "inputs[0]:"),
+    ("text-missing", "POST", "/v1/predict", {}, {"task": "a", "inputs": [OK_INPUT, {}]}, 422, "inputs[1].text"),
+    ("text-null", "POST", "/v1/predict", {}, {"task": "a", "inputs": [{"text": None}]}, 422, "inputs[0].text"),
+    ("text-a-number", "POST", "/v1/predict", {}, {"task": "a", "inputs": [{"text": 42}]}, 422, "inputs[0].text"),
+    ("text-a-float", "POST", "/v1/predict", {}, {"task": "a", "inputs": [{"text": 1.5}]}, 422, "inputs[0].text"),
+    ("text-nan", "POST", "/v1/predict", {}, b'{"task": "a", "inputs": [{"text": NaN}]}', 422, "inputs[0].text"),
+    ("text-a-bool", "POST", "/v1/predict", {}, {"task": "a", "inputs": [{"text": True}]}, 422, "inputs[0].text"),
+    ("text-a-list", "POST", "/v1/predict", {}, {"task": "a", "inputs": [{"text": ["x"]}]}, 422, "inputs[0].text"),
+    ("text-nested-object", "POST", "/v1/predict", {}, {"task": "a", "inputs": [{"text": {"text": "x"}}]}, 422,
+     "inputs[0].text"),
+    ("text-empty", "POST", "/v1/predict", {}, {"task": "a", "inputs": [{"text": ""}]}, 422, "inputs[0].text"),
+    ("text-blank", "POST", "/v1/predict", {}, {"task": "a", "inputs": [{"text": " \n "}]}, 422, "inputs[0].text"),
+    ("text-too-long", "POST", "/v1/predict", {}, {"task": "a", "inputs": [{"text": "x" * 2001}]}, 413,
+     "inputs[0].text"),
+    ("text-pair-too-long", "POST", "/v1/predict", {}, {"task": "b", "inputs": [{"text": "x", "text_pair": "y" * 2001}]},
+     413, "inputs[0].text_pair"),
+    ("too-many-inputs", "POST", "/v1/predict", {}, {"task": "a", "inputs": [OK_INPUT] * 9}, 413, "inputs exceed"),
+    ("body-too-large", "POST", "/v1/predict", {}, {"task": "a", "inputs": [{"text": "x" * 1_000_001}]}, 413,
+     "bytes"),
+    ("unknown-task", "POST", "/v1/predict", {}, {"task": "sentiment", "inputs": [OK_INPUT]}, 404, "(task)"),
+    ("unknown-task-in-tasks", "POST", "/v1/predict", {}, {"tasks": ["a", "sentiment"], "inputs": [OK_INPUT]}, 404,
+     "(tasks[1])"),
+    ("task-empty-name", "POST", "/v1/predict", {}, {"task": "", "inputs": [OK_INPUT]}, 404, "(task)"),
+    ("task-a-number", "POST", "/v1/predict", {}, {"task": 1, "inputs": [OK_INPUT]}, 422, "task:"),
+    ("task-a-list", "POST", "/v1/predict", {}, {"task": ["a"], "inputs": [OK_INPUT]}, 422, "task:"),
+    ("tasks-not-a-list", "POST", "/v1/predict", {}, {"tasks": "a", "inputs": [OK_INPUT]}, 422, "tasks:"),
+    ("tasks-empty", "POST", "/v1/predict", {}, {"tasks": [], "inputs": [OK_INPUT]}, 422, "tasks:"),
+    ("tasks-holding-a-number", "POST", "/v1/predict", {}, {"tasks": ["a", 2], "inputs": [OK_INPUT]}, 422,
+     "tasks[1]"),
+    ("tasks-duplicated", "POST", "/v1/predict", {}, {"tasks": ["a", "c", "a"], "inputs": [OK_INPUT]}, 422,
+     "tasks[2]"),
+    ("task-and-tasks", "POST", "/v1/predict", {}, {"task": "a", "tasks": ["a"], "inputs": [OK_INPUT]}, 422,
+     "exactly one of 'task'"),
+    ("no-task", "POST", "/v1/predict", {}, {"inputs": [OK_INPUT]}, 422, "exactly one of 'task'"),
+    ("pair-missing", "POST", "/v1/predict", {}, {"task": "b", "inputs": [OK_INPUT]}, 422, "inputs[0].text_pair"),
+    ("pair-null-where-required", "POST", "/v1/predict", {}, {"task": "b", "inputs": [{"text": "x", "text_pair": None}]},
+     422, "inputs[0].text_pair"),
+    ("pair-on-a-single-text-task", "POST", "/v1/predict", {}, {"task": "a", "inputs": [{"text": "x", "text_pair": "y"}]},
+     422, "inputs[0].text_pair"),
+    ("pair-missing-in-a-mixed-request", "POST", "/v1/predict", {},
+     {"tasks": ["a", "b"], "inputs": [{"text": "x", "text_pair": "y"}, OK_INPUT]}, 422, "inputs[1].text_pair"),
+    ("pair-empty", "POST", "/v1/predict", {}, {"task": "b", "inputs": [{"text": "x", "text_pair": ""}]}, 422,
+     "inputs[0].text_pair"),
+    ("pair-a-number", "POST", "/v1/predict", {}, {"task": "b", "inputs": [{"text": "x", "text_pair": 3}]}, 422,
+     "inputs[0].text_pair"),
+    ("extra-top-level-field", "POST", "/v1/predict", {}, {"task": "a", "inputs": [OK_INPUT], "model": "x"}, 422,
+     "model: Extra inputs"),
+    ("extra-input-field", "POST", "/v1/predict", {}, {"task": "a", "inputs": [{"text": "x", "label": 1}]}, 422,
+     "inputs[0].label"),
+    ("misspelt-field", "POST", "/v1/predict", {}, {"task": "a", "inputs": [{"txt": "x"}]}, 422, "inputs[0].txt"),
+    ("duplicate-json-key", "POST", "/v1/predict", {}, b'{"task": "a", "task": "b", "inputs": [{"text": "x"}]}', 400,
+     "duplicate key 'task'"),
+    ("invalid-utf8", "POST", "/v1/predict", {}, b'{"task": "a", "inputs": [{"text": "caf\xe9"}]}', 400,
+     "byte 0xe9 at position 38"),
+    ("utf16-body", "POST", "/v1/predict", {}, '{"task": "a", "inputs": [{"text": "x"}]}'.encode("utf-16"), 400,
+     "not valid UTF-8"),
+    ("lone-surrogate-text", "POST", "/v1/predict", {}, b'{"task": "a", "inputs": [{"text": "ok \\ud800"}]}', 422,
+     "inputs[0].text"),
+    ("lone-surrogate-pair", "POST", "/v1/predict", {},
+     b'{"task": "b", "inputs": [{"text": "ok", "text_pair": "\\udfff"}]}', 422, "inputs[0].text_pair"),
+    ("lone-surrogate-key", "POST", "/v1/predict", {}, b'{"task": "a", "inputs": [{"text": "ok", "\\ud800": 1}]}',
+     422, "inputs[0].\\ud800"),
+    ("lone-surrogate-task", "POST", "/v1/predict", {}, b'{"task": "\\udc00", "inputs": [{"text": "ok"}]}', 422,
+     "task:"),
+    ("nested-too-deep", "POST", "/v1/predict", {}, b"[" * 100_000, 400, "nested too deeply"),
+    ("huge-number", "POST", "/v1/predict", {}, b'{"task": "a", "inputs": [{"text": ' + b"9" * 5000 + b"}]}", 400,
+     "5000 digits"),
+    ("get-predict", "GET", "/v1/predict", {}, None, 405, "method GET"),
+    ("put-predict", "PUT", "/v1/predict", {}, {"task": "a", "inputs": [OK_INPUT]}, 405, "method PUT"),
+    ("delete-predict", "DELETE", "/v1/predict", {}, None, 405, "method DELETE"),
+    ("patch-predict", "PATCH", "/v1/predict", {}, {"task": "a", "inputs": [OK_INPUT]}, 405, "method PATCH"),
+    ("post-tasks", "POST", "/v1/tasks", {}, {"task": "a", "inputs": [OK_INPUT]}, 405, "method POST"),
+    ("wrong-path", "POST", "/v1/predicts", {}, {"task": "a", "inputs": [OK_INPUT]}, 404, "/v1/predicts"),
+    ("old-path", "POST", "/predict", {}, {"task": "a", "inputs": [OK_INPUT]}, 404, "/predict"),
+    ("no-authorization", "POST", "/v1/predict", {"Authorization": None}, {"task": "a", "inputs": [OK_INPUT]}, 401,
+     "Authorization"),
+    ("bearer-without-token", "POST", "/v1/predict", {"Authorization": "Bearer"}, {"task": "a", "inputs": [OK_INPUT]},
+     401, "Authorization"),
+    ("bearer-wrong-token", "POST", "/v1/predict", {"Authorization": "Bearer wrong"},
+     {"task": "a", "inputs": [OK_INPUT]}, 401, "Authorization"),
+    ("basic-scheme", "POST", "/v1/predict", {"Authorization": "Basic dXNlcjpwYXNz"},
+     {"task": "a", "inputs": [OK_INPUT]}, 401, "Authorization"),
+    ("token-scheme", "POST", "/v1/predict", {"Authorization": "Token {token}"}, {"task": "a", "inputs": [OK_INPUT]},
+     401, "Authorization"),
+    ("token-without-scheme", "POST", "/v1/predict", {"Authorization": "{token}"}, {"task": "a", "inputs": [OK_INPUT]},
+     401, "Authorization"),
+    ("token-with-a-suffix", "POST", "/v1/predict", {"Authorization": "Bearer {token}x"},
+     {"task": "a", "inputs": [OK_INPUT]}, 401, "Authorization"),
+    ("token-twice", "POST", "/v1/predict", {"Authorization": "Bearer {token} {token}"},
+     {"task": "a", "inputs": [OK_INPUT]}, 401, "Authorization"),
+    ("non-ascii-authorization", "POST", "/v1/predict", {"Authorization": b"Bearer \xff\xfe"},
+     {"task": "a", "inputs": [OK_INPUT]}, 401, "Authorization"),
+    ("tasks-route-without-token", "GET", "/v1/tasks", {"Authorization": None}, None, 401, "Authorization"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, path, headers, body, status, named",
+                         [pytest.param(*case[1:], id=case[0]) for case in BAD_REQUESTS])
+def test_a_bad_request_is_a_4xx_naming_what_is_wrong(server, replica_before_bad_requests, method, path, headers,
+                                                   body, status, named):
+    sent = {"Content-Type": "application/json", **server.headers()}
+    for key, value in headers.items():
+        if value is None:
+            sent.pop(key)
+        else:
+            sent[key] = value.format(token=server.token) if isinstance(value, str) else value
+    data = body if isinstance(body, bytes) else (json.dumps(body) if body is not None or method == "POST" else None)
+    r = requests.request(method, server.url + path, data=data, headers=sent, timeout=60)
+    assert r.status_code == status, (r.status_code, r.text[:500])
+    payload = r.json()
+    assert set(payload) <= {"error", "errors", "field", "limit", "known_tasks"}, payload
+    assert named in payload["error"], payload
+    if "errors" in payload:  # each listed error names a field
+        assert all(e["field"] and e["message"] for e in payload["errors"]), payload
+
+
+@pytest.mark.slow
+def test_the_replica_is_healthy_after_the_bad_requests(server, artifacts, replica_before_bad_requests):
+    assert len(BAD_REQUESTS) >= 30
+    health = requests.get(server.url + "/healthz", timeout=30)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert server.get("/v1/stats").json()["replica"] == replica_before_bad_requests  # the same replica: no restart
+    out = server.predict({"tasks": ["a", "b"], "inputs": _items(PAIRS)})
+    np.testing.assert_allclose(_as_array(out["results"], "b"), _expected(artifacts, "v1", "b", PAIRS), atol=1e-5)
+    # Without a Content-Type (requests' data=, curl --data-binary with -H 'Content-Type:') the body reads as JSON.
+    r = requests.post(server.url + "/v1/predict", data=json.dumps({"task": "a", "inputs": _items()}),
+                      headers=server.headers(), timeout=60)
+    assert r.status_code == 200 and "content-type" not in {k.lower() for k in r.request.headers}
+    np.testing.assert_allclose(_as_array(r.json()["results"], "a"), _expected(artifacts, "v1", "a", None), atol=1e-5)
 
 
 @pytest.mark.slow
@@ -627,3 +848,104 @@ def test_int8_deployment_answers_close_to_float(server, artifacts):
     for task in ("a", "c"):
         np.testing.assert_allclose(_as_array(q["results"], task), _as_array(float_out["results"], task), atol=0.05)
     assert resolve_model_dir(artifacts["v3"]) == Path(info["model_dir"])
+
+
+# --- jobs/serve.py as a process: its own embedded Ray ---------------------------------------------------------
+
+
+def _job_env() -> dict:
+    """The environment of a jobs/serve.py process: no cluster to join, no token, this checkout's kdlib."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "KDLIB_SERVE_TOKEN")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return env
+
+
+def _gone(pid: int) -> bool:
+    """Whether process `pid` has exited (a zombie no one reaped yet counts as exited)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+@pytest.mark.slow
+def test_detach_without_a_cluster_leaves_the_server_running_until_killed(artifacts, tmp_path):
+    """`--detach` on the embedded Ray: the job returns once the server answers, and it keeps answering after
+    the job has exited, until `kill <pid>` stops it gracefully. Served: an artifact that does not record which
+    tasks take a pair, so either is taken (and read as given)."""
+    port, log = _free_port(), tmp_path / "detached.log"
+    argv = [sys.executable, str(ROOT / "jobs" / "serve.py"), "--model", str(artifacts["legacy"]), "--port", str(port),
+            "--num-cpus", "0.5", "--detach", "--log-file", str(log)]
+    done = subprocess.run(argv, env=_job_env(), capture_output=True, text=True, timeout=900, check=False)
+    assert done.returncode == 0, (done.stdout, done.stderr, log.read_text() if log.exists() else "")
+    pid = int(re.search(r"\(pid (\d+)\)", done.stdout).group(1))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert f"at {url}/v1/predict" in done.stdout and f"kill {pid}" in done.stdout
+        assert not _gone(pid)
+        health = requests.get(url + "/healthz", timeout=30)
+        assert health.status_code == 200 and health.json()["model_version"] == _version(artifacts, "v1")
+        for task, pairs in (("a", PAIRS), ("a", None), ("b", None), ("b", PAIRS)):
+            r = requests.post(url + "/v1/predict", json={"task": task, "inputs": _items(pairs)}, timeout=60)
+            assert r.status_code == 200, r.text
+            np.testing.assert_allclose(_as_array(r.json()["results"], task), _expected(artifacts, "v1", task, pairs),
+                                       atol=1e-5)
+        # The port is taken: a second detached server is refused before anything starts.
+        again = subprocess.run(argv[:-2], env=_job_env(), capture_output=True, text=True, timeout=300, check=False)
+        assert again.returncode == 2 and f"port {port} on 127.0.0.1 is not free" in again.stderr, again.stderr
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 120
+        while not _gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    assert _gone(pid)
+    output = log.read_text()
+    assert "[serve] stopped" in output and "Traceback" not in output, output[-3000:]
+    with pytest.raises(requests.ConnectionError):
+        requests.get(url + "/healthz", timeout=10)
+
+
+@pytest.mark.slow
+def test_sigterm_answers_the_requests_in_flight_and_exits_0(artifacts, tmp_path):
+    """A service manager's stop: SIGTERM while requests wait in a batch (batch_wait_timeout_s 5 s); each is
+    answered with 200 after the signal, the job exits 0 soon after, and its stderr holds no traceback."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    out, err = (tmp_path / "stdout").open("w+"), (tmp_path / "stderr").open("w+")
+    job = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "serve.py"), "--model", str(artifacts["v1"]), "--port",
+                            str(port), "--num-cpus", "0.5", "--batch-wait-timeout-s", "5"],
+                           env=_job_env(), stdout=out, stderr=err)
+    try:
+        _wait_for(lambda: job.poll() is not None or requests.get(url + "/healthz", timeout=5).status_code == 200,
+                  timeout_s=600)
+        assert job.poll() is None, Path(err.name).read_text()[-3000:]
+        answers = {}
+
+        def send(i: int) -> None:
+            r = requests.post(url + "/v1/predict", json={"task": "b", "inputs": _items(PAIRS)}, timeout=120)
+            answers[i] = (r.status_code, r.json(), time.monotonic())
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(2.0)  # the requests wait in the replica's batch (5 s)
+        assert not answers
+        signalled = time.monotonic()
+        job.send_signal(signal.SIGTERM)
+        code = job.wait(timeout=90)
+        stopped = time.monotonic()
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    stderr = Path(err.name).read_text()
+    assert code == 0, stderr[-3000:]
+    assert stopped - signalled < 60
+    assert len(answers) == 4 and all(status == 200 for status, _, _ in answers.values()), answers
+    assert all(at > signalled for _, _, at in answers.values())  # in flight when the signal came
+    for _, body, _ in answers.values():
+        np.testing.assert_allclose(_as_array(body["results"], "b"), _expected(artifacts, "v1", "b", PAIRS), atol=1e-5)
+    assert "Traceback" not in stderr and "SIGTERM received" not in stderr, stderr[-3000:]
+    assert "[serve] SIGTERM: answering the requests in flight" in stderr and "[serve] stopped" in stderr

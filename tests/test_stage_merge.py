@@ -26,6 +26,9 @@ def test_the_merged_model_answers_as_each_student_does(tiny_pipeline):
         np.testing.assert_allclose(a, b, atol=1e-5)
     # the trunk runs up to the deepest branch point once: the tiny encoder's 4 layers, L = 2, 3, 2
     assert manifest["role"] == "merged" and manifest["trunk_depth"] == 2
+    # which tasks take a sentence pair (their config's text_pair_column): the server requires or refuses text_pair
+    assert {t: f["pair"] for t, f in manifest["tasks"].items()} == {
+        "sentiment": False, "paraphrase": True, "similarity": True}
     assert {b["name"]: (b["depth"], b["layers"]) for b in manifest["branches"]} == {
         "sentiment": (2, 2), "paraphrase": (1, 2), "similarity": (2, 1)}
     assert p.results.overhead == overhead([(2, 2), (1, 2), (2, 1)], 4)

@@ -161,7 +161,7 @@ def save_students(ctx, tasks: dict[str, TaskData], spec: TrainSpec, checkpoint, 
 
     branched: one trunk-less artifact per task (`<task>/`), merged by the next stage. End-to-end students:
     `multitask/` (one model, every task's head), or after per-task fine-tuning one copy per task (`<task>/`)."""
-    facts = task_facts(tasks)
+    facts = task_facts(ctx, tasks)
     model = load_trained_student(checkpoint, spec)
     enc = ctx.encoder.manifest()
     if spec.student.kind == BRANCHED:
@@ -177,9 +177,11 @@ def save_students(ctx, tasks: dict[str, TaskData], spec: TrainSpec, checkpoint, 
                      tasks={n: facts[n] for n in names}, extra=extra)
 
 
-def task_facts(tasks: dict[str, TaskData]) -> dict[str, dict]:
-    """What an artifact's manifest records of each task it serves."""
-    return {n: {"kind": t.kind, "label_names": t.label_names, "metric": t.metric} for n, t in tasks.items()}
+def task_facts(ctx, tasks: dict[str, TaskData]) -> dict[str, dict]:
+    """What an artifact's manifest records of each task it serves; `pair`: whether the task reads a sentence
+    pair (its config has a text_pair_column), which the server requires or refuses `text_pair` by."""
+    return {n: {"kind": t.kind, "label_names": t.label_names, "metric": t.metric,
+                "pair": ctx.cfg.tasks[n].text_pair_column is not None} for n, t in tasks.items()}
 
 
 def check_stream_fits(cfg) -> None:

@@ -23,7 +23,7 @@ def merge_students(ctx, tasks: dict[str, TaskData], students: Students) -> str:
         encoder = ctx.encoder.load()
         parts = [load_model(storage.local_copy(students.dir) / name, encoder=encoder)[0] for name in tasks]
         merged = merge(encoder, parts, ctx.encoder.pooling)
-        save_model(merged, out / "model", tasks=task_facts(tasks),
+        save_model(merged, out / "model", tasks=task_facts(ctx, tasks),
                    extra={"role": "merged", "encoder": ctx.encoder.manifest(), "max_length": ctx.encoder.max_length,
                           "config": ctx.cfg.model_dump(mode="json")})
         return {"where": f"driver ({ray.util.get_node_ip_address()})"}

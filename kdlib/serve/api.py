@@ -1,8 +1,11 @@
 """The HTTP contract of the model server: settings, request schema, checks and their status codes.
 
 Every client mistake maps to a 4xx naming what is wrong, never a 500:
-400 malformed JSON; 401 missing or wrong bearer token; 404 unknown task (the known ones listed);
-413 body, input count or text over the limit; 422 a missing, empty or wrongly typed field (named).
+400 an empty body, malformed JSON or a body that is not UTF-8; 401 missing or wrong bearer token;
+404 unknown task (the known ones listed) or route; 405 a method the route does not take; 413 body,
+input count or text over the limit; 415 a Content-Type other than JSON or a Content-Encoding;
+422 a missing, empty, wrongly typed or not allowed field (named), including `text_pair` where the
+requested tasks require or refuse one (see `check_pairs`).
 """
 
 from __future__ import annotations
@@ -71,9 +74,12 @@ class InputItem(BaseModel):
 
     @field_validator("text", "text_pair")
     @classmethod
-    def _not_blank(cls, v):
+    def _non_empty_unicode(cls, v):
         if v is not None and not v.strip():
             raise ValueError("must be a non-empty string")
+        at = lone_surrogate_at(v) if v is not None else None
+        if at is not None:
+            raise ValueError(surrogate_message(v, at))
         return v
 
 
@@ -104,7 +110,26 @@ class ClientError(Exception):
         self.status, self.message, self.details = status, message, details
 
     def body(self) -> dict:
-        return {"error": self.message, **self.details}
+        return printable({"error": self.message, **self.details})
+
+
+def printable(value):
+    """`value` with any lone surrogate in its strings written as its escape (`\\ud800`): a field name
+    or message echoing a client's bad text must still encode as the UTF-8 of a JSON response."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {printable(k): printable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [printable(v) for v in value]
+    return value
+
+
+def invalid(errors: list[dict]) -> ClientError:
+    """422 for a list of {"field", "message"}: the first few summed up in the message, all of them listed."""
+    summary = "; ".join(f"{x['field']}: {x['message']}" for x in errors[:5])
+    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    return ClientError(422, f"invalid request: {summary}{more}", errors=errors)
 
 
 @dataclass
@@ -112,7 +137,8 @@ class Limits:
     max_body_bytes: int
     max_inputs: int
     max_text_chars: int
-    known_tasks: list[str] = field(default_factory=list)
+    # known task -> whether it takes a sentence pair (None: the artifact does not say)
+    tasks: dict[str, bool | None] = field(default_factory=dict)
 
 
 def field_name(loc: tuple) -> str:
@@ -123,23 +149,119 @@ def field_name(loc: tuple) -> str:
     return out or "(body)"
 
 
+JSON_TYPES = ("application/json",)
+
+
+def check_media_type(content_type: str | None, content_encoding: str | None) -> None:
+    """415 unless the body is plain JSON in UTF-8. A missing Content-Type reads as JSON; `curl -d` without
+    `-H 'Content-Type: application/json'` sends application/x-www-form-urlencoded, refused with the fix."""
+    if content_encoding and content_encoding.strip().lower() not in ("", "identity"):
+        raise ClientError(415, f"Content-Encoding {content_encoding!r} is not supported: send the JSON body "
+                               "uncompressed", field="Content-Encoding")
+    if not content_type:
+        return
+    media, _, params = content_type.partition(";")
+    media = media.strip().lower()
+    if media not in JSON_TYPES and not (media.startswith("application/") and media.endswith("+json")):
+        raise ClientError(415, f"Content-Type {content_type!r} is not JSON: send 'Content-Type: application/json' "
+                               "(curl: -H 'Content-Type: application/json')", field="Content-Type")
+    for param in params.split(";"):
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "charset" and value.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            raise ClientError(415, f"Content-Type charset {value.strip()!r} is not supported: JSON bodies are "
+                                   "UTF-8", field="Content-Type")
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ValueError(f"duplicate key {key!r} in one JSON object")
+        seen.add(key)
+    return dict(pairs)
+
+
+def _parse_int(digits: str) -> int:
+    if len(digits) > 100:  # no field takes a number; Python's own refusal (past 4300 digits) reads as advice to us
+        raise ValueError(f"a number of {len(digits)} digits is too long")
+    return int(digits)
+
+
+def decode_json(body: bytes):
+    """The body's JSON value; 400 naming the problem (and where) for an empty, non-UTF-8 or malformed body."""
+    if not body.strip():
+        raise ClientError(400, "empty request body: send a JSON object such as "
+                               '{"task": "<task>", "inputs": [{"text": "..."}]}')
+    try:
+        text = body.decode("utf-8-sig")  # RFC 8259: JSON travels as UTF-8 (a leading BOM is tolerated)
+    except UnicodeDecodeError as e:
+        raise ClientError(400, f"malformed JSON: the body is not valid UTF-8 (byte 0x{body[e.start]:02x} at "
+                               f"position {e.start}: {e.reason})") from None
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_int=_parse_int)
+    except RecursionError:
+        raise ClientError(400, "malformed JSON: nested too deeply") from None
+    except ValueError as e:
+        raise ClientError(400, f"malformed JSON: {e}") from None
+
+
+def lone_surrogate_at(text: str) -> int | None:
+    """Where `text` holds a lone UTF-16 surrogate, if it does. JSON can escape half of a surrogate pair (a
+    lone \\ud800), which Python decodes into a str that neither UTF-8 nor a tokenizer can take."""
+    if text.isascii():
+        return None
+    return next((i for i, ch in enumerate(text) if "\ud800" <= ch <= "\udfff"), None)
+
+
+def surrogate_message(text: str, at: int) -> str:
+    return f"holds a lone UTF-16 surrogate ({ascii(text[at])[1:-1]} at character {at}): not valid Unicode"
+
+
+def lone_surrogate(data) -> dict | None:
+    """The first string (value or key) of a decoded JSON value that holds a lone surrogate, as an error
+    {"field", "message"}; None if none does."""
+    stack = [((), data)]
+    while stack:  # iterative: a body may nest as deep as the JSON decoder allows
+        loc, value = stack.pop()
+        if isinstance(value, str):
+            at = lone_surrogate_at(value)
+            if at is not None:
+                return {"field": field_name(loc), "message": surrogate_message(value, at)}
+        elif isinstance(value, dict):
+            for key in value:
+                at = lone_surrogate_at(key)
+                if at is not None:
+                    return {"field": field_name(loc + (key,)), "message": "this key " + surrogate_message(key, at)}
+            stack += reversed([(loc + (key,), item) for key, item in value.items()])
+        elif isinstance(value, list):
+            stack += reversed([(loc + (i,), item) for i, item in enumerate(value)])
+    return None
+
+
 def parse_predict(body: bytes, limits: Limits) -> PredictRequest:
     """Check a /v1/predict body; ClientError with the status code for the first problem found."""
     if len(body) > limits.max_body_bytes:
         raise ClientError(413, f"request body of {len(body)} bytes exceeds the limit of {limits.max_body_bytes}")
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ClientError(400, f"malformed JSON: {e}") from None
+    data = decode_json(body)
+    bad = lone_surrogate(data)
+    if bad:
+        raise invalid([bad])
     if isinstance(data, dict) and isinstance(data.get("inputs"), list) and len(data["inputs"]) > limits.max_inputs:
         raise ClientError(413, f"{len(data['inputs'])} inputs exceed the limit of {limits.max_inputs} per request",
                           field="inputs", limit=limits.max_inputs)
     try:
         req = PredictRequest.model_validate(data)
     except ValidationError as e:
-        errors = [{"field": field_name(err["loc"]), "message": err["msg"]} for err in e.errors()]
-        summary = "; ".join(f"{x['field']}: {x['message']}" for x in errors[:5])
-        raise ClientError(422, f"invalid request: {summary}", errors=errors) from None
+        raise invalid([{"field": field_name(err["loc"]), "message": err["msg"]} for err in e.errors()]) from None
+    if req.tasks is not None:
+        seen: set[str] = set()
+        repeated = []
+        for i, name in enumerate(req.tasks):
+            if name in seen:
+                repeated.append({"field": f"tasks[{i}]", "message": f"task {name!r} is listed more than once"})
+            seen.add(name)
+        if repeated:
+            raise invalid(repeated)
     for i, item in enumerate(req.inputs):
         for name in ("text", "text_pair"):
             value = getattr(item, name)
@@ -147,14 +269,46 @@ def parse_predict(body: bytes, limits: Limits) -> PredictRequest:
                 raise ClientError(413, f"inputs[{i}].{name} has {len(value)} characters; the limit is "
                                        f"{limits.max_text_chars}", field=f"inputs[{i}].{name}",
                                   limit=limits.max_text_chars)
-    unknown = [t for t in req.task_names() if t not in limits.known_tasks]
+    names = req.task_names()
+    unknown = [t for t in names if t not in limits.tasks]
     if unknown:
-        raise unknown_tasks(unknown, limits.known_tasks)
+        fields = ["task"] if req.task is not None else [f"tasks[{req.tasks.index(t)}]" for t in unknown]
+        raise unknown_tasks(unknown, list(limits.tasks), fields)
+    check_pairs(req, limits.tasks)
     return req
 
 
-def unknown_tasks(unknown: list[str], known: list[str]) -> ClientError:
-    return ClientError(404, f"unknown task(s) {unknown}; known tasks: {sorted(known)}", known_tasks=sorted(known))
+def check_pairs(req: PredictRequest, pair_tasks: dict[str, bool | None]) -> None:
+    """422 naming `inputs[i].text_pair` where the requested tasks need one and it is missing, or none of
+    them takes one and it is given.
+
+    Each task reads what it was trained on: a sentence-pair task `text` and `text_pair`, a single-sentence
+    task `text` alone. So a request naming both kinds needs `text_pair` on every input, and its
+    single-sentence tasks ignore it. A task whose artifact does not record its kind (an artifact from before
+    the manifest did) is taken on either and reads the input as given.
+    """
+    kinds = {t: pair_tasks.get(t) for t in req.task_names()}
+    pairs = [t for t, p in kinds.items() if p is True]
+    singles = [t for t, p in kinds.items() if p is False]
+    either = [t for t, p in kinds.items() if p is None]
+    errors = []
+    for i, item in enumerate(req.inputs):
+        if pairs and item.text_pair is None:
+            errors.append({"field": f"inputs[{i}].text_pair",
+                           "message": f"required: task(s) {pairs} take a sentence pair (text, text_pair)"})
+        elif item.text_pair is not None and not pairs and not either:
+            errors.append({"field": f"inputs[{i}].text_pair",
+                           "message": f"not allowed: task(s) {singles} take a single text; remove text_pair"})
+    if errors:
+        raise invalid(errors)
+
+
+def unknown_tasks(unknown: list[str], known: list[str], fields: list[str] | None = None) -> ClientError:
+    shown = unknown[:10] + (["..."] if len(unknown) > 10 else [])
+    where = f" ({', '.join(fields[:10])})" if fields else ""
+    details = {"field": fields[0]} if fields else {}
+    return ClientError(404, f"unknown task(s) {shown}{where}; known tasks: {sorted(known)}", known_tasks=sorted(known),
+                       **details)
 
 
 def read_token(env_name: str, token_file: str | None) -> str | None:
@@ -177,4 +331,5 @@ def check_bearer(authorization: str | None, token: str | None) -> None:
         return
     scheme, _, given = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-        raise ClientError(401, "missing or wrong bearer token (send 'Authorization: Bearer <token>')")
+        raise ClientError(401, "missing or wrong bearer token (send 'Authorization: Bearer <token>')",
+                          field="Authorization")

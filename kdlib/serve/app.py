@@ -26,9 +26,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.metrics import Counter, Histogram
+from starlette.exceptions import HTTPException
 
-from kdlib.serve.api import (ClientError, Limits, ServeArgs, UserConfig, check_bearer, parse_predict, read_token,
-                             unknown_tasks)
+from kdlib.serve.api import (ClientError, Limits, ServeArgs, UserConfig, check_bearer, check_media_type,
+                             parse_predict, printable, read_token, unknown_tasks)
 from kdlib.serve.model import Job, ModelSlot
 
 logger = logging.getLogger("ray.serve")
@@ -37,6 +38,32 @@ LATENCY_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
 BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
 app = FastAPI(title="kdlib multi-task model", description="Merged multi-task distilled BERT over Ray Serve.")
+ROUTES = "POST /v1/predict, GET /v1/tasks, GET /v1/stats, GET /healthz"
+
+
+@app.exception_handler(HTTPException)
+async def routing_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """A wrong path or method answered in the API's error format ({"error": ...}), naming what was asked."""
+    path = printable(request.url.path)
+    if exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        message = f"method {request.method} is not allowed on {path}; use {allowed}"
+    elif exc.status_code == 404:
+        message = f"no route {request.method} {path}; the routes are {ROUTES}"
+    else:
+        message = f"{request.method} {path}: {exc.detail}"
+    return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it grows past `limit` bytes (never held whole)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ClientError(413, f"request body exceeds the limit of {limit} bytes", limit=limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def count_inputs(jobs: list[Job]) -> int:
@@ -137,9 +164,10 @@ class KdlibServer:
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > self.args.max_body_bytes:
             raise ClientError(413, f"request body of {length} bytes exceeds the limit of {self.args.max_body_bytes}")
+        check_media_type(request.headers.get("content-type"), request.headers.get("content-encoding"))
         limits = Limits(self.args.max_body_bytes, self.args.max_inputs_per_request, self.args.max_text_chars,
-                        list(self.slot.current.tasks))
-        req = parse_predict(await request.body(), limits)
+                        {name: info["pair"] for name, info in self.slot.current.tasks.items()})
+        req = parse_predict(await read_body(request, self.args.max_body_bytes), limits)
         job = Job([x.text for x in req.inputs], [x.text_pair for x in req.inputs], req.task_names())
         version, results = await self._infer(job)
         if results and isinstance(results[0], str):  # the tasks went away in a live update meanwhile

@@ -82,9 +82,10 @@ class ServedModel:
         for name, spec in model.specs.items():
             facts = manifest["tasks"].get(name, {})
             labels = facts.get("label_names") or [str(i) for i in range(spec.num_outputs)]
+            # pair: whether the task takes a sentence pair; None when the artifact predates the manifest saying so
             self.tasks[name] = {"kind": spec.kind, "label_names": [str(x) for x in labels] if spec.kind ==
                                 "classification" else None, "metric": facts.get("metric"),
-                                "depth": spec.depth, "layers": spec.layers}
+                                "pair": facts.get("pair"), "depth": spec.depth, "layers": spec.layers}
 
     @classmethod
     def load(cls, model_dir: str | Path, quantize: str = "none", tokenizer_path: str | None = None) -> "ServedModel":
@@ -164,12 +165,29 @@ class ServedModel:
         return {"label": info["label_names"][int(np.argmax(y))],
                 "probabilities": {name: float(v) for name, v in zip(info["label_names"], p)}}
 
+    def rows(self, job: Job) -> list[tuple[int, str, str | None, tuple[str, ...]]]:
+        """A job's trunk rows: (input index, text, text pair or None, tasks), each task reading what it takes.
+
+        An input with a text pair asked for single-sentence tasks and for sentence-pair tasks at once becomes
+        two rows: the text alone for the former, the pair for the latter. Tasks of unknown kind (pair None)
+        read the input as given."""
+        singles = tuple(t for t in job.tasks if self.tasks[t]["pair"] is False)
+        others = tuple(t for t in job.tasks if self.tasks[t]["pair"] is not False)
+        out = []
+        for i, (text, pair) in enumerate(zip(job.texts, job.pairs)):
+            if pair is not None and singles and others:
+                out += [(i, text, None, singles), (i, text, pair, others)]
+            else:
+                out.append((i, text, None if not others else pair, job.tasks))
+        return out
+
     def infer(self, jobs: list[Job]) -> list[list[dict] | list[str]]:
         """Answer a batch of jobs in one trunk pass.
 
         Returns:
-            per job: a list (one per input) of {task: answer}, or, for a job naming tasks this version
-            does not have (a live update removed them after the request was checked), the missing names.
+            per job: a list (one per input) of {task: answer, in the job's task order}, or, for a job naming
+            tasks this version does not have (a live update removed them after the request was checked), the
+            missing names.
         """
         results: list = [None] * len(jobs)
         texts, pairs, row_tasks, owner = [], [], [], []
@@ -178,17 +196,19 @@ class ServedModel:
             if missing:
                 results[j] = missing
                 continue
-            texts += job.texts
-            pairs += job.pairs
-            row_tasks += [job.tasks] * len(job.texts)
-            owner += [j] * len(job.texts)
+            results[j] = [{} for _ in job.texts]
+            for i, text, pair, tasks in self.rows(job):
+                texts.append(text)
+                pairs.append(pair)
+                row_tasks.append(tasks)
+                owner.append((j, i))
         if texts:
             outputs = self.run(texts, pairs, row_tasks)
-            for j, job in enumerate(jobs):
-                if results[j] is None:
-                    results[j] = []
-            for j, row_out in zip(owner, outputs):
-                results[j].append({t: self.answer(t, row_out[t]) for t in jobs[j].tasks})
+            for (j, i), tasks, row_out in zip(owner, row_tasks, outputs):
+                results[j][i].update({t: self.answer(t, row_out[t]) for t in tasks})
+        for j, job in enumerate(jobs):
+            if results[j] and isinstance(results[j][0], dict):  # answers in the order the tasks were asked
+                results[j] = [{t: answers[t] for t in job.tasks} for answers in results[j]]
         return results
 
 
