@@ -63,13 +63,17 @@ def test_request_units_give_every_setup_the_same_inputs():
     assert all(u[0][0] == "/m/v1/predict" for u in merged)
     assert [[c for c in u] for u in per_task] == [[(f"/t/{b['task']}/v1/predict", b)] for (_, b), in merged]
 
+    # All tasks on the pair task's inputs (a pair task needs its pair); the single-sentence task's own
+    # deployment gets the first sentences alone.
     all_merged = request_units("all", 3, INPUTS, 2, merged_prefix="/m")
     all_per_task = request_units("all", 3, INPUTS, 2, task_prefixes={"a": "/t/a", "b": "/t/b"})
-    assert all_merged[1] == [("/m/v1/predict", {"tasks": ["a", "b"], "inputs": INPUTS["b"][:3]})]
+    assert all_merged == [[("/m/v1/predict", {"tasks": ["a", "b"], "inputs": INPUTS["b"][:3]})],
+                          [("/m/v1/predict", {"tasks": ["a", "b"], "inputs": INPUTS["b"][:3]})]]
     for m, p in zip(all_merged, all_per_task):  # one call per task, all on the merged request's inputs
         assert [path for path, _ in p] == ["/t/a/v1/predict", "/t/b/v1/predict"]
         assert [body["task"] for _, body in p] == ["a", "b"]
-        assert all(body["inputs"] == m[0][1]["inputs"] for _, body in p)
+        assert p[1][1]["inputs"] == m[0][1]["inputs"]
+        assert p[0][1]["inputs"] == [{"text": r["text"]} for r in m[0][1]["inputs"]]
     with pytest.raises(ValueError):
         request_units("all", 1, INPUTS, 1)
     with pytest.raises(ValueError):

@@ -58,28 +58,34 @@ def request_units(kind: str, batch: int, inputs_by_task: dict[str, list[dict]], 
                   ) -> list[list[tuple[str, dict]]]:
     """The requests of a load test, each a list of (path, JSON body) calls sent at once.
 
-    Request i takes `batch` consecutive inputs from the dev inputs of task i mod T (so every setup gets
-    the same inputs in the same order). A single-task request asks for that task only; an all-task
-    request asks for every task on those inputs: one call with `tasks` to the merged model
-    (`merged_prefix`), or one call per task to each task's deployment (`task_prefixes`).
+    Request i takes `batch` consecutive inputs from the dev inputs of a task (so every setup gets the same
+    inputs in the same order). A single-task request asks task i mod T for its own inputs. An all-task
+    request asks for every task on the inputs of a sentence-pair task in turn (pair tasks need the pair;
+    a single-sentence task reads the first sentence): one call with `tasks` to the merged model
+    (`merged_prefix`), or one call per task to each task's deployment (`task_prefixes`), where a
+    single-sentence task's deployment gets the first sentences alone.
     """
     if (merged_prefix is None) == (task_prefixes is None):
         raise ValueError("give exactly one of merged_prefix or task_prefixes")
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}: one of {KINDS}")
     tasks = list(inputs_by_task)
+    pair_tasks = [t for t in tasks if inputs_by_task[t] and inputs_by_task[t][0].get("text_pair") is not None]
+    sources = tasks if kind == "single" or not pair_tasks else pair_tasks
     units = []
     for i in range(count):
-        source = tasks[i % len(tasks)]
+        source = sources[i % len(sources)]
         pool = inputs_by_task[source]
-        start = (i // len(tasks)) * batch
+        start = (i // len(sources)) * batch
         rows = [pool[(start + k) % len(pool)] for k in range(batch)]
         if merged_prefix is not None:
             body = {"task": source, "inputs": rows} if kind == "single" else {"tasks": tasks, "inputs": rows}
             units.append([(f"{merged_prefix}/v1/predict", body)])
         else:
             asked = [source] if kind == "single" else tasks
-            units.append([(f"{task_prefixes[t]}/v1/predict", {"task": t, "inputs": rows}) for t in asked])
+            units.append([(f"{task_prefixes[t]}/v1/predict",
+                           {"task": t, "inputs": rows if t in pair_tasks else [{"text": r["text"]} for r in rows]})
+                          for t in asked])
     return units
 
 
