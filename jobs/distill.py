@@ -33,16 +33,21 @@ from kdlib.pipeline import (RunContext, distill_students, evaluate, fine_tune, l
 from kdlib.trainees import BRANCHED
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+STRICT_EXIT = 3  # --strict: the run finished, but a sanity check warned
 
 
-def parse_args(argv: list[str] | None) -> tuple[str, list[str]]:
+def parse_args(argv: list[str] | None) -> tuple[str, list[str], bool]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("args", nargs="*", help="[CONFIG.yaml] [key.path=value ...]")
-    return config_and_overrides(p.parse_args(argv).args, DEFAULT_CONFIG)
+    p.add_argument("--strict", action="store_true",
+                   help=f"exit with status {STRICT_EXIT} when a sanity check warned (a teacher ensemble within "
+                        "2 points of its task's majority-class or mean baseline)")
+    args = p.parse_intermixed_args(argv)
+    return *config_and_overrides(args.args, DEFAULT_CONFIG), args.strict
 
 
 def main(argv: list[str] | None = None) -> int:
-    config_path, overrides = parse_args(argv)
+    config_path, overrides, strict = parse_args(argv)
     try:
         cfg = load_run_config(config_path, overrides)
         started = time.perf_counter()
@@ -75,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{ctx.cache.table()}\n\n{results.table()}\n")
     print(f"{'merged model' if branched else cfg.student.kind + ' student'}: {model_dir}")
     print(f"results: {ctx.run_dir}/results.json, results.md ({results.seconds}s)")
-    return 0
+    for warning in results.warnings:
+        print(f"WARNING {warning}", file=sys.stderr)
+    return STRICT_EXIT if strict and results.warnings else 0
 
 
 if __name__ == "__main__":

@@ -56,14 +56,19 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def summary_rows(scores: dict[str, dict], overhead: float | None) -> tuple[list[str], list[list]]:
-    """Rows of the run summary: task, metric, members, ensemble, student, retained %, overhead (None: "-",
-    for students that do not share the teachers' layers)."""
-    headers = ["task", "metric", "teacher members", "teacher ensemble", "student", "retained %", "overhead"]
+def summary_rows(scores: dict[str, dict], overhead: float | None,
+                 baselines: dict[str, dict] | None = None) -> tuple[list[str], list[list]]:
+    """Rows of the run summary: task, metric, baseline (kdlib.baselines: majority class or mean; "-" when not
+    given), members, ensemble, student, retained %, overhead (None: "-", for students that do not share the
+    teachers' layers)."""
+    headers = ["task", "metric", "baseline", "teacher members", "teacher ensemble", "student", "retained %",
+               "overhead"]
     rows = []
     for task, s in scores.items():
         p = s["primary"]
-        rows.append([task, s["metric"], " / ".join(f"{m:.2f}" for m in p["members"]) or "- (no teacher)",
+        base = (baselines or {}).get(task)
+        rows.append([task, s["metric"], "-" if base is None else base["score"],
+                     " / ".join(f"{m:.2f}" for m in p["members"]) or "- (no teacher)",
                      "-" if p["ensemble"] is None else p["ensemble"], p["student"],
                      p["retained_pct"], "-" if overhead is None else f"{overhead:.1%}"])
     return headers, rows

@@ -3,11 +3,15 @@
 Per task, K members (seeds) each fine-tune the top L layers of the pretrained encoder plus a head;
 the embeddings and bottom N - L layers stay frozen and are shared, so the members are stored as one
 trunk-less artifact with K branches, and their frozen features are computed once for all of them.
+Every member's training loss and dev score per epoch go to `history.json` in the artifact folder (the
+teachers' curves, kdlib.curves).
 """
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,20 +22,25 @@ from kdlib.branched import BranchedModel, BranchSpec, member_name
 from kdlib.encoder import load_encoder, load_tokenizer
 from kdlib.features import TrunkFeatures, length_grouped_batches
 from kdlib.losses import hard_loss
+from kdlib.metrics import task_metrics
 from kdlib.optim import Optimization
+
+HISTORY = "history.json"  # {"stage": "teachers", "task": ..., "metric": ..., "epochs": [per-epoch rows]}
 
 
 def train_ensemble(*, task: str, kind: str, label_names: list[str], metric: str, train: pd.DataFrame,
                    encoder_source: str, random_init: bool, config_overrides: dict, pooling: str,
                    max_length: int, fine_tune_layers: int, members: int, epochs: int, batch_size: int,
                    lr: float, head_lr: float, weight_decay: float, seed: int, out_dir: str,
-                   log=print) -> dict:
+                   dev: pd.DataFrame | None = None, log=print) -> dict:
     """Train a task's K-member teacher ensemble and save it as a trunk-less artifact in `out_dir`.
 
     Args:
         train: examples with columns text, text_pair, label (class id or float target).
         fine_tune_layers: L; the members' branches hold the encoder's top L layers.
         members: K; member k uses seed `seed + k` for its head, dropout and data order.
+        dev: examples (text, text_pair, label) each member is scored on after every epoch (`metric`; eval
+            mode, no gradient: the training is the same without it), into history.json; None: losses only.
     Returns:
         {"seconds", "final_loss": [per member]} for the run log.
     """
@@ -51,10 +60,13 @@ def train_ensemble(*, task: str, kind: str, label_names: list[str], metric: str,
     pairs = train["text_pair"].tolist()
     labels = torch.tensor(train["label"].to_numpy(), dtype=torch.long if kind == "classification" else torch.float32)
     feats = TrunkFeatures.compute(model, tokenizer, texts, pairs, depth=depth, max_length=max_length)
+    dev_feats = None if dev is None else TrunkFeatures.compute(
+        model, tokenizer, dev["text"].tolist(), dev["text_pair"].tolist(), depth=depth, max_length=max_length)
     log(f"[teachers:{task}] trunk features for {len(feats)} examples at depth {depth} "
         f"in {time.perf_counter() - start:.1f}s; training {members} members x {epochs} epochs")
 
     final_losses = []
+    history = [{"epoch": e + 1} for e in range(epochs)]  # per epoch: loss/<member>, dev/<member>
     for k, spec in enumerate(specs):
         torch.manual_seed(seed + k)
         rng = np.random.default_rng(seed + k)
@@ -74,7 +86,13 @@ def train_ensemble(*, task: str, kind: str, label_names: list[str], metric: str,
                 opt.backward(loss)
                 opt.step()
                 total, seen = total + loss.item() * len(idx), seen + len(idx)
-            log(f"[teachers:{task}] member {k} epoch {epoch + 1}/{epochs} loss {total / seen:.4f}")
+            history[epoch][f"loss/{spec.name}"] = total / seen
+            if dev_feats is not None:
+                history[epoch][f"dev/{spec.name}"] = member_dev_score(model, spec.name, dev_feats, kind, metric,
+                                                                      dev["label"].to_numpy())
+                branch.train()
+            log(f"[teachers:{task}] member {k} epoch {epoch + 1}/{epochs} loss {total / seen:.4f}"
+                + (f", dev {metric} {history[epoch][f'dev/{spec.name}']:.2f}" if dev_feats is not None else ""))
         final_losses.append(total / seen)
         branch.eval()
 
@@ -82,4 +100,18 @@ def train_ensemble(*, task: str, kind: str, label_names: list[str], metric: str,
                tasks={task: {"kind": kind, "label_names": label_names, "metric": metric}},
                extra={"role": "teacher_ensemble", "task": task, "fine_tune_layers": fine_tune_layers,
                       "members": members})
+    # After the artifact: save_model replaces the folder.
+    (Path(out_dir) / HISTORY).write_text(json.dumps({"stage": "teachers", "task": task, "metric": metric,
+                                                     "epochs": history}, indent=1))
     return {"seconds": round(time.perf_counter() - start, 1), "final_loss": final_losses}
+
+
+@torch.no_grad()
+def member_dev_score(model: BranchedModel, name: str, feats: TrunkFeatures, kind: str, metric: str,
+                     labels: np.ndarray, batch_size: int = 256) -> float:
+    """Member `name`'s `metric` on the dev examples' trunk states (eval mode: no dropout, no RNG draw)."""
+    model.branches[name].eval()
+    idx = np.arange(len(feats))
+    out = torch.cat([model.branch_forward(name, *feats.batch(idx[s:s + batch_size]))
+                     for s in range(0, len(idx), batch_size)])
+    return task_metrics(kind, out.float().numpy(), labels)[metric]

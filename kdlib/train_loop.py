@@ -8,8 +8,11 @@ CMOW student trained end to end), and then trains:
 every step takes one task's batch, the schedule (MT-DNN Algorithm 1, |D_t|^tau sampling, or ROaD's k tasks per step: schedules.py) drawn from a
 seed shared by all workers, so every replica updates the same branches in the same step. Loss: the
 task's objective (KL with temperature, MSE on logits, soft cross-entropy, or hard labels only) against
-its aggregated teachers, mixed with the hard-label loss by alpha or by teacher annealing (losses.py). A checkpoint
-is written every epoch; a restarted worker group resumes from the last one.
+its aggregated teachers, mixed with the hard-label loss by alpha or by teacher annealing (losses.py). After
+every epoch the workers score each task's dev rows (dev_scoring.py) and report the epoch's losses, learning
+rate and dev scores; a checkpoint is written every epoch, and a restarted worker group resumes from the last
+one. Rank 0 returns every epoch's metrics (the run's history), which Ray Train hands the driver as
+`Result.return_value`.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from kdlib import storage
+from kdlib.dev_scoring import DevRows, dev_features, dev_metrics, dev_outputs
 from kdlib.features import length_grouped_batches
 from kdlib.losses import binned_regression_loss, distillation_loss, teacher_annealing_weight
 from kdlib.optim import Optimization
@@ -116,10 +120,23 @@ class WorkerJob:
     spec: TrainSpec
     datasets: list[str]  # the Ray Train dataset names whose shards hold this run's rows
     init_weights: Checkpoint | None = None  # per-task fine-tuning starts from the multi-task student
+    # Each task's dev rows, scored after every epoch (`dev/<task>`); empty: no dev scoring.
+    dev: dict[str, DevRows] = field(default_factory=dict)
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """Ray Train worker: build the student, ingest this worker's rows, train with per-epoch checkpoints."""
+# Per-epoch metrics that go into the run's history (the rest, e.g. the replica digests, only into the report).
+HISTORY_KEYS = ("epoch", "step", "seconds", "lr")
+
+
+def history_row(metrics: dict) -> dict:
+    """The scalars of one epoch's metrics that the curves show: epoch, step, seconds, lr, loss/*, dev/*."""
+    return {k: v for k, v in metrics.items() if k in HISTORY_KEYS or k.split("/")[0] in ("loss", "dev")}
+
+
+def train_loop_per_worker(config: dict) -> list[dict]:
+    """Ray Train worker: build the student, ingest this worker's rows, train with per-epoch checkpoints.
+
+    Returns every epoch's `history_row` (a resumed run's earlier epochs from its checkpoint)."""
     job: WorkerJob = config["job"]
     spec = job.spec
     torch.set_num_threads(spec.torch_threads)
@@ -130,12 +147,13 @@ def train_loop_per_worker(config: dict) -> None:
     student = trainee.model
     opt = Optimization([p for p in student.parameters() if p.requires_grad], lr=spec.lr,
                        weight_decay=spec.weight_decay, schedule=spec.lr_schedule)
-    start_epoch, starts = 0, []
+    start_epoch, starts, history = 0, [], []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             meta = load_train_state(d, student, opt.optimizer)
         start_epoch, opt.steps_done, starts = meta["epoch"], meta["step"], meta["starts"]
+        history = meta.get("history", [])
         if rank == 0:
             print(f"[distill] resuming from checkpoint after epoch {start_epoch} (step {opt.steps_done})", flush=True)
     elif job.init_weights is not None:  # fine-tuning starts from the multi-task student
@@ -149,32 +167,41 @@ def train_loop_per_worker(config: dict) -> None:
     for name in job.datasets:
         ingest(ray.train.get_dataset_shard(name), trainee, rows, max_length=spec.max_length)
     seen = rows_seen(rows, world)
+    # This worker's share of each task's dev rows, as features once (the trunk states of the branched student).
+    dev = dev_features(job.dev, trainee, rank=rank, world=world, max_length=spec.max_length)
     nodes = gather(ray.util.get_node_ip_address(), world)  # where each rank runs, for the placement report
     data = {t: rows[t].tensors(trainee) for t in spec.tasks}
     if rank == 0:
         print(f"[distill] ingested {sum(int(seen[f'rows/{t}']) for t in spec.tasks)} rows in "
               f"{time.perf_counter() - ingest_start:.1f}s", flush=True)
 
+    def score() -> dict:
+        outputs = {t: np.concatenate(gather(o, world)) for t, o in dev_outputs(trainee, spec.tasks, dev).items()}
+        return dev_metrics(outputs, job.dev, spec.tasks)
+
     def report(metrics: dict) -> None:
+        history.append(history_row(metrics))
         metrics = {**metrics, "start_epoch": start_epoch, **seen, "placement/nodes": nodes}
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
                 save_train_state(tmp, student, opt.optimizer, {"epoch": metrics["epoch"], "step": metrics["step"],
-                                                               "starts": starts})
+                                                               "starts": starts, "history": history})
                 ckpt = Checkpoint.from_directory(tmp)
                 print(f"[distill] epoch {metrics['epoch']} done in {metrics['seconds']}s: "
                       + ", ".join(f"{t} {metrics[f'loss/{t}']:.4f}" for t in spec.tasks), flush=True)
             ray.train.report(metrics, checkpoint=ckpt)
 
-    run_epochs(trainee, data, spec, opt, rank=rank, world=world, start_epoch=start_epoch, on_epoch=report)
+    run_epochs(trainee, data, spec, opt, rank=rank, world=world, start_epoch=start_epoch, on_epoch=report,
+               score=score if job.dev else None)
+    return history
 
 
 def run_epochs(trainee, data: dict[str, tuple], spec: TrainSpec, opt: Optimization, *, rank: int = 0,
-               world: int = 1, start_epoch: int = 0, on_epoch=None) -> None:
+               world: int = 1, start_epoch: int = 0, on_epoch=None, score=None) -> None:
     """The multi-task training loop from `start_epoch` to `spec.epochs` on one worker of `world` (1: a plain
-    single process); `on_epoch(metrics)` after each epoch. `opt.steps_done` counts the steps (a resumed
-    run restores it from its checkpoint).
+    single process); `on_epoch(metrics)` after each epoch, its metrics extended by `score()`'s (the dev
+    scores) when given. `opt.steps_done` counts the steps (a resumed run restores it from its checkpoint).
 
     Args:
         data: per task, (features, labels (N,), teacher logits (N, K, C)) from TaskRows.tensors.
@@ -235,6 +262,8 @@ def run_epochs(trainee, data: dict[str, tuple], spec: TrainSpec, opt: Optimizati
                    "lr": lr,
                    "replicas/identical": len(set(digests)) == 1, "replicas/digests": digests,
                    **{f"loss/{t}": float(np.mean(v)) if v else float("nan") for t, v in losses.items()}}
+        if score is not None:  # after the digest: the epoch's seconds and weights are the training's alone
+            metrics.update(score())
         if on_epoch is not None:
             on_epoch(metrics)
 
@@ -314,20 +343,22 @@ def _sparse_table(p: torch.nn.Parameter) -> bool:
 
 def run_distillation(*, datasets: dict[str, ray.data.Dataset], spec: TrainSpec, num_workers: int,
                      cpus_per_worker: float, max_failures: int, storage_path: str, name: str,
-                     init_weights: Checkpoint | None = None):
-    """Run the TorchTrainer; returns Ray Train's Result (its checkpoint holds the trained branches).
+                     init_weights: Checkpoint | None = None, dev: dict[str, DevRows] | None = None):
+    """Run the TorchTrainer; returns Ray Train's Result (its checkpoint holds the trained branches, its
+    `return_value` every epoch's `history_row`).
 
     datasets: soft-target rows of any tasks, split across the workers without dropping a row
     (kdlib.worker_shares): one per task when read from the store, recut here into one block per worker,
     so every worker gets an equal share of each task (to one row); one stream when labeling feeds
-    training directly. storage_path: a storage location (local path or URI) for its checkpoints.
+    training directly. storage_path: a storage location (local path or URI) for its checkpoints. dev: each
+    task's dev rows, scored after every epoch (`dev/<task>` in the metrics); None: not scored.
     """
     datasets = {name: in_worker_blocks(ds, num_workers) if isinstance(ds, MaterializedDataset) else ds
                 for name, ds in datasets.items()}
     fs, path = storage.filesystem(storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": WorkerJob(spec, sorted(datasets), init_weights)},
+        train_loop_config={"job": WorkerJob(spec, sorted(datasets), init_weights, dev or {})},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=False,
                                      resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=path,

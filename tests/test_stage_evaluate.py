@@ -45,4 +45,8 @@ def test_results_files_hold_the_scores_and_the_stages(tiny_pipeline):
     assert [s["name"] for s in saved["stages"]] == ["teachers"] * 3 + ["labels"] * 3 + ["distill", "merge"]
     md = (p.root / "stages" / "results.md").read_text()
     assert "| sentiment | accuracy |" in md and "## Stages" in md and "| distill |" in md
+    # each task's sanity baseline, in results.json and as the table's baseline column
+    assert set(saved["baselines"]) == set(p.tasks) and saved["warnings"] == p.results.warnings
+    base = saved["baselines"]["paraphrase"]
+    assert f"| paraphrase | f1 | {base['score']:.2f} |" in md
     assert np.isfinite(saved["overhead"])

@@ -24,6 +24,9 @@ def test_fine_tuning_continues_the_distilled_spec_and_is_reused(tiny_pipeline):
     report = json.loads((stage / "train_report.json").read_text())
     assert report["epoch"] == 1 and all(report[f"duplicates/{t}"] == 0 for t in p.tasks)
     assert sorted(x.name for x in Path(tuned.dir).iterdir()) == sorted(p.tasks)
+    history = json.loads((stage / "history.json").read_text())
+    assert history["stage"] == "fine_tune" and [r["epoch"] for r in history["epochs"]] == [1]
+    assert all(0 <= history["epochs"][0][f"dev/{t}"] <= 100 or p.tasks[t].kind == "regression" for t in p.tasks)
     # the same settings again: reused; another lr: a new stage from the same distillation
     again = RunContext.create(cfg, log=lambda *_: None)
     assert fine_tune(again, p.tasks, p.labels, p.students) == tuned and again.cache.records[0].cached

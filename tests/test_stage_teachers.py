@@ -3,12 +3,17 @@ and the depth search share one ensemble per (task, L, settings)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+import pytest
 
 from kdlib.artifact import read_manifest
 from kdlib.config import TeacherConfig
 from kdlib.encoder import EncoderRef
 from kdlib.pipeline import RunContext, teacher_key, train_teachers
+from kdlib.scoring import member_scores
+from kdlib.soft_targets import teacher_logits_array
 from kdlib.tune.settings import TrialSettings
 from kdlib.tune.trial import teacher_fingerprint
 
@@ -25,6 +30,20 @@ def test_each_task_gets_a_k_member_ensemble_of_its_depth(tiny_pipeline):
         key = teacher_key(p.ctx.encoder, p.tasks[name].digest, L, p.cfg.teachers)
         assert p.teachers.key(name) == key and Path(folder).parent.name == key
     assert any(line.startswith("[teachers:sentiment] trained in") for line in p.lines)
+
+
+def test_the_ensemble_keeps_every_members_loss_and_dev_score_per_epoch(tiny_pipeline):
+    p = tiny_pipeline
+    K, epochs = p.cfg.teachers.members, p.cfg.teachers.epochs
+    for name, folder in p.teachers.dirs.items():
+        saved = json.loads((Path(folder) / "history.json").read_text())
+        assert (saved["stage"], saved["task"], saved["metric"]) == ("teachers", name, p.tasks[name].metric)
+        assert [r["epoch"] for r in saved["epochs"]] == list(range(1, epochs + 1))
+        assert set(saved["epochs"][-1]) == {"epoch"} | {f"{k}/{name}__m{m}" for k in ("loss", "dev") for m in range(K)}
+        # the last epoch's dev scores are the finished members': what their soft targets on dev score
+        dev = p.labels.dev(name)
+        want = member_scores(p.tasks[name].kind, p.tasks[name].metric, dev["label"].to_numpy(), teacher_logits_array(dev))
+        assert [saved["epochs"][-1][f"dev/{name}__m{m}"] for m in range(K)] == pytest.approx(want, abs=1e-6)
 
 
 def test_a_rerun_reuses_every_ensemble_and_trains_nothing(tiny_pipeline):

@@ -155,6 +155,14 @@ def test_report_names_each_choice_and_plots(sweep):
     assert {p["rule"] for p in results["curve"]} == {"threshold", "budget"}
 
 
+def test_each_trial_writes_tensorboard_events(sweep):
+    root = sweep[0]
+    trials = [params.parent for params in root.rglob("params.json")]  # Tune's trial folders
+    assert len(trials) >= 5
+    for trial in trials:
+        assert list(trial.glob("events.out.tfevents.*")), f"no TensorBoard events in {trial}"
+
+
 def test_rerun_with_the_same_storage_resumes_without_recomputing(sweep, job, capsys):
     root, config, overrides, results, out = sweep
     before = {k: len(computed_entries(root, k)) for k in ("trunk_states", "teacher", "student", "teacher_outputs")}

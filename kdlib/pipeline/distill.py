@@ -2,9 +2,10 @@
 
 The training rows come from the soft-target stores, or with `labeling.stream` straight from the labeling
 actors while they label (and commit) the training shards; tasks without a teacher train on their gold
-labels. The stage is keyed by the stores, the gold-only data and the `TrainSpec`; its folder holds the
-Ray Train checkpoints (`ray_train/`), `train_spec.json`, `train_report.json`, `final_checkpoint.json` and
-the students (`students/`).
+labels. After every epoch the workers score each task's dev rows. The stage is keyed by the stores, the
+gold-only data and the `TrainSpec`; its folder holds the Ray Train checkpoints (`ray_train/`),
+`train_spec.json`, `train_report.json`, `history.json` (every epoch's losses, learning rate and dev scores:
+the run's curves, kdlib.curves), `final_checkpoint.json` and the students (`students/`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ray.train import Checkpoint
 from kdlib import storage
 from kdlib.artifact import save_model
 from kdlib.branched import member_name
+from kdlib.dev_scoring import DevRows
 from kdlib.errors import ConfigError
 from kdlib.scoring import member_scores
 from kdlib.labeling import ProgressReporter, labeling_dataset, pending
@@ -39,6 +41,7 @@ from kdlib.trainees import BRANCHED, saved_hparams
 
 FINAL_CHECKPOINT = "final_checkpoint.json"  # a distill stage's last Ray Train checkpoint, named below ray_train/
 TRAIN_SPEC = "train_spec.json"  # what the workers trained with
+HISTORY = "history.json"  # every epoch's metrics: {"stage": ..., "epochs": [kdlib.train_loop.history_row, ...]}
 
 
 @dataclass(frozen=True)
@@ -106,12 +109,12 @@ def distill_students(ctx, tasks: dict[str, TaskData], labels: Labels, teachers: 
         with progress:
             result = run_distillation(datasets=datasets, spec=spec, num_workers=d.num_workers,
                                       cpus_per_worker=d.cpus_per_worker, max_failures=d.max_failures,
-                                      storage_path=ray_train, name="distill")
+                                      storage_path=ray_train, name="distill", dev=dev_rows(tasks))
         if streaming:
             finish_labels(ctx, labels, teachers, time.perf_counter() - started)
         # Where the final weights are, for a fine-tuning stage that starts from them in this run or a later one.
         (out / FINAL_CHECKPOINT).write_text(json.dumps({"checkpoint": checkpoint_name(result.checkpoint)}))
-        return save_training(ctx, tasks, spec, result, out)
+        return save_training(ctx, tasks, spec, result, out, stage="distill")
 
     stage_dir = ctx.cache.run("distill", fp, run, log=ctx.log)
     return Students(storage.child(stage_dir, "students"), stage_dir)
@@ -121,6 +124,12 @@ def training_datasets(labels: Labels, gold_only: dict[str, TaskData]) -> dict:
     """One Ray Dataset per task: its store's training rows, or its gold-labeled rows if it has no teacher."""
     return {**{name: store.dataset(split="train") for name, store in labels.stores.items()},
             **gold_only_datasets(gold_only)}
+
+
+def dev_rows(tasks: dict[str, TaskData]) -> dict[str, DevRows]:
+    """Each task's dev examples and primary metric, for the workers' per-epoch dev score (the same rows the
+    soft-target store labels, and the evaluate stage scores)."""
+    return {name: DevRows.from_frame(data.dev, data.metric) for name, data in tasks.items()}
 
 
 def gold_only_datasets(gold_only: dict[str, TaskData]) -> dict:
@@ -139,10 +148,13 @@ def final_checkpoint(stage_dir: str) -> Checkpoint:
     return Checkpoint(path, filesystem=fs)
 
 
-def save_training(ctx, tasks: dict[str, TaskData], spec: TrainSpec, result, out: Path) -> dict:
-    """A finished Ray Train run into its stage folder `out`: its spec, report and students; the stage's facts."""
+def save_training(ctx, tasks: dict[str, TaskData], spec: TrainSpec, result, out: Path, *, stage: str) -> dict:
+    """A finished Ray Train run into its stage folder `out`: its spec, report, history and students; the
+    stage's facts."""
     (out / TRAIN_SPEC).write_text(spec.model_dump_json(indent=1))
     write_train_report(result, out / "train_report.json")
+    # Rank 0's return value: every epoch's metrics (Result.metrics_dataframe holds only the kept checkpoints').
+    (out / HISTORY).write_text(json.dumps({"stage": stage, "epochs": result.return_value}, indent=1))
     save_students(ctx, tasks, spec, result.checkpoint, out / "students")
     return {"where": placement(result.metrics["placement/nodes"], "train worker")}
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from kdlib import storage
 from kdlib.pipeline.data import TaskData
-from kdlib.pipeline.distill import TRAIN_SPEC, Students, final_checkpoint, save_training, training_datasets
+from kdlib.pipeline.distill import (TRAIN_SPEC, Students, dev_rows, final_checkpoint, save_training,
+                                    training_datasets)
 from kdlib.pipeline.labels import Labels
 from kdlib.stages import fingerprint
 from kdlib.train_loop import run_distillation
@@ -37,8 +38,8 @@ def fine_tune(ctx, tasks: dict[str, TaskData], labels: Labels, distilled: Studen
         result = run_distillation(datasets=training_datasets(labels, gold_only), spec=spec,
                                   num_workers=d.num_workers, cpus_per_worker=d.cpus_per_worker,
                                   max_failures=d.max_failures, storage_path=ray_train, name="fine_tune",
-                                  init_weights=final_checkpoint(distilled.stage_dir))
-        return save_training(ctx, tasks, spec, result, out)
+                                  init_weights=final_checkpoint(distilled.stage_dir), dev=dev_rows(tasks))
+        return save_training(ctx, tasks, spec, result, out, stage="fine_tune")
 
     stage_dir = ctx.cache.run("fine_tune", fp, run, log=ctx.log)
     return Students(storage.child(stage_dir, "students"), stage_dir)

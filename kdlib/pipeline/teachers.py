@@ -53,7 +53,8 @@ def train_teacher_ensemble(data: TaskData, encoder: EncoderRef, fine_tune_layers
                           max_length=encoder.max_length, fine_tune_layers=fine_tune_layers,
                           members=members or settings.members, epochs=settings.epochs,
                           batch_size=settings.batch_size, lr=settings.lr, head_lr=settings.head_lr,
-                          weight_decay=settings.weight_decay, seed=encoder.seed, out_dir=out_dir, log=log)
+                          weight_decay=settings.weight_decay, seed=encoder.seed, out_dir=out_dir, dev=data.dev,
+                          log=log)
 
 
 def _train_on_node(location: str, data: TaskData, encoder: EncoderRef, fine_tune_layers: int,

@@ -3,7 +3,8 @@
 A sweep lives in `<storage_path>/<task>-<settings key>/` (a local path or a pyarrow.fs URI); rerunning with the same storage and settings restores it
 (`Tuner.can_restore` / `Tuner.restore`): finished trials are kept, unfinished ones rerun, and a rerun
 trial whose student is already in the cache only replays its stored scores. A failing trial is
-recorded (`ResultGrid.errors`) and the sweep goes on.
+recorded (`ResultGrid.errors`) and the sweep goes on. Each trial writes its reports (score, epoch, ...) as
+TensorBoard event files into its trial folder (Tune's TBXLoggerCallback): `tensorboard --logdir <sweep>`.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ def run_task_search(*, task: str, sweep: str, settings: dict, storage_path: str,
     """Run (or resume) the sweep of one task in `<storage_path>/<sweep>`; one row per trial (TABLE_COLUMNS)."""
     import optuna
     from ray import tune
+    from ray.tune.logger import TBXLoggerCallback
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
@@ -96,7 +98,10 @@ def run_task_search(*, task: str, sweep: str, settings: dict, storage_path: str,
                                         num_samples=num_samples, max_concurrent_trials=max_concurrent_trials),
             run_config=tune.RunConfig(storage_path=storage.filesystem(storage_path)[1], storage_filesystem=custom_fs,
                                       name=sweep, verbose=0,
-                                      failure_config=tune.FailureConfig(max_failures=max_failures)),
+                                      failure_config=tune.FailureConfig(max_failures=max_failures),
+                                      # Tune adds it by default unless TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1: the
+                                      # trials' curves are kept either way.
+                                      callbacks=[TBXLoggerCallback()]),
         )
         log(f"[tune:{task}] {num_samples} trials over L in [{min_L}, {max_L}], l in [1, {max_l}] -> {location}")
     grid = tuner.fit()
