@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from dataclasses import dataclass
 import pandas as pd
@@ -68,6 +69,9 @@ def run_task_search(*, task: str, sweep: str, settings: dict, storage_path: str,
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    # Ctrl-C stops the job (kdlib.console.on_interrupt), not only the sweep: Tune's own handler would end the
+    # sweep and hand the job a partial table to select from. Tune saves its state as trials end; a rerun resumes.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings), {"cpu": cpus_per_trial})
     location = storage.child(storage_path, sweep)
     fs, path = storage.filesystem(location)
