@@ -57,11 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.scale not in bench.SCALES:
         p.error(f"--scale {args.scale}: the {args.name} benchmark has {', '.join(bench.SCALES)}")
     out.mkdir(parents=True, exist_ok=True)
+    Path(args.storage_root).mkdir(parents=True, exist_ok=True)
     from kdlib.cluster import init_ray  # here: --help and readme start no Ray
+    from kdlib.console import on_interrupt
 
-    init_ray(None, None)
-    report = getattr(bench, f"{args.name}_benchmark")(args.scale, str(Path(args.data_dir).resolve()), out,
-                                                      args.storage_root)
+    with on_interrupt(f"the results in {out} and the cached stages under {args.storage_root} are kept",
+                      then="run the same command again (timed runs start from empty storage again)"):
+        init_ray(None, None)
+        report = getattr(bench, f"{args.name}_benchmark")(args.scale, str(Path(args.data_dir).resolve()), out,
+                                                          args.storage_root)
     stem = write_report(args.name, args.scale, report, out)
     print(f"\n{report['table']}\n\nwrote {stem}.json, .md, .png")
     try:

@@ -13,7 +13,9 @@ are reused:
   -> fine_tune (optional, MKD sec. 6.2) -> merge (one safetensors artifact) -> evaluate (results in
   <storage_root>/<run_name>/).
 The soft-target store (<storage_root>/soft_targets/<task>/<key>/) is shared by every run with the same
-data, augmentation and teachers.
+data, augmentation and teachers. The console shows each stage's start and end, labeling progress, one line per
+epoch and the results; <storage_root>/<run_name>/run.log holds everything (--verbose: Ray's logs on the console
+too). Ctrl-C keeps what is done: rerunning the same command resumes.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 
 from kdlib import storage
 from kdlib.cluster import init_ray
+from kdlib.console import on_interrupt, run_log
 from kdlib.config import load_run_config
 from kdlib.config_loading import config_and_overrides, dump_config
 from kdlib.errors import KdlibError
@@ -34,6 +37,7 @@ from kdlib.trainees import BRANCHED
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 STRICT_EXIT = 3  # --strict: the run finished, but a sanity check warned
+KEPT = "finished stages stay cached, committed label shards and Ray Train checkpoints are kept"
 
 
 def parse_args(argv: list[str] | None) -> tuple[str, list[str], bool]:
@@ -42,19 +46,30 @@ def parse_args(argv: list[str] | None) -> tuple[str, list[str], bool]:
     p.add_argument("--strict", action="store_true",
                    help=f"exit with status {STRICT_EXIT} when a sanity check warned (a teacher ensemble within "
                         "2 points of its task's majority-class or mean baseline)")
-    args = p.parse_intermixed_args(argv)
-    return *config_and_overrides(args.args, DEFAULT_CONFIG), args.strict
+    p.add_argument("--verbose", action="store_true", help="Ray's own logs on the console too (ray.verbose=true)")
+    a = p.parse_intermixed_args(argv)
+    config_path, overrides = config_and_overrides(a.args, DEFAULT_CONFIG)
+    return config_path, overrides + ["ray.verbose=true"] * a.verbose, a.strict
 
 
 def main(argv: list[str] | None = None) -> int:
     config_path, overrides, strict = parse_args(argv)
     try:
         cfg = load_run_config(config_path, overrides)
+    except KdlibError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with run_log(storage.child(cfg.storage_root, cfg.run_name), verbose=cfg.ray.verbose) as log, on_interrupt(KEPT):
+        return run(cfg, config_path, log, strict)
+
+
+def run(cfg, config_path: str, log, strict: bool) -> int:
+    try:
         started = time.perf_counter()
-        ctx = RunContext.create(cfg)
+        ctx = RunContext.create(cfg, log=log)
         dump_config(cfg, storage.child(ctx.run_dir, "config.yaml"))
-        print(f"[run] {cfg.run_name}: config {config_path} -> {ctx.run_dir}")
-        init_ray(cfg.ray.address, cfg.ray.num_cpus)
+        log(f"[run] {cfg.run_name}: config {config_path} -> {ctx.run_dir} (full log: run.log)")
+        init_ray(cfg.ray.address, cfg.ray.num_cpus, log=log)
 
         tasks = load_data(ctx)
         teachers = train_teachers(ctx, tasks)
@@ -77,11 +92,9 @@ def main(argv: list[str] | None = None) -> int:
 
     results.seconds = round(time.perf_counter() - started, 1)
     write_results(ctx, results)
-    print(f"\n{ctx.cache.table()}\n\n{results.table()}\n")
-    print(f"{'merged model' if branched else cfg.student.kind + ' student'}: {model_dir}")
-    print(f"results: {ctx.run_dir}/results.json, results.md ({results.seconds}s)")
-    for warning in results.warnings:
-        print(f"WARNING {warning}", file=sys.stderr)
+    log(f"\n{ctx.cache.table()}\n\n{results.table()}\n")
+    log(f"{'merged model' if branched else cfg.student.kind + ' student'}: {model_dir}")
+    log(f"results: {ctx.run_dir}/results.json, results.md ({results.seconds}s)")
     return STRICT_EXIT if strict and results.warnings else 0
 
 

@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kdlib.artifact import ArtifactError
 from kdlib.cluster import init_ray
+from kdlib.console import INTERRUPTED, interrupted_line, on_interrupt
 from kdlib.serve.api import ServeArgs
 from kdlib.serve.model import resolve_model_location
 from kdlib.settings_flags import add_flags, flag_values
@@ -47,6 +48,7 @@ APP_NAME = "kdlib"
 NOT_FLAGS = ("model_dir",)
 DETACHED_START_TIMEOUT_S = 600  # a detached local server has this long to answer /healthz (Ray start + model load)
 DRAIN_TIMEOUT_S = 60  # stopping: Serve's graceful_shutdown_timeout_s (20 s) for the requests in flight, with room
+STOPPED, SERVE_AGAIN = "the application is shut down, the model artifact is unchanged", "run the same command to serve it"
 
 
 class Launch(BaseModel):
@@ -130,14 +132,17 @@ def finishes_within(seconds: float, fn) -> bool:
 def serve_until_stopped() -> int:
     """Serve until SIGTERM (a service manager's stop) or SIGINT (Ctrl-C), then stop gracefully: the application
     is deleted first, its replicas answering the requests they hold (up to Serve's graceful_shutdown_timeout_s),
-    then Ray stops. Returns the exit status: 0, or 1 if the application could not be drained."""
+    then Ray stops. Returns the exit status: 0 (SIGTERM) or 130 (Ctrl-C), or 1 if the application could not be
+    drained."""
     import ray
     from ray import serve
 
     stop = threading.Event()
+    stopped_by = []
 
     def on_signal(signum, frame):
         if not stop.is_set():
+            stopped_by.append(signum)
             print(f"[serve] {signal.Signals(signum).name}: answering the requests in flight, then stopping",
                   file=sys.stderr, flush=True)
         stop.set()
@@ -155,6 +160,9 @@ def serve_until_stopped() -> int:
     if not finishes_within(DRAIN_TIMEOUT_S, ray.shutdown):  # the embedded Ray, Serve's controller and proxy with it
         print("[serve] Ray did not shut down; exiting", file=sys.stderr, flush=True)
         os._exit(1)
+    if stopped_by == [signal.SIGINT]:
+        print(interrupted_line(STOPPED, then=SERVE_AGAIN), file=sys.stderr, flush=True)
+        return INTERRUPTED if drained else 1
     print("[serve] stopped", file=sys.stderr, flush=True)
     return 0 if drained else 1
 
@@ -208,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     if launch.detach and not on_cluster:
         return run_detached(argv, launch, flags)
     try:
-        deploy(argv)
+        with on_interrupt(STOPPED, then=SERVE_AGAIN):  # Ctrl-C while the model loads
+            deploy(argv)
     except (ArtifactError, ValueError) as e:  # a bad --model or setting, before anything starts
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ from pathlib import Path
 from kdlib.augment import write_unlabeled
 from kdlib.config import load_run_config
 from kdlib.config_loading import config_and_overrides
+from kdlib.console import on_interrupt
 from kdlib.errors import KdlibError
 from kdlib.readers import read_split
 
@@ -31,9 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="folder for <task>.txt (outside the repository)")
     a = p.parse_args(argv)
     config_path, overrides = config_and_overrides(a.args, "configs/glue_mini.yaml")
+    with on_interrupt("the task files already listed are complete (each is written whole)",
+                      then="run the same command again to write them all"):
+        return write_transfer_sets(config_path, overrides, Path(a.out).resolve())
+
+
+def write_transfer_sets(config_path: str, overrides: list[str], out: Path) -> int:
     try:
         cfg = load_run_config(config_path, overrides)
-        out, flags = Path(a.out).resolve(), []
+        flags = []
         for name, t in cfg.tasks.items():
             if t.max_train_examples is None:
                 print(f"[transfer:{name}] max_train_examples is not set: every training row is used already")

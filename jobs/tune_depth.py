@@ -11,7 +11,8 @@ students keep l <= l_max of them, and one model serves every task on a shared fr
 Tuner (OptunaSearch + ASHA) runs trials on cached trunk states and cached teachers (kdlib/tune/caches.py);
 then a rule picks (L, l) per task -- threshold c (sec. 4.2, Table 5) or an exact layer budget B -- and the
 chosen branches are merged. Everything lands in <storage_root>/<run_name>/tune/: table.csv, results.json,
-summary.md, tasks.png, curve.png, model/. Rerunning with the same storage resumes the sweeps.
+summary.md, tasks.png, curve.png, model/. Rerunning with the same storage resumes the sweeps (after Ctrl-C too).
+<storage_root>/<run_name>/run.log holds the full log (--verbose: Ray's logs on the console too).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import ray
 
 from kdlib import storage
 from kdlib.cluster import init_ray
+from kdlib.console import on_interrupt, run_log
 from kdlib.config_loading import config_and_overrides, dump_config
 from kdlib.encoder import EncoderRef
 from kdlib.errors import ConfigError, KdlibError
@@ -42,12 +44,16 @@ from kdlib.tune.settings import TrialSettings
 from kdlib.tune.trial import full_fine_tuning_score
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tune" / "demo.yaml"
+KEPT = "finished trials and the cached teachers, trunk states and students are kept"
 
 
 def parse_args(argv: list[str] | None) -> tuple[str, list[str]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("args", nargs="*", help="[CONFIG.yaml] [key.path=value ...]")
-    return config_and_overrides(p.parse_args(argv).args, DEFAULT_CONFIG)
+    p.add_argument("--verbose", action="store_true", help="Ray's own logs on the console too (ray.verbose=true)")
+    a = p.parse_intermixed_args(argv)
+    config_path, overrides = config_and_overrides(a.args, DEFAULT_CONFIG)
+    return config_path, overrides + ["ray.verbose=true"] * a.verbose
 
 
 def sweep_key(cfg: TuneRunConfig, settings: TrialSettings) -> str:
@@ -73,7 +79,7 @@ def used_students(cfg: TuneRunConfig, table: pd.DataFrame, n_layers: int) -> set
     return used
 
 
-def run(cfg: TuneRunConfig, config_path: str = "") -> dict:
+def run(cfg: TuneRunConfig, config_path: str = "", log=print) -> dict:
     """The whole search: sweeps, selection, merge, report. Returns results.json's content."""
     started = time.perf_counter()
     root = storage.child(cfg.storage_root)  # a local path (made absolute) or a pyarrow.fs URI
@@ -82,9 +88,9 @@ def run(cfg: TuneRunConfig, config_path: str = "") -> dict:
     n_layers = encoder.num_layers()
     check_feasible(cfg, n_layers)  # before any data is read or Ray starts
     dump_config(cfg, storage.child(out_dir, "config.yaml"))
-    print(f"[tune] {cfg.run_name}: config {config_path} -> {out_dir}")
+    log(f"[tune] {cfg.run_name}: config {config_path} -> {out_dir} (full log: {storage.child(root, cfg.run_name, 'run.log')})")
     tasks = load_tasks(cfg)
-    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    init_ray(cfg.ray.address, cfg.ray.num_cpus, log=log)
     settings = {n: TrialSettings.from_config(cfg, d, encoder, root, out_dir) for n, d in tasks.items()}
 
     s = cfg.search
@@ -93,7 +99,7 @@ def run(cfg: TuneRunConfig, config_path: str = "") -> dict:
         s.min_fine_tune_layers, s.max_fine_tune_layers, s.max_branch_layers)
     if s.caches and tries_every_L:  # every (task, L) teacher before the trials: no trial waits for another's
         prepare_teachers(settings, range(s.min_fine_tune_layers, s.max_fine_tune_layers + 1), n_layers,
-                         cpus_per_trial=s.cpus_per_trial)
+                         cpus_per_trial=s.cpus_per_trial, log=log)
     tables = []
     for name in tasks:
         tables.append(run_task_search(
@@ -102,11 +108,11 @@ def run(cfg: TuneRunConfig, config_path: str = "") -> dict:
             max_L=s.max_fine_tune_layers, max_l=s.max_branch_layers, num_samples=s.num_samples,
             max_concurrent_trials=s.max_concurrent_trials, cpus_per_trial=s.cpus_per_trial, sampler=s.sampler,
             epochs=cfg.student.epochs, grace_period=cfg.scheduler.grace_period,
-            reduction_factor=cfg.scheduler.reduction_factor, max_failures=s.max_failures, seed=cfg.seed))
+            reduction_factor=cfg.scheduler.reduction_factor, max_failures=s.max_failures, seed=cfg.seed, log=log))
     table = pd.concat(tables, ignore_index=True)
     # Selections choose among fully trained branches only: what ASHA stopped and a selection wants is finished.
     table = finish_used_trials(table, settings, lambda t: used_students(cfg, t, n_layers),
-                               cpus_per_trial=s.cpus_per_trial)
+                               cpus_per_trial=s.cpus_per_trial, log=log)
     storage.write_text_at(storage.child(out_dir, "table.csv"), table.to_csv(index=False))
     sweep_seconds = time.perf_counter() - sweep_started
     reference = None
@@ -114,7 +120,7 @@ def run(cfg: TuneRunConfig, config_path: str = "") -> dict:
         remote = ray.remote(num_cpus=s.cpus_per_trial)(full_fine_tuning_score)
         refs = {n: remote.remote(settings[n], n_layers) for n in tasks}
         reference = {n: float(ray.get(ref)) for n, ref in refs.items()}
-        print(f"[tune] full fine-tuning reference: {reference}")
+        log(f"[tune] full fine-tuning reference: {reference}")
 
     cands = candidates(table, s.include_teacher)
     missing = sorted(set(tasks) - {c.task for c in cands})
@@ -196,12 +202,17 @@ def main(argv: list[str] | None = None) -> int:
     config_path, overrides = parse_args(argv)
     try:
         cfg = load_tune_config(config_path, overrides)
-        results = run(cfg, config_path)
     except KdlibError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(storage.read_text_at(storage.child(results["out_dir"], "summary.md")))
-    print(f"results: {results['out_dir']}/results.json ({results['seconds']}s)")
+    with run_log(storage.child(cfg.storage_root, cfg.run_name), verbose=cfg.ray.verbose) as log, on_interrupt(KEPT):
+        try:
+            results = run(cfg, config_path, log=log)
+        except KdlibError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        log(storage.read_text_at(storage.child(results["out_dir"], "summary.md")))
+        log(f"results: {results['out_dir']}/results.json ({results['seconds']}s)")
     return 0
 
 

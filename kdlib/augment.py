@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -81,17 +82,19 @@ def write_unlabeled(texts, pairs, path: str) -> int:
 
     Whitespace inside a sentence (tabs and line breaks included) becomes single spaces, so every example
     stays one line; blank sentences are skipped, since read_unlabeled would reject them. Returns the lines
-    written.
+    written. The file appears whole or not at all (written beside it, then renamed).
     """
     pairs = [None] * len(texts) if pairs is None else pairs
     written = 0
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    partial = f"{path}.partial"
+    with open(partial, "w", encoding="utf-8") as f:
         for text, pair in zip(texts, pairs):
             fields = [" ".join(str(text).split())] + ([] if pair is None else [" ".join(str(pair).split())])
             if all(fields):
                 f.write("\t".join(fields) + "\n")
                 written += 1
+    os.replace(partial, path)
     return written
 
 

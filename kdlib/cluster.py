@@ -17,12 +17,15 @@ from pathlib import Path
 import ray
 import ray.data
 
+from kdlib.console import ray_started
+
 
 def init_ray(address: str | None, num_cpus: int | None, log=print) -> None:
     """Join a cluster when there is one to join, else start Ray inside this process's machine.
 
     `ray job submit` sets RAY_ADDRESS for the driver, so the same job script runs on a cluster and
-    standalone without code changes.
+    standalone without code changes. Inside a `kdlib.console.run_log` block, Ray's start-up lines and its
+    workers' output go where the run log sends them (run.log only, unless verbose).
     """
     # Long stages print their own progress lines (examples done, rate, ETA); Ray Data's per-operator bars
     # would repeat them from every actor into the job log.
@@ -32,11 +35,13 @@ def init_ray(address: str | None, num_cpus: int | None, log=print) -> None:
     target = address or os.environ.get("RAY_ADDRESS")
     if target:
         ray.init(address=target, log_to_driver=True)
+        ray_started()
         log(f"[ray] joined cluster at {target}: {ray.cluster_resources().get('CPU', 0):g} CPUs")
     else:
         # "local": always a fresh embedded Ray, never a stale cluster recorded in /tmp/ray. The dashboard
         # (on 127.0.0.1) stays on: Ray Train's placement-group cleaner polls the State API it serves.
         ray.init(address="local", num_cpus=num_cpus, log_to_driver=True)
+        ray_started()
         log(f"[ray] started local Ray: {ray.cluster_resources().get('CPU', 0):g} CPUs")
 
 

@@ -244,6 +244,8 @@ class DistillConfig(StrictModel):
 class RayConfig(StrictModel):
     address: str | None = None  # None: join the cluster a `ray job submit` driver runs in, else start one
     num_cpus: int | None = Field(None, ge=1)  # only for a locally started Ray
+    # Ray's own logs on the console (driver logs, workers' output); always in <storage_root>/<run_name>/run.log
+    verbose: bool = False
 
 
 RunName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]  # a folder name under storage_root

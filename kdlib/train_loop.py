@@ -41,6 +41,7 @@ from kdlib.optim import Optimization
 from kdlib.schedules import mtdnn_schedule, road_schedule, temperature_sampling_schedule
 from kdlib.soft_targets import ids_digest, teacher_logits_array
 from kdlib.students.binning import ScoreBins
+from kdlib.train_progress import fit
 from kdlib.train_spec import TaskSpec, TrainSpec
 from kdlib.train_state import load_train_state, load_weights, save_train_state
 from kdlib.trainees import make_trainee
@@ -188,9 +189,7 @@ def train_loop_per_worker(config: dict) -> list[dict]:
                 save_train_state(tmp, student, opt.optimizer, {"epoch": metrics["epoch"], "step": metrics["step"],
                                                                "starts": starts, "history": history})
                 ckpt = Checkpoint.from_directory(tmp)
-                print(f"[distill] epoch {metrics['epoch']} done in {metrics['seconds']}s: "
-                      + ", ".join(f"{t} {metrics[f'loss/{t}']:.4f}" for t in spec.tasks), flush=True)
-            ray.train.report(metrics, checkpoint=ckpt)
+            ray.train.report(metrics, checkpoint=ckpt)  # the driver prints the epoch's line (kdlib.train_progress)
 
     run_epochs(trainee, data, spec, opt, rank=rank, world=world, start_epoch=start_epoch, on_epoch=report,
                score=score if job.dev else None)
@@ -343,20 +342,21 @@ def _sparse_table(p: torch.nn.Parameter) -> bool:
 
 def run_distillation(*, datasets: dict[str, ray.data.Dataset], spec: TrainSpec, num_workers: int,
                      cpus_per_worker: float, max_failures: int, storage_path: str, name: str,
-                     init_weights: Checkpoint | None = None, dev: dict[str, DevRows] | None = None):
+                     init_weights: Checkpoint | None = None, dev: dict[str, DevRows] | None = None, log=print):
     """Run the TorchTrainer; returns Ray Train's Result (its checkpoint holds the trained branches, its
     `return_value` every epoch's `history_row`).
 
     datasets: soft-target rows of any tasks, split across the workers without dropping a row
     (kdlib.worker_shares): one per task when read from the store, recut here into one block per worker,
     so every worker gets an equal share of each task (to one row); one stream when labeling feeds
-    training directly. storage_path: a storage location (local path or URI) for its checkpoints. dev: each
-    task's dev rows, scored after every epoch (`dev/<task>` in the metrics); None: not scored.
+    training directly. storage_path: a storage location (local path or URI) for its checkpoints; a rerun
+    with the same one resumes from its last checkpoint. dev: each task's dev rows, scored after every epoch
+    (`dev/<task>` in the metrics); None: not scored. log: where each epoch's line goes.
     """
     datasets = {name: in_worker_blocks(ds, num_workers) if isinstance(ds, MaterializedDataset) else ds
                 for name, ds in datasets.items()}
     fs, path = storage.filesystem(storage_path)
-    trainer = TorchTrainer(
+    return fit(lambda callbacks: TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": WorkerJob(spec, sorted(datasets), init_weights, dev or {})},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=False,
@@ -364,11 +364,10 @@ def run_distillation(*, datasets: dict[str, ray.data.Dataset], spec: TrainSpec, 
         run_config=RunConfig(name=name, storage_path=path,
                              storage_filesystem=None if storage.is_local(storage_path) else fs,
                              failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks),
         datasets=datasets,
         dataset_config=LosslessSplit(),
-    )
-    return trainer.fit()
+    ), name=name, epochs=spec.epochs, log=log)
 
 
 def load_trained_student(result_checkpoint: Checkpoint, spec: TrainSpec):

@@ -76,9 +76,9 @@ def test_stage_cache_in_a_bucket_reruns_only_unfinished_stages(s3_root):
         (out / "x.txt").write_text("ok")
         return {"where": "here"}
 
-    first = StageCache(s3_root).run("s", "fp1", work, log=lambda *_: None)
-    again = StageCache(s3_root)  # another driver, same bucket
-    assert again.run("s", "fp1", work, log=lambda *_: None) == first and len(runs) == 1
+    first = StageCache(s3_root, log=lambda *_: None).run("s", "fp1", work)
+    again = StageCache(s3_root, log=lambda *_: None)  # another driver, same bucket
+    assert again.run("s", "fp1", work) == first and len(runs) == 1
     assert again.records[0].cached and again.records[0].where == "reused (ran on here)"
     assert listing(first) == {"x.txt": 2, "_DONE.json": listing(first)["_DONE.json"]}
     # An output without its marker (a driver died mid-upload) is cleared and redone.

@@ -29,7 +29,7 @@ def test_each_task_gets_a_k_member_ensemble_of_its_depth(tiny_pipeline):
         assert [b["depth"] for b in manifest["branches"]] == [4 - L] * p.cfg.teachers.members  # tiny encoder: 4
         key = teacher_key(p.ctx.encoder, p.tasks[name].digest, L, p.cfg.teachers)
         assert p.teachers.key(name) == key and Path(folder).parent.name == key
-    assert any(line.startswith("[teachers:sentiment] trained in") for line in p.lines)
+    assert any(line.startswith("[teachers:sentiment] done in") for line in p.lines)
 
 
 def test_the_ensemble_keeps_every_members_loss_and_dev_score_per_epoch(tiny_pipeline):
@@ -53,7 +53,7 @@ def test_a_rerun_reuses_every_ensemble_and_trains_nothing(tiny_pipeline):
     again = train_teachers(ctx, p.tasks)
     assert again == p.teachers
     assert [r.cached for r in ctx.cache.records] == [True] * len(p.tasks)
-    assert not any("trained in" in line for line in lines)
+    assert not any("done in" in line or "running" in line for line in lines)
 
 
 def test_untaught_tasks_get_no_ensemble(tiny_pipeline):

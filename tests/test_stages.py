@@ -1,9 +1,11 @@
 import json
+import os
+import re
 from pathlib import Path
 
 import torch
 
-from kdlib.stages import StageCache, fingerprint
+from kdlib.stages import RESUMABLE, StageCache, fingerprint
 from kdlib.train_state import load_train_state, save_train_state
 
 
@@ -13,15 +15,20 @@ def test_fingerprint_is_stable_and_sensitive():
 
 
 def test_stage_runs_once_and_an_interrupted_stage_reruns(tmp_path):
-    cache, runs = StageCache(tmp_path), []
+    lines, runs = [], []
+    cache = StageCache(tmp_path, log=lines.append)
 
     def work(out):
         runs.append(out)
         (out / "x.txt").write_text("ok")
+        return {"where": "192.0.2.7 (2 train workers)"}
 
-    first = Path(cache.run("s", "fp1", work, log=lambda *_: None))
-    second = Path(cache.run("s", "fp1", work, log=lambda *_: None))
+    first = Path(cache.run("s", "fp1", work))
+    second = Path(cache.run("s", "fp1", work))
     assert first == second and len(runs) == 1 and [r.cached for r in cache.records] == [False, True]
+    # One line as the stage starts, one as it ends (how long, where), one when a later run reuses it.
+    assert lines[0] == f"[s] running -> {first}" and lines[2] == f"[s] inputs unchanged, reusing {first}"
+    assert re.fullmatch(r"\[s\] done in \d+\.\ds on 192\.0\.2\.7 \(2 train workers\)", lines[1]) and len(lines) == 3
     # A crash before the marker leaves a folder that does not count and is cleared.
     out, done = cache.begin("s", "fp2")
     Path(out).mkdir(parents=True)
@@ -29,6 +36,20 @@ def test_stage_runs_once_and_an_interrupted_stage_reruns(tmp_path):
     out, done = cache.begin("s", "fp2")
     assert not done and not (Path(out) / "partial").exists()
     assert json.loads((first / "_DONE.json").read_text())["fingerprint"] == "fp1"
+
+
+def test_an_unfinished_stage_keeps_only_what_it_resumes_from(tmp_path):
+    """Ray Train's checkpoints survive an interrupted attempt (the next resumes from them); its other outputs
+    do not."""
+    cache = StageCache(tmp_path, log=lambda *_: None)
+    out, _ = cache.begin("distill", "fp")
+    checkpoint = Path(out) / RESUMABLE / "distill" / "checkpoint_1" / "state.bin"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"weights")
+    (Path(out) / "students").mkdir()
+    (Path(out) / "train_report.json").write_text("{}")
+    out, done = cache.begin("distill", "fp")
+    assert not done and os.listdir(out) == [RESUMABLE] and checkpoint.read_bytes() == b"weights"
 
 
 def test_train_state_round_trip_without_pickle(tmp_path):

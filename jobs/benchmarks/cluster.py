@@ -26,11 +26,10 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import GLUE_MINI, ROOT, figure, fixed_length_texts, save_figure
+from benchmarks.common import GLUE_MINI, ROOT, figure, fixed_length_texts, save_figure, scratch_dir
 
 SCALES = {"quick": 1536, "full": 6144}  # examples labeled per configuration
 SEQ, BATCH, SHARD = 64, 64, 64
@@ -58,8 +57,7 @@ def cluster_benchmark(scale: str, data_dir: str, out: Path, storage_root: str) -
     cfg = load_run_config(GLUE_MINI, [f"data_dir={data_dir}"])
     source = resolve_encoder_path(cfg.encoder.name, cfg.encoder.path)
     texts = fixed_length_texts(load_tasks(cfg)["sst2"].train["text"].tolist(), load_tokenizer(source), n, SEQ)
-    Path(storage_root).mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="kdlib-cluster-bench-", dir=storage_root))
+    work = scratch_dir(storage_root, "kdlib-cluster-bench-")
     encoder = load_encoder(source)
     layers = encoder.config.num_hidden_layers
     model = BranchedModel.from_encoder(encoder, [BranchSpec(member_name("t", 0), "classification", 2, layers - 2, 2)])
@@ -132,7 +130,7 @@ def job_overhead(scratch: Path) -> dict:
     each from an empty storage root; the head starts before the submitted run's clock does."""
     from kdlib.cluster import local_head, submit_job
 
-    work = Path(tempfile.mkdtemp(prefix="kdlib-job-overhead-", dir=scratch))
+    work = scratch_dir(scratch, "kdlib-job-overhead-")
     try:
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         started = time.perf_counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import runpy
+import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -24,6 +25,12 @@ def distill_job() -> dict:
 def tune_depth_job() -> dict:
     """jobs/tune_depth.py's namespace: its `benchmark(...)` runs the depth sweep in this process."""
     return runpy.run_path(str(ROOT / "jobs" / "tune_depth.py"), run_name="tune_job")
+
+
+def scratch_dir(root: str | Path, prefix: str) -> Path:
+    """A new empty folder `<root>/<prefix>XXXX` (root created when missing): a run that starts from empty storage."""
+    Path(root).mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
 
 
 def row_caps(tasks, cap: int | None) -> list[str]:

@@ -8,11 +8,10 @@ Targets: under 5 minutes on 2 cores; the student within 3 points of its teacher 
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import ROOT, distill_job
+from benchmarks.common import ROOT, distill_job, scratch_dir
 from kdlib.scoring import markdown_table
 
 SCALES = ("quick", "full")  # the demo has one size: the scale only names the output files
@@ -20,7 +19,7 @@ SCALES = ("quick", "full")  # the demo has one size: the scale only names the ou
 
 def demo_benchmark(scale: str, data_dir: str, out: Path, storage_root: str) -> dict:
     """`python jobs/distill.py` on the demo config from an empty storage root: wall time and score gaps."""
-    fresh = tempfile.mkdtemp(prefix="kdlib-demo-bench-", dir=storage_root)
+    fresh = str(scratch_dir(storage_root, "kdlib-demo-bench-"))
     job = distill_job()
     started = time.perf_counter()
     assert job["main"]([str(ROOT / "configs" / "demo.yaml"), f"storage_root={fresh}"]) == 0

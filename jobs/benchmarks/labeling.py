@@ -14,14 +14,13 @@ Targets (issue 3): >= 0.9x the best baseline; >= 1.6x from the shared trunk; >= 
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from benchmarks.common import GLUE_MINI, ROOT, bar_chart, distill_job, fixed_length_texts
+from benchmarks.common import GLUE_MINI, ROOT, bar_chart, distill_job, fixed_length_texts, scratch_dir
 from kdlib.branched import member_name
 from kdlib.config import load_run_config
 from kdlib.encoder import load_encoder, load_tokenizer, resolve_encoder_path
@@ -51,7 +50,7 @@ def labeling_benchmark(scale: str, data_dir: str, out: Path, storage_root: str) 
     encoder, tokenizer = load_encoder(source), load_tokenizer(source)
     texts = fixed_length_texts(load_tasks(cfg)["sst2"].train["text"].tolist(), tokenizer, n, seq)
     n_layers, hidden = encoder.config.num_hidden_layers, encoder.config.hidden_size
-    work = Path(tempfile.mkdtemp(prefix="kdlib-label-bench-", dir=storage_root))
+    work = scratch_dir(storage_root, "kdlib-label-bench-")
 
     def ensemble(k: int, depth: int) -> BranchedModel:
         specs = [BranchSpec(member_name("t", m), "classification", 2, depth, n_layers - depth) for m in range(k)]
@@ -187,7 +186,7 @@ def labeling_benchmark(scale: str, data_dir: str, out: Path, storage_root: str) 
 def _streaming_comparison(storage_root: Path) -> dict:
     """The demo job with teachers cached: labels then distillation, against labeling streamed into training."""
     job = distill_job()
-    root = Path(tempfile.mkdtemp(prefix="kdlib-stream-bench-", dir=storage_root))
+    root = scratch_dir(storage_root, "kdlib-stream-bench-")
     base = [str(ROOT / "configs" / "demo.yaml"), f"storage_root={root}", "distill.epochs=3",
             "labeling.num_actors=1", "labeling.cpus_per_actor=0.5", "labeling.torch_threads=2",
             "distill.cpus_per_worker=0.7"]

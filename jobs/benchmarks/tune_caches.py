@@ -10,10 +10,9 @@ uncached one is several times slower). Target (issue 5): the caches >= 2x faster
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
-from benchmarks.common import ROOT, bar_chart, tune_depth_job
+from benchmarks.common import ROOT, bar_chart, scratch_dir, tune_depth_job
 from kdlib.scoring import markdown_table
 
 # The caches' wall-time gain needs the sweep run twice, the second time without caches (several times slower):
@@ -28,7 +27,7 @@ SCALES = {
 def tune_caches_benchmark(scale: str, data_dir: str, out: Path, storage_root: str) -> dict:
     """The same depth sweep from empty storage with the caches and without, back to back in one run: wall time
     of the trials against the layer passes the caches save in theory."""
-    fresh = Path(tempfile.mkdtemp(prefix="kdlib-tune-caches-bench-", dir=storage_root))
+    fresh = scratch_dir(storage_root, "kdlib-tune-caches-bench-")
     overrides = [f"data_dir={data_dir}", f"run_name=bench_tune_caches_{scale}", *SCALES[scale]]
     both = tune_depth_job()["benchmark"](str(ROOT / "configs" / "tune" / "glue_mini.yaml"), overrides, str(fresh))
     shutil.rmtree(fresh, ignore_errors=True)

@@ -17,12 +17,12 @@ class RunContext:
     cfg: RunConfig
     encoder: EncoderRef
     cache: StageCache
-    log: Callable[[str], None] = field(default=print)  # where the stages' progress lines go
+    log: Callable[[str], None] = field(default=print)  # where the stages' progress lines go (kdlib.console)
 
     @classmethod
     def create(cls, cfg: RunConfig, log=print) -> "RunContext":
         """Resolve the encoder (local folder, offline package or hub id) and open the run's stage cache."""
-        return cls(cfg, EncoderRef.resolve(cfg.encoder, cfg.seed), StageCache(cfg.storage_root), log)
+        return cls(cfg, EncoderRef.resolve(cfg.encoder, cfg.seed), StageCache(cfg.storage_root, log=log), log)
 
     @property
     def run_dir(self) -> str:

@@ -32,7 +32,7 @@ from kdlib.pipeline.data import TaskData
 from kdlib.pipeline.labels import Labels, finish_labels, labeling_settings
 from kdlib.pipeline.teachers import Teachers
 from kdlib.soft_targets import gold_only_dataset, teacher_logits_array
-from kdlib.stages import fingerprint
+from kdlib.stages import RESUMABLE, fingerprint
 from kdlib.students.artifact import save_student
 from kdlib.students.binning import ScoreBins
 from kdlib.train_loop import load_trained_student, run_distillation
@@ -88,7 +88,8 @@ def distill_students(ctx, tasks: dict[str, TaskData], labels: Labels, teachers: 
     # num_workers enters the key: each worker's batches make one global batch per step.
     fp = fingerprint("students", {n: s.key for n, s in labels.stores.items()},
                      {n: t.digest for n, t in gold_only.items()}, spec.key(), d.num_workers)
-    ray_train = storage.child(ctx.cache.location("distill", fp), "ray_train")  # checkpoints: straight to storage
+    # Checkpoints go straight to storage, and stay when the stage is interrupted: a rerun resumes from them.
+    ray_train = storage.child(ctx.cache.location("distill", fp), RESUMABLE)
 
     def run(out: Path) -> dict:
         streaming = cfg.labeling.stream and not labels.complete()
@@ -109,14 +110,14 @@ def distill_students(ctx, tasks: dict[str, TaskData], labels: Labels, teachers: 
         with progress:
             result = run_distillation(datasets=datasets, spec=spec, num_workers=d.num_workers,
                                       cpus_per_worker=d.cpus_per_worker, max_failures=d.max_failures,
-                                      storage_path=ray_train, name="distill", dev=dev_rows(tasks))
+                                      storage_path=ray_train, name="distill", dev=dev_rows(tasks), log=ctx.log)
         if streaming:
             finish_labels(ctx, labels, teachers, time.perf_counter() - started)
         # Where the final weights are, for a fine-tuning stage that starts from them in this run or a later one.
         (out / FINAL_CHECKPOINT).write_text(json.dumps({"checkpoint": checkpoint_name(result.checkpoint)}))
         return save_training(ctx, tasks, spec, result, out, stage="distill")
 
-    stage_dir = ctx.cache.run("distill", fp, run, log=ctx.log)
+    stage_dir = ctx.cache.run("distill", fp, run)
     return Students(storage.child(stage_dir, "students"), stage_dir)
 
 

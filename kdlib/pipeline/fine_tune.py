@@ -16,7 +16,7 @@ from kdlib.pipeline.data import TaskData
 from kdlib.pipeline.distill import (TRAIN_SPEC, Students, dev_rows, final_checkpoint, save_training,
                                     training_datasets)
 from kdlib.pipeline.labels import Labels
-from kdlib.stages import fingerprint
+from kdlib.stages import RESUMABLE, fingerprint
 from kdlib.train_loop import run_distillation
 from kdlib.train_spec import TrainSpec
 
@@ -25,7 +25,7 @@ def fine_tune(ctx, tasks: dict[str, TaskData], labels: Labels, distilled: Studen
     """Fine-tune each task's student from the distill stage `distilled`; returns the fine-tuned students."""
     d = ctx.cfg.distill
     fp = fingerprint("fine_tune", storage.name(distilled.stage_dir), d.fine_tune_epochs, d.fine_tune_lr)
-    ray_train = storage.child(ctx.cache.location("fine_tune", fp), "ray_train")
+    ray_train = storage.child(ctx.cache.location("fine_tune", fp), RESUMABLE)  # kept when interrupted: resumed
 
     def run(out: Path) -> dict:
         ctx.log(f"[fine-tune] {d.fine_tune_epochs} epochs per task at lr {d.fine_tune_lr:g} from the multi-task "
@@ -38,8 +38,8 @@ def fine_tune(ctx, tasks: dict[str, TaskData], labels: Labels, distilled: Studen
         result = run_distillation(datasets=training_datasets(labels, gold_only), spec=spec,
                                   num_workers=d.num_workers, cpus_per_worker=d.cpus_per_worker,
                                   max_failures=d.max_failures, storage_path=ray_train, name="fine_tune",
-                                  init_weights=final_checkpoint(distilled.stage_dir), dev=dev_rows(tasks))
+                                  init_weights=final_checkpoint(distilled.stage_dir), dev=dev_rows(tasks), log=ctx.log)
         return save_training(ctx, tasks, spec, result, out, stage="fine_tune")
 
-    stage_dir = ctx.cache.run("fine_tune", fp, run, log=ctx.log)
+    stage_dir = ctx.cache.run("fine_tune", fp, run)
     return Students(storage.child(stage_dir, "students"), stage_dir)

@@ -18,7 +18,7 @@ from kdlib.pipeline.context import placement
 from kdlib.pipeline.data import TaskData
 from kdlib.pipeline.teachers import Teachers
 from kdlib.soft_targets import Shard, SoftTargetStore, carry_over, plan_shards
-from kdlib.stages import StageCache, fingerprint
+from kdlib.stages import StageCache, done_line, fingerprint, reuse_line
 
 
 @dataclass
@@ -73,8 +73,9 @@ def plan_labels(ctx, tasks: dict[str, TaskData], teachers: Teachers) -> Labels:
                           cfg.seed, cfg.encoder.max_length, cfg.labeling.shard_size)
         stores[name] = SoftTargetStore(cfg.storage_root, name, key)
         plan += plan_shards(name, examples, cfg.labeling.shard_size)
-        counts = examples["source"].value_counts().to_dict()
-        ctx.log(f"[labels:{name}] {len(examples)} examples to label {counts} -> {stores[name].location}")
+        if not stores[name].is_complete():  # a complete store is reused: label_tasks says so
+            counts = examples["source"].value_counts().to_dict()
+            ctx.log(f"[labels:{name}] {len(examples)} examples to label {counts} -> {stores[name].location}")
     return Labels(stores, plan)
 
 
@@ -114,14 +115,17 @@ def finish_labels(ctx, labels: Labels, teachers: Teachers, seconds: float) -> No
             "teachers": {"dir": teachers.dirs[name], "fingerprint": teachers.key(name),
                          "members": ctx.cfg.teachers.members},
             "augment": t.augment.model_dump(), "unlabeled": t.unlabeled, "max_length": ctx.encoder.max_length})
-        _record(ctx, store, cached=False, seconds=seconds)
-        ctx.log(f"[labels:{name}] {manifest['rows']} examples in the store {manifest['rows_by_split']}")
+        where = _record(ctx, store, cached=False, seconds=seconds)
+        ctx.log(done_line(f"labels:{name}", seconds, where,
+                          f"{manifest['rows']} examples in the store {manifest['rows_by_split']}"))
 
 
-def _record(ctx, store: SoftTargetStore, *, cached: bool, seconds: float) -> None:
+def _record(ctx, store: SoftTargetStore, *, cached: bool, seconds: float) -> str:
+    """The store in the run summary (once); returns where its shards were labeled."""
     cache: StageCache = ctx.cache
+    where = "reused" if cached else placement([r.get("node") for r in store.commit_records()], "shard")
     if not any(r.name == "labels" and r.fingerprint == store.key for r in cache.records):
         if cached:
-            ctx.log(f"[labels:{store.task}] inputs unchanged, reusing {store.location}")
-        where = "reused" if cached else placement([r.get("node") for r in store.commit_records()], "shard")
+            ctx.log(reuse_line(f"labels:{store.task}", store.location))
         cache.record("labels", store.key, store.location, cached=cached, seconds=seconds, where=where)
+    return where

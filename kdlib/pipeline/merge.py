@@ -28,4 +28,4 @@ def merge_students(ctx, tasks: dict[str, TaskData], students: Students) -> str:
                           "config": ctx.cfg.model_dump(mode="json")})
         return {"where": f"driver ({ray.util.get_node_ip_address()})"}
 
-    return storage.child(ctx.cache.run("merge", fp, run, log=ctx.log), "model")
+    return storage.child(ctx.cache.run("merge", fp, run), "model")

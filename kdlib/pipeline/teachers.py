@@ -80,12 +80,11 @@ def train_teachers(ctx, tasks: dict[str, TaskData]) -> Teachers:
         out, done = cache.begin("teachers", fp)
         dirs[name] = storage.child(out, "ensemble")
         if done:
-            ctx.log(f"[teachers:{name}] inputs unchanged, reusing {out}")
-            cache.reuse("teachers", fp)
+            cache.reuse("teachers", fp, label=f"teachers:{name}")
             continue
+        cache.start("teachers", out, label=f"teachers:{name}")
         running[name] = (fp, remote.remote(out, data, ctx.encoder, L, cfg.teachers))
     for name, (fp, ref) in running.items():
         info = ray.get(ref)
-        cache.finish("teachers", fp, time.perf_counter() - started, info)
-        ctx.log(f"[teachers:{name}] trained in {info['seconds']}s")
+        cache.finish("teachers", fp, time.perf_counter() - started, info, label=f"teachers:{name}")
     return Teachers(dirs)

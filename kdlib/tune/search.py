@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from dataclasses import dataclass
 import pandas as pd
@@ -70,6 +71,14 @@ def run_task_search(*, task: str, sweep: str, settings: dict, storage_path: str,
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    # Ctrl-C stops the job (kdlib.console.on_interrupt), not only the sweep: Tune's own handler would end the
+    # sweep and hand the job a partial table to select from. Tune saves its state as trials end; a rerun resumes.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    # verbose=0 (below) silences Tune's legacy output engine; the new one prints each experiment's header anyway.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Optuna's records go where the job's logging sends them (kdlib.console: run.log), not to its own handler.
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
     trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings), {"cpu": cpus_per_trial})
     location = storage.child(storage_path, sweep)
     fs, path = storage.filesystem(location)
