@@ -104,6 +104,6 @@ def test_the_tiny_runs_chance_level_teachers_warn_and_strict_exits_3(tiny_pipeli
     overrides = [o for o in p.overrides if not o.startswith("run_name=")]
     assert main([str(DEMO), *overrides, "run_name=lenient"]) == 0
     assert main([str(DEMO), "--strict", *overrides, "run_name=strict"]) == 3
-    err = capsys.readouterr().err
-    assert f"WARNING {r.warnings[0]}" in err
+    printed = capsys.readouterr()
+    assert f"[evaluate] WARNING {r.warnings[0]}" in printed.out + printed.err
     assert json.loads((p.root / "strict" / "results.json").read_text())["warnings"] == r.warnings
