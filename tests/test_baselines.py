@@ -12,7 +12,7 @@ import pytest
 from conftest import tiny_run_overrides
 from kdlib.baselines import MARGIN, at_chance, task_baseline
 from kdlib.config import load_run_config
-from kdlib.pipeline import RunContext, write_results
+from kdlib.pipeline import RunContext, load_data, write_results
 from kdlib.pipeline.evaluate import chance_warnings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,8 +56,6 @@ def test_a_chance_level_ensemble_is_a_warning_naming_the_task_and_what_to_try(tm
     cfg = load_run_config(DEMO, tiny_run_overrides(tmp_path))
     lines: list[str] = []
     ctx = RunContext.create(cfg, log=lines.append)
-    from kdlib.pipeline import load_data
-
     tasks = load_data(ctx)
     scores = {"sentiment": {"metric": "accuracy", "primary": {"ensemble": 51.5}},
               "paraphrase": {"metric": "f1", "primary": {"ensemble": 70.0}},

@@ -94,7 +94,9 @@ def test_distill_job_keeps_every_output_in_the_bucket_and_a_fresh_node_reuses_th
     assert job["main"]([str(ROOT / "configs" / "demo.yaml"), *overrides]) == 0
     run_dir = storage.child(s3_root, "demo")
     results = json.loads(storage.read_text_at(storage.child(run_dir, "results.json")))
-    assert {"config.yaml", "results.json", "results.md"} <= set(listing(run_dir))
+    files = listing(run_dir)
+    assert {"config.yaml", "results.json", "results.md", "curves.png"} <= set(files)
+    assert any(n.startswith("tensorboard/distill/events.out.tfevents.") for n in files), sorted(files)
     # Every stage's output is a location in the bucket, finished (marker or manifest) and not empty.
     names = {s["name"] for s in results["stages"]}
     assert names == {"teachers", "labels", "distill", "merge"}, names

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch.testing import assert_close
@@ -17,7 +18,7 @@ from kdlib.students.features import TokenFeatures
 from kdlib.train_state import load_weights, save_train_state
 from kdlib.encoder import EncoderRef, resolve_encoder_path
 from kdlib.train_spec import StudentSpec, TaskSpec, TrainSpec
-from kdlib.trainees import PerTaskCopiesTrainee
+from kdlib.trainees import PerTaskCopiesTrainee, make_trainee
 
 TEXTS = ["a fine film", "not good at all , sadly", "ok", "the plot is thin but the cast is great"]
 PAIRS = ["it was fine", "bad", "fine enough i think", "great cast"]
@@ -127,3 +128,35 @@ def test_load_weights_refuses_a_checkpoint_without_the_trainable_parameters(toke
     with pytest.raises(ValueError, match="no weights for .*heads.para"):
         load_weights(tmp_path, b)
     assert json.loads((tmp_path / "train_state.json").read_text()) == {}
+
+
+@pytest.mark.parametrize("per_task", [False, True])
+def test_the_dev_score_of_an_end_to_end_student_is_its_predictions_score(tokenizer, per_task):
+    """kdlib.dev_scoring on token features, in two workers' shares, equals scoring predict_student's outputs
+    (a binned head's expected score included)."""
+    from kdlib.dev_scoring import DevRows, dev_features, dev_metrics, dev_outputs
+    from kdlib.metrics import task_metrics
+
+    name = "sentence-transformers/all-MiniLM-L6-v2"
+    spec = TrainSpec(
+        tasks={t: TaskSpec(kind=h.kind, num_outputs=h.num_outputs, pair=h.pair, bins=h.bins, branch_layers=1,
+                           fine_tune_layers=1, aggregation="mean", wrong_teacher_weight=0.5, objective="kl")
+               for t, h in TASKS.items()},
+        encoder=EncoderRef(name=name, source=resolve_encoder_path(name), fingerprint="test"),
+        student=StudentSpec(kind="cmow", hparams=SMALL["cmow"]), per_task=per_task, epochs=1, batch_size=4,
+        lr=1e-3, weight_decay=0.0, temperature=1.0, alpha=0.5)
+    trainee = make_trainee(spec)
+    labels = {"sent": [1, 0, 1, 0], "para": [1, 0, 0, 1], "sim": [4.0, 0.5, 3.0, 4.5], "binned": [4.0, 0.5, 3.0, 4.5]}
+    metrics = {"sent": "accuracy", "para": "f1", "sim": "pearson", "binned": "spearman"}
+    dev = {t: DevRows(TEXTS, [None] * 4 if t == "sent" else PAIRS, [float(v) for v in labels[t]], metrics[t])
+           for t in TASKS}
+    shares = [dev_outputs(trainee, spec.tasks, dev_features(dev, trainee, rank=r, world=2, max_length=16))
+              for r in range(2)]
+    assert [len(s["para"]) for s in shares] == [2, 2]
+    got = dev_metrics({t: np.concatenate([s[t] for s in shares]) for t in TASKS}, dev, spec.tasks)
+    for t in TASKS:
+        model = trainee.model[t] if per_task else trainee.model
+        out = predict_student(model, tokenizer, TEXTS, None if t == "sent" else PAIRS, [t], max_length=16)[t]
+        # float32 outputs of batches padded otherwise: equal to rounding
+        assert got[f"dev/{t}"] == pytest.approx(task_metrics(TASKS[t].kind, out, np.array(labels[t]))[metrics[t]],
+                                                rel=1e-5, abs=1e-6)
