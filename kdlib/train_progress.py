@@ -40,14 +40,15 @@ class EpochCallback(UserCallback):
 
 
 def epoch_line(name: str, epochs: int, metrics: list[dict]) -> str:
-    """'[distill] epoch 2/3 in 0.5s: loss sentiment 0.0711, similarity 0.6344; dev sentiment 0.8133, ...'."""
+    """'[distill] epoch 2/3 in 0.5s: loss sentiment 0.0711, similarity 0.6344; dev sentiment 81.33, ...'
+    (dev scores are the task's primary metric in points, as in the results table)."""
     first = metrics[0]
     parts = []
-    for kind in ("loss", "dev"):
+    for kind, digits in (("loss", 4), ("dev", 2)):
         tasks = dict.fromkeys(k.split("/", 1)[1] for m in metrics for k in m if k.startswith(f"{kind}/"))
         values = {t: _mean([m.get(f"{kind}/{t}") for m in metrics]) for t in tasks}
         if values:
-            parts.append(f"{kind} " + ", ".join(f"{t} {v:.4f}" for t, v in values.items()))
+            parts.append(f"{kind} " + ", ".join(f"{t} {v:.{digits}f}" for t, v in values.items()))
     resumed = first.get("start_epoch", 0)
     note = f" (resumed from the checkpoint after epoch {resumed})" if resumed and first["epoch"] == resumed + 1 else ""
     return f"[{name}] epoch {first['epoch']}/{epochs} in {first.get('seconds', 0):.1f}s: {'; '.join(parts)}{note}"

@@ -130,11 +130,11 @@ def test_ctrl_c_is_one_line_and_status_130(capsys):
 
 def test_the_epoch_line_averages_the_workers_losses_and_shows_dev_scores():
     workers = [{"epoch": 2, "seconds": 0.53, "start_epoch": 1, "loss/sentiment": 0.2, "loss/similarity": 1.0,
-                "dev/sentiment": 0.75, "rows/sentiment": 100},
+                "dev/sentiment": 81.333, "rows/sentiment": 100},
                {"epoch": 2, "seconds": 0.51, "start_epoch": 1, "loss/sentiment": 0.4, "loss/similarity": 3.0,
-                "dev/sentiment": 0.75, "rows/sentiment": 100}]
+                "dev/sentiment": 81.333, "rows/sentiment": 100}]
     assert epoch_line("distill", 3, workers) == ("[distill] epoch 2/3 in 0.5s: loss sentiment 0.3000, similarity "
-                                                 "2.0000; dev sentiment 0.7500 (resumed from the checkpoint after "
+                                                 "2.0000; dev sentiment 81.33 (resumed from the checkpoint after "
                                                  "epoch 1)")
     third = [{**w, "epoch": 3} for w in workers]
     no_dev = [{k: v for k, v in w.items() if not k.startswith("dev/")} for w in third]
@@ -221,10 +221,12 @@ def test_the_console_of_a_run_is_short_and_run_log_holds_everything(fresh_run):
     assert has(r"\[distill\] running -> .*/cache/distill/\w+$")
     assert has(r"\[distill\] done in [\d.]+s on \S+ \(2 train workers\)$")
     assert has(r"\[merge\] done in [\d.]+s on driver")
-    epochs = [re.match(r"\[distill\] epoch (\d+)/2 in [\d.]+s: loss sentiment [\d.]+, paraphrase [\d.]+, "
-                       r"similarity [\d.]+", line) for line in lines if line.startswith("[distill] epoch")]
-    assert [m.group(1) for m in epochs if m] == ["1", "2"] and all(epochs), lines
-    table = lines.index("| task | metric | teacher members | teacher ensemble | student | retained % | overhead |")
+    score = r"-?[\d.]+"
+    epochs = [re.fullmatch(rf"\[distill\] epoch (\d)/2 in [\d.]+s: loss sentiment {score}, paraphrase {score}, "
+                           rf"similarity {score}; dev sentiment {score}, paraphrase {score}, similarity {score}", line)
+              for line in lines if line.startswith("[distill] epoch")]
+    assert all(epochs) and [m.group(1) for m in epochs] == ["1", "2"], lines
+    table = next(i for i, line in enumerate(lines) if line.startswith("| task | metric |"))
     assert [line.split(" | ")[0] for line in lines[table + 2:table + 5]] == [f"| {t}" for t in TASKS]
     assert "| stage | output | where | seconds |" in lines
     assert lines[-1].startswith(f"results: {root}/demo/results.json")
