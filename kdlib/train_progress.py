@@ -17,6 +17,7 @@ import os
 import threading
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ray.train import UserCallback
 from ray.util.queue import Empty, Queue
 
@@ -70,7 +71,9 @@ def fit(make_trainer, *, name: str, epochs: int, log):
     Prints one line per epoch (`epoch_line`) and one per worker failure (Ray Train restarts the workers from
     the last checkpoint while `max_failures` allows)."""
     os.environ.setdefault(PRINT_PATCH, "0")
-    queue = Queue(actor_options={"num_cpus": 0})
+    # On the driver's node: a lost worker node must not take the progress queue with it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     trainer = make_trainer([EpochCallback(queue)])
     outcome: dict = {}
 
@@ -88,13 +91,20 @@ def fit(make_trainer, *, name: str, epochs: int, log):
                 kind, payload = queue.get(timeout=POLL_SECONDS)
             except Empty:
                 continue
+            except ray.exceptions.RayError:  # the queue's actor is gone: train on, without epoch lines
+                log(f"[{name}] progress lines lost (their queue's actor died); training goes on")
+                thread.join()
+                break
             if kind == "report":
                 log(epoch_line(name, epochs, payload))
             else:
                 log(f"[{name}] training workers failed ({'; '.join(f'rank {r}: {e}' for r, e in payload.items())}); "
                     f"Ray Train restarts them from the last checkpoint while max_failures allows")
     finally:
-        ray.kill(queue.actor)
+        try:
+            ray.kill(queue.actor)
+        except ray.exceptions.RayError:
+            pass
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
