@@ -29,6 +29,18 @@ SMALL = {"small_transformer": {"num_layers": 2, "head_hidden": 8},
          "cmow": {"matrix_dim": 4, "cbow_dim": 8, "head_hidden": 8}}
 
 
+def cmow_spec(*, per_task: bool) -> TrainSpec:
+    """A small CMOW student's TrainSpec over TASKS, with MiniLM's tokenizer."""
+    name = "sentence-transformers/all-MiniLM-L6-v2"
+    return TrainSpec(
+        tasks={t: TaskSpec(kind=h.kind, num_outputs=h.num_outputs, pair=h.pair, bins=h.bins, branch_layers=1,
+                           fine_tune_layers=1, aggregation="mean", wrong_teacher_weight=0.5, objective="kl")
+               for t, h in TASKS.items()},
+        encoder=EncoderRef(name=name, source=resolve_encoder_path(name), fingerprint="test"),
+        student=StudentSpec(kind="cmow", hparams=SMALL["cmow"]), per_task=per_task, epochs=1, batch_size=4,
+        lr=1e-3, weight_decay=0.0, temperature=1.0, alpha=0.5)
+
+
 @pytest.fixture(scope="module")
 def encoder(tokenizer) -> BertModel:
     torch.manual_seed(0)
@@ -93,14 +105,7 @@ def test_student_artifacts_are_checked_and_not_mistaken_for_branched_models(toke
 def test_fine_tuning_copies_start_from_the_multitask_student_and_train_apart(tokenizer, tmp_path):
     """MKD sec. 6.2 fine-tuning: every task's copy starts as the multi-task student; a step on one task
     changes only that task's copy."""
-    name = "sentence-transformers/all-MiniLM-L6-v2"
-    spec = TrainSpec(
-        tasks={t: TaskSpec(kind=h.kind, num_outputs=h.num_outputs, pair=h.pair, bins=h.bins, branch_layers=1,
-                           fine_tune_layers=1, aggregation="mean", wrong_teacher_weight=0.5, objective="kl")
-               for t, h in TASKS.items()},
-        encoder=EncoderRef(name=name, source=resolve_encoder_path(name), fingerprint="test"),
-        student=StudentSpec(kind="cmow", hparams=SMALL["cmow"]), per_task=True, epochs=1, batch_size=4, lr=1e-3,
-        weight_decay=0.0, temperature=1.0, alpha=0.5)
+    spec = cmow_spec(per_task=True)
     torch.manual_seed(5)
     multitask = build_student_model("cmow", tasks=TASKS, vocab_size=len(tokenizer), **SMALL["cmow"])
     save_train_state(tmp_path, multitask, torch.optim.AdamW(multitask.parameters()), {"epoch": 3})
@@ -137,14 +142,7 @@ def test_the_dev_score_of_an_end_to_end_student_is_its_predictions_score(tokeniz
     from kdlib.dev_scoring import DevRows, dev_features, dev_metrics, dev_outputs
     from kdlib.metrics import task_metrics
 
-    name = "sentence-transformers/all-MiniLM-L6-v2"
-    spec = TrainSpec(
-        tasks={t: TaskSpec(kind=h.kind, num_outputs=h.num_outputs, pair=h.pair, bins=h.bins, branch_layers=1,
-                           fine_tune_layers=1, aggregation="mean", wrong_teacher_weight=0.5, objective="kl")
-               for t, h in TASKS.items()},
-        encoder=EncoderRef(name=name, source=resolve_encoder_path(name), fingerprint="test"),
-        student=StudentSpec(kind="cmow", hparams=SMALL["cmow"]), per_task=per_task, epochs=1, batch_size=4,
-        lr=1e-3, weight_decay=0.0, temperature=1.0, alpha=0.5)
+    spec = cmow_spec(per_task=per_task)
     trainee = make_trainee(spec)
     labels = {"sent": [1, 0, 1, 0], "para": [1, 0, 0, 1], "sim": [4.0, 0.5, 3.0, 4.5], "binned": [4.0, 0.5, 3.0, 4.5]}
     metrics = {"sent": "accuracy", "para": "f1", "sim": "pearson", "binned": "spearman"}
