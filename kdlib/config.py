@@ -148,6 +148,7 @@ class TeacherConfig(StrictModel):
     head_lr: float = Field(1e-3, gt=0)  # the freshly initialised head learns faster
     weight_decay: float = Field(0.01, ge=0)
     cpus_per_task: float = Field(1.0, gt=0)  # one Ray task per task trains its K members
+    gpus_per_task: float = Field(0.0, ge=0)  # > 0: each task's ensemble trains on a GPU (fractions share one)
 
 
 class LabelingConfig(StrictModel):
@@ -155,6 +156,7 @@ class LabelingConfig(StrictModel):
 
     num_actors: int = Field(2, ge=1)  # each hosts every task's ensemble on one shared encoder
     cpus_per_actor: float = Field(0.8, gt=0)  # < 1 leaves room for Ray Data's own tasks on small machines
+    gpus_per_actor: float = Field(0.0, ge=0)  # > 0: actors label on a GPU; 0.25 lets four actors share one
     torch_threads: int = Field(1, ge=1)  # per actor; num_actors x torch_threads ~ the cores to use
     batch_size: int = Field(64, ge=1)  # examples per forward pass (sorted by length within a shard)
     shard_size: int = Field(512, ge=1)  # examples per committed shard: the unit of retry and resume
@@ -211,6 +213,7 @@ class DistillConfig(StrictModel):
 
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(0.9, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)  # > 0: Ray Train workers use GPUs (use_gpu, NCCL)
     torch_threads: int = Field(1, ge=1)
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -262,6 +265,8 @@ class BaseRunConfig(StrictModel):
     storage_root: str = "runs"  # a path or pyarrow.fs URI; cached stages, artifacts and run folders live under it
     data_dir: str | None = None  # relative task paths are read from here
     seed: int = 0
+    # fp32; bf16: autocast in training and inference (CPU and GPU); fp16: autocast + gradient scaler
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     tasks: dict[str, TaskConfig]
     teachers: TeacherConfig = Field(default_factory=TeacherConfig)

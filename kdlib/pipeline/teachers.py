@@ -19,7 +19,7 @@ from kdlib.pipeline.data import TaskData
 from kdlib.stages import fingerprint
 from kdlib.teachers import train_ensemble
 
-RESOURCE_FIELDS = {"cpus_per_task"}  # how the work is scheduled, not what it computes
+RESOURCE_FIELDS = {"cpus_per_task", "gpus_per_task"}  # how the work is scheduled, not what it computes
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ class SearchConfig(StrictModel):
     num_samples: int = Field(8, ge=1)  # trials per task (duplicates suggested by Optuna hit the cache)
     max_concurrent_trials: int = Field(2, ge=1)
     cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(0.0, ge=0)  # > 0: each trial trains on a GPU (fractions share one)
     torch_threads: int = Field(1, ge=1)  # per trial
     sampler: Literal["tpe", "brute_force"] = "tpe"  # brute_force: every (L, l) once, in Optuna's order
     include_teacher: bool = True  # also offer each teacher's best member as an undistilled branch (l = L)

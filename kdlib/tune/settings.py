@@ -12,6 +12,7 @@ import pandas as pd
 from kdlib.config import TeacherConfig
 from kdlib.encoder import EncoderRef
 from kdlib.pipeline.data import TaskData
+from kdlib.pipeline.teachers import RESOURCE_FIELDS
 from kdlib.tune.config import TrialStudentConfig
 from kdlib.tune.search import scored_epochs
 
@@ -60,6 +61,6 @@ class TrialSettings:
         return {"task": self.task, "kind": self.data.kind, "metric": self.data.metric,
                 "label_names": self.data.label_names, "digest": self.data.digest,
                 "encoder": self.encoder.model_dump(exclude={"seed"}),
-                "teachers": self.teachers.model_dump(exclude={"cpus_per_task"}), "student": self.student.model_dump(),
+                "teachers": self.teachers.model_dump(exclude=RESOURCE_FIELDS), "student": self.student.model_dump(),
                 "aggregation": self.aggregation, "wrong_teacher_weight": self.wrong_teacher_weight, "seed": self.seed,
                 "storage_root": self.storage_root, "caches": self.caches, "scored_epochs": list(self.scored_epochs)}
