@@ -106,6 +106,32 @@ def test_cluster_has_the_promised_manifests():
     assert (CLUSTER / "start-local.sh").is_file() and (CLUSTER / "README.md").is_file()
 
 
+def gpu_image(image: str) -> bool:
+    return image.rsplit(":", 1)[-1].endswith("-gpu")
+
+
+def test_gpu_workers_exist_with_gpu_images():
+    """The long-lived KubeRay cluster and the cloud `ray up` cluster have GPU workers on CUDA images, and a
+    RayJob runs the GPU config on them; CPU groups stay on CPU images (a CUDA image there wastes gigabytes)."""
+    clusters = [(n, d["spec"]) for n, d in KUBERAY if d["kind"] == "RayCluster"]
+    for name, spec in clusters:
+        groups = {w["groupName"]: w for w in spec["workerGroupSpecs"]}
+        for group, w in groups.items():
+            gpus = [worker_gpus(c) for c in w["template"]["spec"]["containers"]]
+            images = [c["image"] for c in w["template"]["spec"]["containers"]]
+            assert all(gpu_image(i) == (g > 0) for i, g in zip(images, gpus)), (name, group, images, gpus)
+        assert any(worker_gpus(w["template"]["spec"]["containers"][0]) for w in groups.values()), name
+    jobs = [d for _, d in KUBERAY if d["kind"] == "RayJob"]
+    assert any("glue_mini_gpu.yaml" in d["spec"]["entrypoint"] for d in jobs)
+    clouds = [d for _, d in RAY_UP if d["provider"]["type"] != "local"]
+    for cfg in clouds:
+        gpu_types = [t for t in cfg["available_node_types"].values()
+                     if gpu_image((t.get("docker") or {}).get("worker_image", ""))]
+        assert gpu_types and all(t["min_workers"] == 0 for t in gpu_types), "GPU workers scale from zero"
+        assert all("--index-url" not in " ".join(t["worker_setup_commands"]) for t in gpu_types), \
+            "GPU nodes install torch's CUDA wheel (the default index), not the CPU one"
+
+
 @pytest.mark.parametrize("path", YAML_FILES, ids=rel)
 def test_every_yaml_parses_and_is_a_known_kind(path):
     docs = load_docs(path)
@@ -350,6 +376,21 @@ def worker_cpus(spec: dict) -> list[tuple[float, int]]:
     return out
 
 
+def worker_gpus(container: dict) -> float:
+    limits = (container.get("resources") or {}).get("limits") or {}
+    return float(limits.get("nvidia.com/gpu", 0))
+
+
+def gpu_pods(spec: dict) -> list[tuple[float, int]]:
+    """(GPUs per pod, max pods) per worker group with GPUs, from the containers' nvidia.com/gpu limits."""
+    out = []
+    for w in spec.get("workerGroupSpecs", []):
+        gpus = sum(worker_gpus(c) for c in w["template"]["spec"]["containers"])
+        if gpus:
+            out.append((gpus, int(w["maxReplicas"])))
+    return out
+
+
 def rayjob_problems(job: dict, where: str) -> list[str]:
     from kdlib.config import load_run_config
 
@@ -401,6 +442,16 @@ def rayjob_problems(job: dict, where: str) -> list[str]:
             out.append(f"{where}: {key}={each} exceeds the largest worker pod ({biggest} CPUs)")
         if key != "teachers.cpus_per_task" and each * count > total:
             out.append(f"{where}: {count} x {key}={each} exceed the workers' {total} CPUs")
+    gpus = gpu_pods(cluster)
+    most, all_gpus = max((g for g, _ in gpus), default=0), sum(g * n for g, n in gpus)
+    gpu_asks = {"teachers.gpus_per_task": (cfg.teachers.gpus_per_task, 1),
+                "labeling.gpus_per_actor": (cfg.labeling.gpus_per_actor, cfg.labeling.num_actors),
+                "distill.gpus_per_worker": (cfg.distill.gpus_per_worker, cfg.distill.num_workers)}
+    for key, (each, count) in gpu_asks.items():
+        if each and each > most:
+            out.append(f"{where}: {key}={each} exceeds the largest GPU worker pod ({most} GPUs)")
+        elif each * count > all_gpus:
+            out.append(f"{where}: {count} x {key}={each} exceed the workers' {all_gpus} GPUs")
     return out
 
 
@@ -555,7 +606,10 @@ def test_checker_catches_bad_entrypoints():
                             ("python jobs/distill.py configs/missing.yaml", "not a file in configs/"),
                             ("python jobs/distill.py distill.no_such_key=1", "do not validate"),
                             ("python jobs/distill.py storage_root=/tmp/runs", "not on storage all nodes share"),
-                            ("python jobs/distill.py distill.cpus_per_worker=64", "exceeds the largest worker")]:
+                            ("python jobs/distill.py distill.cpus_per_worker=64", "exceeds the largest worker"),
+                            ("python jobs/distill.py distill.gpus_per_worker=2", "largest GPU worker pod"),
+                            ("python jobs/distill.py labeling.gpus_per_actor=0.5 labeling.num_actors=9",
+                             "GPU")]:
         doc = first("RayJob")
         doc["spec"]["entrypoint"] = entry
         problems = "\n".join(kuberay_problems(doc, "x"))
