@@ -33,6 +33,7 @@ from kdlib.config_loading import config_and_overrides, dump_config
 from kdlib.errors import KdlibError
 from kdlib.pipeline import (RunContext, distill_students, evaluate, fine_tune, label_tasks, load_data,
                             merge_students, plan_labels, train_teachers, write_results)
+from kdlib.resources import check_cluster_gpus
 from kdlib.trainees import BRANCHED
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -70,6 +71,7 @@ def run(cfg, config_path: str, log, strict: bool) -> int:
         dump_config(cfg, storage.child(ctx.run_dir, "config.yaml"))
         log(f"[run] {cfg.run_name}: config {config_path} -> {ctx.run_dir} (full log: run.log)")
         init_ray(cfg.ray.address, cfg.ray.num_cpus, log=log)
+        check_cluster_gpus(cfg)  # a GPU setting the cluster cannot give fails here, not as a silent wait
 
         tasks = load_data(ctx)
         teachers = train_teachers(ctx, tasks)

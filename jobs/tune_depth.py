@@ -28,6 +28,7 @@ import ray
 
 from kdlib import storage
 from kdlib.cluster import init_ray
+from kdlib.resources import check_cluster_gpus
 from kdlib.console import on_interrupt, run_log
 from kdlib.config_loading import config_and_overrides, dump_config
 from kdlib.encoder import EncoderRef
@@ -91,6 +92,7 @@ def run(cfg: TuneRunConfig, config_path: str = "", log=print) -> dict:
     log(f"[tune] {cfg.run_name}: config {config_path} -> {out_dir} (full log: {storage.child(root, cfg.run_name, 'run.log')})")
     tasks = load_tasks(cfg)
     init_ray(cfg.ray.address, cfg.ray.num_cpus, log=log)
+    check_cluster_gpus(cfg)  # a GPU setting the cluster cannot give fails here, not as a silent wait
     settings = {n: TrialSettings.from_config(cfg, d, encoder, root, out_dir) for n, d in tasks.items()}
 
     s = cfg.search
@@ -99,25 +101,26 @@ def run(cfg: TuneRunConfig, config_path: str = "", log=print) -> dict:
         s.min_fine_tune_layers, s.max_fine_tune_layers, s.max_branch_layers)
     if s.caches and tries_every_L:  # every (task, L) teacher before the trials: no trial waits for another's
         prepare_teachers(settings, range(s.min_fine_tune_layers, s.max_fine_tune_layers + 1), n_layers,
-                         cpus_per_trial=s.cpus_per_trial, log=log)
+                         cpus_per_trial=s.cpus_per_trial, gpus_per_trial=s.gpus_per_trial, log=log)
     tables = []
     for name in tasks:
         tables.append(run_task_search(
             task=name, sweep=f"{name}-{sweep_key(cfg, settings[name])}", settings=settings[name],
             storage_path=storage.child(out_dir, "ray"), min_L=s.min_fine_tune_layers,
             max_L=s.max_fine_tune_layers, max_l=s.max_branch_layers, num_samples=s.num_samples,
-            max_concurrent_trials=s.max_concurrent_trials, cpus_per_trial=s.cpus_per_trial, sampler=s.sampler,
+            max_concurrent_trials=s.max_concurrent_trials, cpus_per_trial=s.cpus_per_trial,
+            gpus_per_trial=s.gpus_per_trial, sampler=s.sampler,
             epochs=cfg.student.epochs, grace_period=cfg.scheduler.grace_period,
             reduction_factor=cfg.scheduler.reduction_factor, max_failures=s.max_failures, seed=cfg.seed, log=log))
     table = pd.concat(tables, ignore_index=True)
     # Selections choose among fully trained branches only: what ASHA stopped and a selection wants is finished.
     table = finish_used_trials(table, settings, lambda t: used_students(cfg, t, n_layers),
-                               cpus_per_trial=s.cpus_per_trial, log=log)
+                               cpus_per_trial=s.cpus_per_trial, gpus_per_trial=s.gpus_per_trial, log=log)
     storage.write_text_at(storage.child(out_dir, "table.csv"), table.to_csv(index=False))
     sweep_seconds = time.perf_counter() - sweep_started
     reference = None
     if cfg.reference.full_fine_tuning:  # after the sweeps, so their wall time is theirs alone
-        remote = ray.remote(num_cpus=s.cpus_per_trial)(full_fine_tuning_score)
+        remote = ray.remote(num_cpus=s.cpus_per_trial, num_gpus=s.gpus_per_trial)(full_fine_tuning_score)
         refs = {n: remote.remote(settings[n], n_layers) for n in tasks}
         reference = {n: float(ray.get(ref)) for n, ref in refs.items()}
         log(f"[tune] full fine-tuning reference: {reference}")

@@ -48,7 +48,8 @@ def save_model(model: BranchedModel, folder: str | Path, *, tasks: dict | None =
         include_trunk: False stores only the branches (the trunk is the pretrained encoder's).
         extra: more manifest fields (e.g. the config that produced it, encoder identity).
     """
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
+    # fp32 CPU copies: an artifact written on a GPU, in any precision, loads the same on a CPU.
+    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()
              if include_trunk or k.startswith("branches.")}
     return write_artifact(folder, state, {
         "format": "kdlib.branched/1",

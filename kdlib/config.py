@@ -214,6 +214,9 @@ class DistillConfig(StrictModel):
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(0.9, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)  # > 0: Ray Train workers use GPUs (use_gpu, NCCL)
+    # The workers' collective backend. auto: nccl with GPUs, gloo without; gloo with GPUs: for Ray's
+    # logical GPUs on a machine without CUDA (tests), or GPUs that NCCL cannot reach.
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
     torch_threads: int = Field(1, ge=1)
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(32, ge=1)

@@ -69,7 +69,7 @@ def dev_outputs(trainee, tasks: dict[str, TaskSpec], features: dict) -> dict[str
     out = {}
     for task, feats in features.items():
         n = len(feats)
-        chunks = [heads[task].scores(trainee.forward(task, feats, np.arange(s, min(s + BATCH, n)))).float().numpy()
+        chunks = [heads[task].scores(trainee.forward(task, feats, np.arange(s, min(s + BATCH, n)))).float().cpu().numpy()
                   for s in range(0, n, BATCH)]
         width = tasks[task].num_outputs if tasks[task].kind == "classification" else 1
         out[task] = np.concatenate(chunks) if chunks else np.zeros((0, width), dtype=np.float32)

@@ -17,13 +17,22 @@ from typing import Literal
 
 import torch
 
+from kdlib.errors import DeviceOutOfMemory
+
 Precision = Literal["fp32", "bf16", "fp16"]
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def device() -> torch.device:
-    """The GPU Ray assigned to this process (the first visible one), else the CPU."""
-    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    """The GPU Ray assigned to this process, else the CPU. A Ray Train worker on a node with several GPUs sees
+    all of them and has its own made current by Ray Train (torch.cuda.set_device); a task, actor or replica
+    sees only its own."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where `model`'s parameters are (the CPU for a model without any)."""
+    return next(model.parameters(), torch.empty(0)).device
 
 
 def autocast(dev: torch.device, precision: Precision) -> contextlib.AbstractContextManager:
@@ -37,6 +46,18 @@ def is_out_of_memory(error: BaseException) -> bool:
     """A device allocation failure (CUDA's OutOfMemoryError, or an allocator's 'out of memory' RuntimeError)."""
     return isinstance(error, torch.OutOfMemoryError) or (
         isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
+
+
+@contextlib.contextmanager
+def out_of_memory_names(setting: str, batch_size: int, task: str, dev: torch.device):
+    """Turn the device running out of memory in a training step into an error naming the setting to lower."""
+    try:
+        yield
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        raise DeviceOutOfMemory(f"out of memory on {describe(dev)} in a training step of task {task!r} with "
+                                f"batches of {batch_size} rows: lower {setting} (now {batch_size})") from e
 
 
 def describe(dev: torch.device) -> str:

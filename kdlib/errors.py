@@ -45,3 +45,11 @@ class DataError(KdlibError):
         rebuild = functools.partial(type(self), path=self.path, line=self.line,
                                     column=self.column, line_word=self.line_word)
         return rebuild, (self.reason,)
+
+
+class DeviceOutOfMemory(KdlibError):
+    """A batch did not fit the device's memory; the message names the batch-size setting to lower."""
+
+
+class ResourceError(KdlibError):
+    """The config asks Ray for resources (GPUs) that the cluster does not have."""

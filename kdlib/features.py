@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from kdlib.branched import BranchedModel
+from kdlib.device import autocast, model_device
 from kdlib.tokenize import tokenize
 
 
@@ -57,27 +58,33 @@ class TrunkFeatures:
 
     @classmethod
     def compute(cls, model: BranchedModel, tokenizer, texts, pairs, *, depth: int, max_length: int,
-                batch_size: int = 64) -> "TrunkFeatures":
+                batch_size: int = 64, precision: str = "fp32") -> "TrunkFeatures":
         """Trunk states at `depth` for texts (and pairs: all None or NaN for single-text tasks)."""
         enc = tokenize(tokenizer, texts, pairs, max_length=max_length)
         return cls.from_inputs(model, {k: torch.from_numpy(v) for k, v in enc.items()}, depth=depth,
-                               batch_size=batch_size)
+                               batch_size=batch_size, precision=precision)
 
     @classmethod
     @torch.no_grad()
     def from_inputs(cls, model: BranchedModel, inputs: dict[str, torch.Tensor], *, depth: int,
-                    batch_size: int = 64) -> "TrunkFeatures":
-        """Run embeddings + `depth` trunk layers over (N, T) padded inputs, batching similar lengths together."""
+                    batch_size: int = 64, precision: str = "fp32") -> "TrunkFeatures":
+        """Run embeddings + `depth` trunk layers over (N, T) padded inputs, batching similar lengths together.
+
+        The trunk runs where the model is (a GPU: batches go there and come back), under `precision`'s
+        autocast; the states are kept in fp32 on the CPU, so they cost no device memory between epochs."""
         was_training = model.training
         model.eval()
+        dev = model_device(model)
         lengths = inputs["attention_mask"].sum(1)
         order = torch.argsort(lengths, stable=True)
         states: list[torch.Tensor | None] = [None] * len(lengths)
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             t = int(lengths[idx].max())
-            batch = {k: v[idx, :t] for k, v in inputs.items()}
-            h = model.trunk_states(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], depth)
+            batch = {k: v[idx, :t].to(dev, non_blocking=True) for k, v in inputs.items()}
+            with autocast(dev, precision):
+                h = model.trunk_states(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], depth)
+            h = h.float().cpu()
             for row, i in enumerate(idx.tolist()):
                 states[i] = h[row, : int(lengths[i])].clone()  # (T_i, H)
         model.train(was_training)

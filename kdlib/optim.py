@@ -70,7 +70,7 @@ def clip_grad_norm(params, max_norm: float) -> float:
     """torch.nn.utils.clip_grad_norm_ for a mix of dense and sparse gradients; returns the total norm."""
     grads = [p.grad for p in params if p.grad is not None]
     squares = [(g.coalesce().values() if g.is_sparse else g).pow(2).sum() for g in grads]
-    total = math.sqrt(float(sum(squares))) if squares else 0.0
+    total = math.sqrt(sum(float(s) for s in squares)) if squares else 0.0
     scale = max_norm / (total + 1e-6)
     if scale < 1:
         for g in grads:
@@ -118,27 +118,44 @@ class Optimization:
     """
 
     def __init__(self, params, *, lr: float, weight_decay: float, schedule: str = "constant",
-                 total_steps: int | None = None, max_grad_norm: float = 1.0):
+                 total_steps: int | None = None, max_grad_norm: float = 1.0, precision: str = "fp32",
+                 device: torch.device | str = "cpu"):
         self.optimizer = LazyAdamW(params, lr=lr, weight_decay=weight_decay)
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.schedule, self.total_steps, self.max_grad_norm = schedule, total_steps, max_grad_norm
         self.steps_done = 0
+        # fp16 gradients underflow: the loss is scaled up before backward and the gradients down before
+        # clipping; a step whose gradients overflowed is skipped and the scale lowered (torch.amp.GradScaler).
+        # bf16 has fp32's range and needs none. The scaler's state is not checkpointed: a resumed run
+        # starts from the initial scale and finds its level again within a few steps.
+        self.scaler = torch.amp.GradScaler(torch.device(device).type, enabled=precision == "fp16")
+        self.skipped_steps = 0  # fp16 steps skipped for overflowing gradients
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        self.scaler.scale(loss).backward()
 
     def step(self) -> float:
         """Clip the gradients as they are now, set every group's lr for this step, update, count the step;
-        returns the first group's lr."""
+        returns the first group's lr. With fp16 the gradients are unscaled first, and a step with inf or NaN
+        gradients changes no weight (distillation averages gradients before this, so every worker sees the
+        same ones and skips alike)."""
         if self.total_steps is None:
             raise ValueError("Optimization.total_steps is not set")
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.optimizer)
         clip_grad_norm(self.params, self.max_grad_norm)
         for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = scheduled_lr(base_lr, self.schedule, self.steps_done, self.total_steps)
-        self.optimizer.step()
+        if self.scaler.is_enabled():
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.skipped_steps += int(self.scaler.get_scale() < scale)
+        else:
+            self.optimizer.step()
         self.steps_done += 1
         return self.optimizer.param_groups[0]["lr"]

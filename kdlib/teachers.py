@@ -19,6 +19,7 @@ import torch
 
 from kdlib.artifact import save_model
 from kdlib.branched import BranchedModel, BranchSpec, member_name
+from kdlib.device import autocast, describe, device, model_device, out_of_memory_names
 from kdlib.encoder import load_encoder, load_tokenizer
 from kdlib.features import TrunkFeatures, length_grouped_batches
 from kdlib.losses import hard_loss
@@ -32,7 +33,7 @@ def train_ensemble(*, task: str, kind: str, label_names: list[str], metric: str,
                    encoder_source: str, random_init: bool, config_overrides: dict, pooling: str,
                    max_length: int, fine_tune_layers: int, members: int, epochs: int, batch_size: int,
                    lr: float, head_lr: float, weight_decay: float, seed: int, out_dir: str,
-                   dev: pd.DataFrame | None = None, log=print) -> dict:
+                   dev: pd.DataFrame | None = None, precision: str = "fp32", log=print) -> dict:
     """Train a task's K-member teacher ensemble and save it as a trunk-less artifact in `out_dir`.
 
     Args:
@@ -41,6 +42,8 @@ def train_ensemble(*, task: str, kind: str, label_names: list[str], metric: str,
         members: K; member k uses seed `seed + k` for its head, dropout and data order.
         dev: examples (text, text_pair, label) each member is scored on after every epoch (`metric`; eval
             mode, no gradient: the training is the same without it), into history.json; None: losses only.
+        precision: fp32, bf16 or fp16 (kdlib.device): the trunk features and every member's steps run under
+            its autocast, on the GPU Ray assigned this task if any.
     Returns:
         {"seconds", "final_loss": [per member]} for the run log.
     """
@@ -53,16 +56,19 @@ def train_ensemble(*, task: str, kind: str, label_names: list[str], metric: str,
     depth = n_layers - fine_tune_layers
     num_outputs = len(label_names) if kind == "classification" else 1
     specs = [BranchSpec(member_name(task, k), kind, num_outputs, depth, fine_tune_layers) for k in range(members)]
-    model = BranchedModel.from_encoder(encoder, specs, pooling, seed=seed)
+    model = BranchedModel.from_encoder(encoder, specs, pooling, seed=seed).to(device())
     model.freeze_trunk()
+    dev_type = model_device(model)
 
     texts = train["text"].tolist()
     pairs = train["text_pair"].tolist()
     labels = torch.tensor(train["label"].to_numpy(), dtype=torch.long if kind == "classification" else torch.float32)
-    feats = TrunkFeatures.compute(model, tokenizer, texts, pairs, depth=depth, max_length=max_length)
+    feats = TrunkFeatures.compute(model, tokenizer, texts, pairs, depth=depth, max_length=max_length,
+                                  precision=precision)
     dev_feats = None if dev is None else TrunkFeatures.compute(
-        model, tokenizer, dev["text"].tolist(), dev["text_pair"].tolist(), depth=depth, max_length=max_length)
-    log(f"[teachers:{task}] trunk features for {len(feats)} examples at depth {depth} "
+        model, tokenizer, dev["text"].tolist(), dev["text_pair"].tolist(), depth=depth, max_length=max_length,
+        precision=precision)
+    log(f"[teachers:{task}] on {describe(dev_type)} in {precision}: trunk features for {len(feats)} examples at depth {depth} "
         f"in {time.perf_counter() - start:.1f}s; training {members} members x {epochs} epochs")
 
     final_losses = []
@@ -74,22 +80,25 @@ def train_ensemble(*, task: str, kind: str, label_names: list[str], metric: str,
         opt = Optimization([{"params": branch.layers.parameters(), "lr": lr},
                             {"params": branch.head.parameters(), "lr": head_lr}],
                            lr=lr, weight_decay=weight_decay, schedule="warmup_linear",
-                           total_steps=epochs * int(np.ceil(len(feats) / batch_size)))
+                           total_steps=epochs * int(np.ceil(len(feats) / batch_size)), precision=precision,
+                           device=dev_type)
         branch.train()
         for epoch in range(epochs):
             total, seen = 0.0, 0
             for idx in length_grouped_batches(feats.lengths, batch_size, rng):
                 h, mask = feats.batch(idx)
-                out = model.branch_forward(spec.name, h, mask)
-                loss = hard_loss(kind, out, labels[idx])
                 opt.zero_grad()
-                opt.backward(loss)
+                with out_of_memory_names("teachers.batch_size", batch_size, task, dev_type):
+                    with autocast(dev_type, precision):
+                        out = model.branch_forward(spec.name, h.to(dev_type), mask.to(dev_type))
+                    loss = hard_loss(kind, out.float(), labels[idx].to(dev_type))
+                    opt.backward(loss)
                 opt.step()
                 total, seen = total + loss.item() * len(idx), seen + len(idx)
             history[epoch][f"loss/{spec.name}"] = total / seen
             if dev_feats is not None:
                 history[epoch][f"dev/{spec.name}"] = member_dev_score(model, spec.name, dev_feats, kind, metric,
-                                                                      dev["label"].to_numpy())
+                                                                      dev["label"].to_numpy(), precision=precision)
                 branch.train()
             log(f"[teachers:{task}] member {k} epoch {epoch + 1}/{epochs} loss {total / seen:.4f}"
                 + (f", dev {metric} {history[epoch][f'dev/{spec.name}']:.2f}" if dev_feats is not None else ""))
@@ -108,10 +117,14 @@ def train_ensemble(*, task: str, kind: str, label_names: list[str], metric: str,
 
 @torch.no_grad()
 def member_dev_score(model: BranchedModel, name: str, feats: TrunkFeatures, kind: str, metric: str,
-                     labels: np.ndarray, batch_size: int = 256) -> float:
+                     labels: np.ndarray, batch_size: int = 256, precision: str = "fp32") -> float:
     """Member `name`'s `metric` on the dev examples' trunk states (eval mode: no dropout, no RNG draw)."""
     model.branches[name].eval()
+    dev = model_device(model)
     idx = np.arange(len(feats))
-    out = torch.cat([model.branch_forward(name, *feats.batch(idx[s:s + batch_size]))
-                     for s in range(0, len(idx), batch_size)])
-    return task_metrics(kind, out.float().numpy(), labels)[metric]
+    outs = []
+    for s in range(0, len(idx), batch_size):
+        h, mask = feats.batch(idx[s:s + batch_size])
+        with autocast(dev, precision):
+            outs.append(model.branch_forward(name, h.to(dev), mask.to(dev)).float().cpu())
+    return task_metrics(kind, torch.cat(outs).numpy(), labels)[metric]

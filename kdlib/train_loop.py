@@ -30,13 +30,24 @@ import ray.train
 import torch
 import torch.distributed as dist
 from ray.data.dataset import MaterializedDataset
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train import (
+    Checkpoint,
+    CheckpointConfig,
+    FailureConfig,
+    RunConfig,
+    ScalingConfig,
+)
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from kdlib import storage
 from kdlib.dev_scoring import DevRows, dev_features, dev_metrics, dev_outputs
+from kdlib.device import describe, model_device, out_of_memory_names
 from kdlib.features import length_grouped_batches
-from kdlib.losses import binned_regression_loss, distillation_loss, teacher_annealing_weight
+from kdlib.losses import (
+    binned_regression_loss,
+    distillation_loss,
+    teacher_annealing_weight,
+)
 from kdlib.optim import Optimization
 from kdlib.schedules import mtdnn_schedule, road_schedule, temperature_sampling_schedule
 from kdlib.soft_targets import ids_digest, teacher_logits_array
@@ -101,7 +112,7 @@ def replica_digests(params, world: int) -> list[str]:
     """Every worker's SHA-256 of its trainable parameters (all equal when the replicas stay identical)."""
     h = hashlib.sha256()
     for p in params:
-        h.update(p.detach().contiguous().numpy().tobytes())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
     return gather(h.hexdigest()[:16], world)
 
 
@@ -144,10 +155,11 @@ def train_loop_per_worker(config: dict) -> list[dict]:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
 
-    trainee = make_trainee(spec)
+    trainee = make_trainee(spec)  # on the GPU Ray Train assigned this worker, else the CPU
     student = trainee.model
     opt = Optimization([p for p in student.parameters() if p.requires_grad], lr=spec.lr,
-                       weight_decay=spec.weight_decay, schedule=spec.lr_schedule)
+                       weight_decay=spec.weight_decay, schedule=spec.lr_schedule, precision=spec.precision,
+                       device=model_device(student))
     start_epoch, starts, history = 0, [], []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -171,10 +183,13 @@ def train_loop_per_worker(config: dict) -> list[dict]:
     # This worker's share of each task's dev rows, as features once (the trunk states of the branched student).
     dev = dev_features(job.dev, trainee, rank=rank, world=world, max_length=spec.max_length)
     nodes = gather(ray.util.get_node_ip_address(), world)  # where each rank runs, for the placement report
+    devices = gather(describe(model_device(student)), world)
+    gpus = gather(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0), world)  # what Ray gave
     data = {t: rows[t].tensors(trainee) for t in spec.tasks}
     if rank == 0:
         print(f"[distill] ingested {sum(int(seen[f'rows/{t}']) for t in spec.tasks)} rows in "
-              f"{time.perf_counter() - ingest_start:.1f}s", flush=True)
+              f"{time.perf_counter() - ingest_start:.1f}s; training on {describe(model_device(student))} "
+              f"in {spec.precision}", flush=True)
 
     def score() -> dict:
         outputs = {t: np.concatenate(gather(o, world)) for t, o in dev_outputs(trainee, spec.tasks, dev).items()}
@@ -182,7 +197,8 @@ def train_loop_per_worker(config: dict) -> list[dict]:
 
     def report(metrics: dict) -> None:
         history.append(history_row(metrics))
-        metrics = {**metrics, "start_epoch": start_epoch, **seen, "placement/nodes": nodes}
+        metrics = {**metrics, "start_epoch": start_epoch, **seen, "placement/nodes": nodes,
+                   "placement/devices": devices, "placement/gpus": gpus}
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
@@ -209,7 +225,7 @@ def run_epochs(trainee, data: dict[str, tuple], spec: TrainSpec, opt: Optimizati
     student = trainee.model
     # Workers may hold different numbers of a task's rows: each takes as many batches as the largest
     # share needs (its own batches a little smaller), so all follow one schedule and use every row.
-    counts = torch.tensor([len(data[t][0]) for t in tasks], dtype=torch.long)
+    counts = torch.tensor([len(data[t][0]) for t in tasks], dtype=torch.long, device=model_device(student))
     if world > 1:
         dist.all_reduce(counts, op=dist.ReduceOp.MAX)
     bs = spec.batch_size
@@ -246,8 +262,9 @@ def run_epochs(trainee, data: dict[str, tuple], spec: TrainSpec, opt: Optimizati
                     batches[task] = fresh(task)
                 idx = batches[task].pop()
                 if len(idx):
-                    loss = task_loss(trainee, task, tasks[task], data[task], idx, spec, hard_weight)
-                    opt.backward(loss / len(step_tasks))  # ROaD: the step averages its tasks' gradients
+                    with out_of_memory_names(spec.batch_size_setting, bs, task, model_device(student)):
+                        loss = task_loss(trainee, task, tasks[task], data[task], idx, spec, hard_weight)
+                        opt.backward(loss / len(step_tasks))  # ROaD: the step averages its tasks' gradients
                     losses[task].append(loss.item())
                 average_gradients(trainee.task_parameters(task), world, weight=len(idx))
                 step_rows += len(idx)
@@ -281,13 +298,14 @@ def task_loss(trainee, task: str, t: TaskSpec, data, idx, spec: TrainSpec,
               hard_weight: float | None = None) -> torch.Tensor:
     """One mini-batch's loss for one task: its objective against its aggregated teachers (losses.py)."""
     feats, labels, logits = data
-    out = trainee.forward(task, feats, idx)
+    out = trainee.forward(task, feats, idx).float()  # the loss in fp32 whatever the forward's precision
+    labels, logits = labels[idx].to(out.device), logits[idx].to(out.device)
     hard = t.objective == "hard"
     if t.bins is not None:  # a regression target learned over score bins (CMOW paper IV-B)
-        return binned_regression_loss(out, None if hard else logits[idx], labels[idx], ScoreBins(*t.bins),
+        return binned_regression_loss(out, None if hard else logits, labels, ScoreBins(*t.bins),
                                       alpha=spec.alpha, hard_weight=hard_weight)
     return distillation_loss(t.objective, kind=t.kind, student=out,
-                             teacher_logits=None if hard else logits[idx], labels=labels[idx],
+                             teacher_logits=None if hard else logits, labels=labels,
                              temperature=spec.temperature, alpha=spec.alpha,
                              aggregation=t.aggregation, wrong_teacher_weight=t.wrong_teacher_weight,
                              hard_weight=hard_weight)
@@ -310,7 +328,7 @@ def average_gradients(params, world: int, weight: float = 1.0) -> None:
         return
     dense = [p for p in params if not _sparse_table(p)]
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in dense]
-    flat = torch.cat([g.reshape(-1) * weight for g in grads] + [torch.tensor([float(weight)])])
+    flat = torch.cat([g.reshape(-1) * weight for g in grads] + [torch.tensor([float(weight)], device=grads[0].device)])
     dist.all_reduce(flat)
     total = float(flat[-1])
     if total > 0:
@@ -322,8 +340,10 @@ def average_gradients(params, world: int, weight: float = 1.0) -> None:
     tables = [p for p in params if _sparse_table(p)]
     if not tables:
         return
+    # NCCL cannot all-reduce sparse tensors, and the workers' rows differ in number: the (rows, values) pairs
+    # travel as pickled CPU tensors (all_gather_object, on gloo and NCCL alike) and land on the device again.
     coalesced = [None if p.grad is None else p.grad.coalesce() for p in tables]
-    local = [None if g is None else (g.indices(), g.values() * weight) for g in coalesced]
+    local = [None if g is None else (g.indices().cpu(), (g.values() * weight).cpu()) for g in coalesced]
     gathered = [None] * world
     dist.all_gather_object(gathered, local)
     for i, p in enumerate(tables):
@@ -331,8 +351,8 @@ def average_gradients(params, world: int, weight: float = 1.0) -> None:
         if not parts or total <= 0:
             p.grad = None
             continue
-        rows = torch.cat([r for r, _ in parts], dim=1)
-        values = torch.cat([v for _, v in parts]) / total
+        rows = torch.cat([r for r, _ in parts], dim=1).to(p.device)
+        values = (torch.cat([v for _, v in parts]) / total).to(p.device)
         p.grad = torch.sparse_coo_tensor(rows, values, p.shape).coalesce()
 
 
@@ -342,7 +362,8 @@ def _sparse_table(p: torch.nn.Parameter) -> bool:
 
 def run_distillation(*, datasets: dict[str, ray.data.Dataset], spec: TrainSpec, num_workers: int,
                      cpus_per_worker: float, max_failures: int, storage_path: str, name: str,
-                     init_weights: Checkpoint | None = None, dev: dict[str, DevRows] | None = None, log=print):
+                     init_weights: Checkpoint | None = None, dev: dict[str, DevRows] | None = None,
+                     gpus_per_worker: float = 0.0, backend: str = "auto", log=print):
     """Run the TorchTrainer; returns Ray Train's Result (its checkpoint holds the trained branches, its
     `return_value` every epoch's `history_row`).
 
@@ -351,7 +372,9 @@ def run_distillation(*, datasets: dict[str, ray.data.Dataset], spec: TrainSpec, 
     so every worker gets an equal share of each task (to one row); one stream when labeling feeds
     training directly. storage_path: a storage location (local path or URI) for its checkpoints; a rerun
     with the same one resumes from its last checkpoint. dev: each task's dev rows, scored after every epoch
-    (`dev/<task>` in the metrics); None: not scored. log: where each epoch's line goes.
+    (`dev/<task>` in the metrics); None: not scored. gpus_per_worker: > 0 gives every worker that share of a
+    GPU (Ray Train's use_gpu); the workers then train on it. backend: the workers' process group, "auto"
+    being NCCL with GPUs and gloo without. log: where each epoch's line goes.
     """
     datasets = {name: in_worker_blocks(ds, num_workers) if isinstance(ds, MaterializedDataset) else ds
                 for name, ds in datasets.items()}
@@ -359,8 +382,10 @@ def run_distillation(*, datasets: dict[str, ray.data.Dataset], spec: TrainSpec, 
     return fit(lambda callbacks: TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": WorkerJob(spec, sorted(datasets), init_weights, dev or {})},
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=False,
-                                     resources_per_worker={"CPU": cpus_per_worker}),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=gpus_per_worker > 0,
+                                     resources_per_worker={"CPU": cpus_per_worker,
+                                                           **({"GPU": gpus_per_worker} if gpus_per_worker else {})}),
+        torch_config=TorchConfig(backend=("nccl" if gpus_per_worker > 0 else "gloo") if backend == "auto" else backend),
         run_config=RunConfig(name=name, storage_path=path,
                              storage_filesystem=None if storage.is_local(storage_path) else fs,
                              failure_config=FailureConfig(max_failures=max_failures),

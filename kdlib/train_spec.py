@@ -59,7 +59,9 @@ class TrainSpec(_Frozen):
     sampling_tau: float = 1.0
     road_k: int = 2
     torch_threads: int = Field(1, ge=1)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast in forward passes (kdlib.device)
     log_every: int = 20  # steps between rank 0's progress lines
+    batch_size_setting: str = "distill.batch_size"  # the config key an out-of-memory error tells to lower
 
     @property
     def max_length(self) -> int:
@@ -72,4 +74,7 @@ class TrainSpec(_Frozen):
     def key(self) -> dict:
         """What the trained weights depend on, for the stage's cache key: every field but where the
         teachers' artifacts happen to live (their identity enters the key through the soft-target stores)."""
-        return self.model_dump(mode="json", exclude={"tasks": {t: {"ensemble_dir"} for t in self.tasks}})
+        exclude = {"tasks": {t: {"ensemble_dir"} for t in self.tasks}, "batch_size_setting": True}
+        if self.precision == "fp32":  # the default: keys written before precision existed stay valid
+            exclude["precision"] = True
+        return self.model_dump(mode="json", exclude=exclude)

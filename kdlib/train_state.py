@@ -1,4 +1,7 @@
-"""Training checkpoints without pickle: trainable weights and AdamW state in safetensors, counters in JSON."""
+"""Training checkpoints without pickle: trainable weights and AdamW state in safetensors, counters in JSON.
+
+Tensors are saved from CPU copies and loaded onto the device of the model that reads them, so a checkpoint
+written by a GPU worker resumes on a CPU one and the other way round."""
 
 from __future__ import annotations
 
@@ -16,11 +19,11 @@ def save_train_state(folder: str | Path, model: torch.nn.Module, optimizer: torc
     """Save the trainable parameters, the optimizer's per-parameter tensors and `meta` into `folder`."""
     folder = Path(folder)
     names = {id(p): n for n, p in model.named_parameters()}
-    tensors = {f"param.{n}": p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     for group in optimizer.param_groups:
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():
-                tensors[f"optim.{names[id(p)]}.{key}"] = torch.as_tensor(value).detach().contiguous()
+                tensors[f"optim.{names[id(p)]}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
     save_file(tensors, str(folder / STATE))
     (folder / META).write_text(json.dumps(meta))
 
@@ -34,7 +37,8 @@ def load_train_state(folder: str | Path, model: torch.nn.Module, optimizer: torc
     for key, value in tensors.items():
         if key.startswith("optim."):
             name, slot = key[len("optim."):].rsplit(".", 1)
-            optimizer.state[params[name]][slot] = value
+            # The moments live with their parameter; LazyAdamW keeps its step counter on the CPU.
+            optimizer.state[params[name]][slot] = value if slot == "step" else value.to(params[name].device)
     return json.loads((folder / META).read_text())
 
 

@@ -26,6 +26,7 @@ from torch import nn
 from kdlib import storage
 from kdlib.artifact import load_model
 from kdlib.branched import BranchSpec
+from kdlib.device import autocast, device, model_device
 from kdlib.features import TrunkFeatures
 from kdlib.merge import build_student
 from kdlib.optim import sparse_embeddings
@@ -50,20 +51,23 @@ class BranchedTrainee:
         untaught = [BranchSpec(task, t.kind, t.num_outputs, n - t.fine_tune_layers, t.branch_layers)
                     for task, t in tasks.items() if t.ensemble_dir is None]
         self.model = build_student(encoder, teachers, {t: tasks[t].branch_layers for t in teachers},
-                                   spec.encoder.pooling, untaught)
+                                   spec.encoder.pooling, untaught).to(device())
         self.tokenizer = spec.encoder.tokenizer()
+        self.precision = spec.precision
 
     def features(self, task: str, texts: list[str], pairs: list, max_length: int) -> list:
         return TrunkFeatures.compute(self.model, self.tokenizer, texts, pairs, depth=self.model.specs[task].depth,
-                                     max_length=max_length).states
+                                     max_length=max_length, precision=self.precision).states
 
     @staticmethod
     def collate(items: list) -> TrunkFeatures:
         return TrunkFeatures(items)
 
     def forward(self, task: str, feats: TrunkFeatures, idx) -> torch.Tensor:
+        dev = model_device(self.model)
         h, mask = feats.batch(idx)
-        return self.model.branch_forward(task, h, mask)
+        with autocast(dev, self.precision):
+            return self.model.branch_forward(task, h.to(dev, non_blocking=True), mask.to(dev, non_blocking=True))
 
     def start_from(self, folder) -> None:
         load_weights(folder, self.model)
@@ -80,9 +84,10 @@ class EndToEndTrainee:
 
     def __init__(self, spec: TrainSpec):
         self.tokenizer = spec.encoder.tokenizer()
-        self.model = build_end_to_end_student(spec, self.tokenizer)
+        self.model = build_end_to_end_student(spec, self.tokenizer).to(device())
         # Vocabulary-sized tables get sparse gradients: a step updates the rows in its batch (kdlib.optim).
         sparse_embeddings(self.model, self.model.vocab_size)
+        self.precision = spec.precision
 
     def features(self, task: str, texts: list[str], pairs: list, max_length: int) -> list:
         return TokenFeatures.compute(self.tokenizer, texts, pairs, max_length=max_length).rows
@@ -92,7 +97,9 @@ class EndToEndTrainee:
         return TokenFeatures(items)
 
     def forward(self, task: str, feats: TokenFeatures, idx) -> torch.Tensor:
-        return self.model(feats.batch(idx), task)
+        dev = model_device(self.model)
+        with autocast(dev, self.precision):
+            return self.model(feats.batch(idx).to(dev), task)
 
     def start_from(self, folder) -> None:
         load_weights(folder, self.model)
@@ -122,7 +129,9 @@ class PerTaskCopiesTrainee(EndToEndTrainee):
             load_weights(folder, student)
 
     def forward(self, task: str, feats: TokenFeatures, idx) -> torch.Tensor:
-        return self.model[task](feats.batch(idx), task)
+        dev = model_device(self.model)
+        with autocast(dev, self.precision):
+            return self.model[task](feats.batch(idx).to(dev), task)
 
     def task_parameters(self, task: str) -> list[nn.Parameter]:
         return list(self.model[task].parameters())

@@ -69,7 +69,9 @@ def ray_session():
     if not ray.is_initialized():
         # No dashboard: tests/test_job_submit.py starts its own head node, and two dashboards (with their
         # agents) on one machine left that head without a job agent.
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+        # Two logical GPUs: work that asks for GPUs (tests/test_gpu_plumbing.py) is scheduled as on a GPU
+        # machine, and runs on the CPU because CUDA is not there. Nothing asks for them by default.
+        ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=True)
     yield ray
     ray.shutdown()
 

@@ -75,7 +75,7 @@ def train_spec(ctx, tasks: dict[str, TaskData], labels: Labels, teachers: Teache
     return TrainSpec(
         tasks={name: task_spec(ctx, data, labels, teachers) for name, data in tasks.items()},
         encoder=ctx.encoder, student=StudentSpec(kind=cfg.student.kind, hparams=cfg.student.hparams()),
-        per_task=d.per_task_students,
+        per_task=d.per_task_students, precision=cfg.precision,
         **d.model_dump(include={"epochs", "batch_size", "lr", "lr_schedule", "weight_decay", "temperature", "alpha",
                                 "torch_threads", "teacher_annealing", "schedule", "sampling_tau", "road_k"}))
 
@@ -110,7 +110,8 @@ def distill_students(ctx, tasks: dict[str, TaskData], labels: Labels, teachers: 
         with progress:
             result = run_distillation(datasets=datasets, spec=spec, num_workers=d.num_workers,
                                       cpus_per_worker=d.cpus_per_worker, max_failures=d.max_failures,
-                                      storage_path=ray_train, name="distill", dev=dev_rows(tasks), log=ctx.log)
+                                      storage_path=ray_train, name="distill", dev=dev_rows(tasks),
+                                      gpus_per_worker=d.gpus_per_worker, backend=d.backend, log=ctx.log)
         if streaming:
             finish_labels(ctx, labels, teachers, time.perf_counter() - started)
         # Where the final weights are, for a fine-tuning stage that starts from them in this run or a later one.
@@ -157,7 +158,9 @@ def save_training(ctx, tasks: dict[str, TaskData], spec: TrainSpec, result, out:
     # Rank 0's return value: every epoch's metrics (Result.metrics_dataframe holds only the kept checkpoints').
     (out / HISTORY).write_text(json.dumps({"stage": stage, "epochs": result.return_value}, indent=1))
     save_students(ctx, tasks, spec, result.checkpoint, out / "students")
-    return {"where": placement(result.metrics["placement/nodes"], "train worker")}
+    devices = sorted(set(result.metrics["placement/devices"]))
+    where = placement(result.metrics["placement/nodes"], "train worker")
+    return {"where": where if devices == ["cpu"] else f"{where}, {', '.join(devices)}"}
 
 
 def write_train_report(result, path: Path) -> None:

@@ -38,7 +38,8 @@ def fine_tune(ctx, tasks: dict[str, TaskData], labels: Labels, distilled: Studen
         result = run_distillation(datasets=training_datasets(labels, gold_only), spec=spec,
                                   num_workers=d.num_workers, cpus_per_worker=d.cpus_per_worker,
                                   max_failures=d.max_failures, storage_path=ray_train, name="fine_tune",
-                                  init_weights=final_checkpoint(distilled.stage_dir), dev=dev_rows(tasks), log=ctx.log)
+                                  init_weights=final_checkpoint(distilled.stage_dir), dev=dev_rows(tasks),
+                                  gpus_per_worker=d.gpus_per_worker, backend=d.backend, log=ctx.log)
         return save_training(ctx, tasks, spec, result, out, stage="fine_tune")
 
     stage_dir = ctx.cache.run("fine_tune", fp, run)

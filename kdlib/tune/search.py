@@ -62,6 +62,7 @@ def space_pairs(min_L: int, max_L: int, max_l: int) -> int:
 
 def run_task_search(*, task: str, sweep: str, settings: dict, storage_path: str, min_L: int, max_L: int, max_l: int,
                     num_samples: int, max_concurrent_trials: int, cpus_per_trial: float, sampler: str,
+                    gpus_per_trial: float = 0.0,
                     epochs: int, grace_period: int, reduction_factor: float, max_failures: int, seed: int,
                     log=print) -> pd.DataFrame:
     """Run (or resume) the sweep of one task in `<storage_path>/<sweep>`; one row per trial (TABLE_COLUMNS)."""
@@ -79,7 +80,8 @@ def run_task_search(*, task: str, sweep: str, settings: dict, storage_path: str,
     # Optuna's records go where the job's logging sends them (kdlib.console: run.log), not to its own handler.
     optuna.logging.disable_default_handler()
     optuna.logging.enable_propagation()
-    trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings), {"cpu": cpus_per_trial})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings),
+                                    {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
     location = storage.child(storage_path, sweep)
     fs, path = storage.filesystem(location)
     custom_fs = None if storage.is_local(location) else fs  # Tune takes a URI's filesystem, not its query string
@@ -162,7 +164,7 @@ def candidates(table: pd.DataFrame, include_teacher: bool) -> list[Candidate]:
 
 
 def prepare_teachers(settings: dict[str, dict], fine_tune_layers: range, encoder_layers: int, *,
-                     cpus_per_trial: float, log=print) -> None:
+                     cpus_per_trial: float, gpus_per_trial: float = 0.0, log=print) -> None:
     """With caches, before sweeps that try every L: each task's teacher, trunk states and teacher outputs
     for every L, as Ray tasks in parallel (kdlib.tune.trial.prepare_cached; entries already cached are
     left alone).
@@ -174,7 +176,7 @@ def prepare_teachers(settings: dict[str, dict], fine_tune_layers: range, encoder
     """
     import ray
 
-    remote = ray.remote(num_cpus=cpus_per_trial)(prepare_cached)
+    remote = ray.remote(num_cpus=cpus_per_trial, num_gpus=gpus_per_trial)(prepare_cached)
     refs = {(task, L): remote.remote(s, L, encoder_layers) for task, s in settings.items() for L in fine_tune_layers}
     log(f"[tune] preparing {len(refs)} teachers (trunk states, teacher logits) for the sweeps: L in "
         f"[{fine_tune_layers.start}, {fine_tune_layers.stop - 1}] for {', '.join(settings)}")
@@ -186,7 +188,7 @@ def prepare_teachers(settings: dict[str, dict], fine_tune_layers: range, encoder
 
 
 def finish_used_trials(table: pd.DataFrame, settings: dict[str, dict], used, *, cpus_per_trial: float,
-                       log=print) -> pd.DataFrame:
+                       gpus_per_trial: float = 0.0, log=print) -> pd.DataFrame:
     """Train to their last epoch the trials ASHA stopped early that a selection uses, then select again,
     until every branch any selection uses is fully trained.
 
@@ -199,7 +201,7 @@ def finish_used_trials(table: pd.DataFrame, settings: dict[str, dict], used, *, 
     """
     import ray
 
-    remote = ray.remote(num_cpus=cpus_per_trial)(finish_trial)
+    remote = ray.remote(num_cpus=cpus_per_trial, num_gpus=gpus_per_trial)(finish_trial)
     table = table.copy()
     while True:
         stopped = table[(table["status"] == "ok") & table["stopped_early"].astype(bool)]

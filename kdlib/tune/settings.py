@@ -31,6 +31,7 @@ class TrialSettings:
     scored_epochs: tuple[int, ...]  # the epochs a trial scores dev at (ASHA's rungs) besides its last
     inject_failures: tuple[str, ...] = ()  # "task:L:l" trials that raise (fault tests)
     torch_threads: int = 1
+    precision: str = "fp32"  # the run's precision (kdlib.device): teachers and students train under its autocast
 
     @classmethod
     def from_config(cls, cfg, data: TaskData, encoder: EncoderRef, root: str, run_dir: str) -> "TrialSettings":
@@ -41,7 +42,7 @@ class TrialSettings:
                    storage_root=root, run_dir=run_dir, caches=s.caches,
                    scored_epochs=tuple(scored_epochs(cfg.student.epochs, cfg.scheduler.grace_period,
                                                      cfg.scheduler.reduction_factor)),
-                   inject_failures=tuple(s.inject_failures), torch_threads=s.torch_threads)
+                   inject_failures=tuple(s.inject_failures), torch_threads=s.torch_threads, precision=cfg.precision)
 
     @property
     def task(self) -> str:
@@ -63,4 +64,5 @@ class TrialSettings:
                 "encoder": self.encoder.model_dump(exclude={"seed"}),
                 "teachers": self.teachers.model_dump(exclude=RESOURCE_FIELDS), "student": self.student.model_dump(),
                 "aggregation": self.aggregation, "wrong_teacher_weight": self.wrong_teacher_weight, "seed": self.seed,
-                "storage_root": self.storage_root, "caches": self.caches, "scored_epochs": list(self.scored_epochs)}
+                "storage_root": self.storage_root, "caches": self.caches, "scored_epochs": list(self.scored_epochs),
+                **({} if self.precision == "fp32" else {"precision": self.precision})}

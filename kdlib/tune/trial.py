@@ -26,14 +26,15 @@ from safetensors.torch import load_file, save_file
 from kdlib import storage
 from kdlib.artifact import load_model, save_model
 from kdlib.branched import BranchedModel, member_name
-from kdlib.scoring import ensemble_outputs, member_scores
+from kdlib.device import autocast, device, model_device, out_of_memory_names
 from kdlib.features import TrunkFeatures, length_grouped_batches
 from kdlib.losses import ensemble_target, kd_classification_loss, kd_regression_loss
 from kdlib.merge import build_student, single_task
 from kdlib.metrics import task_metrics
 from kdlib.optim import Optimization
-from kdlib.stages import fingerprint
 from kdlib.pipeline.teachers import teacher_key, train_teacher_ensemble
+from kdlib.scoring import ensemble_outputs, member_scores
+from kdlib.stages import fingerprint
 from kdlib.tune import caches
 
 if TYPE_CHECKING:
@@ -42,12 +43,12 @@ if TYPE_CHECKING:
 
 def teacher_fingerprint(s: TrialSettings, L: int, members: int | None = None) -> str:
     """The teachers stage key of the pipeline, so both jobs share one trained ensemble per (task, L, seed)."""
-    return teacher_key(s.encoder, s.data.digest, L, s.teachers, members=members)
+    return teacher_key(s.encoder, s.data.digest, L, s.teachers, members=members, precision=s.precision)
 
 
 def student_fingerprint(s: TrialSettings, L: int, l: int) -> str:
     return fingerprint("tune-student", teacher_fingerprint(s, L), l, s.student.model_dump(), s.aggregation,
-                       s.wrong_teacher_weight, s.seed)
+                       s.wrong_teacher_weight, s.seed, *([] if s.precision == "fp32" else [s.precision]))
 
 
 def ensure_teacher(s: TrialSettings, L: int, location: str, members: int | None = None) -> tuple[Path, bool]:
@@ -56,7 +57,7 @@ def ensure_teacher(s: TrialSettings, L: int, location: str, members: int | None 
 
     def build(out: Path) -> dict:
         info = train_teacher_ensemble(s.data, s.encoder, L, s.teachers, str(out / "ensemble"), members=members,
-                                      log=lambda *_: None)
+                                      precision=s.precision, log=lambda *_: None)
         return {"task": s.task, "L": L, "train_seconds": info["seconds"]}
 
     out, trained = caches.once(location, build, "teacher")
@@ -80,7 +81,8 @@ def branch_outputs(model: BranchedModel, name: str, feats: TrunkFeatures, batch_
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
         h, mask = feats.batch(idx)
-        y = model.branch_forward(name, h, mask).float().numpy()
+        dev = model_device(model)
+        y = model.branch_forward(name, h.to(dev), mask.to(dev)).float().cpu().numpy()
         for row, j in enumerate(idx):
             out[j] = y[row]
     return np.stack(out)
@@ -183,22 +185,27 @@ def distill_student(s: TrialSettings, prep: dict, L: int, l: int, out: Path, rep
     target = ensemble_target(torch.from_numpy(teacher["logits"]["train"]), s.aggregation, st.temperature,
                              labels=y if kind == "classification" else None,
                              wrong_weight=s.wrong_teacher_weight)  # (N, C)
+    dev = device()  # the GPU this trial asked for (search.gpus_per_trial), else the CPU
+    student.to(dev)
     branch = student.branches[task]
     opt = Optimization(branch.parameters(), lr=st.lr, weight_decay=st.weight_decay, schedule="warmup_linear",
-                       total_steps=st.epochs * int(np.ceil(len(feats["train"]) / st.batch_size)))
+                       total_steps=st.epochs * int(np.ceil(len(feats["train"]) / st.batch_size)),
+                       precision=s.precision, device=dev)
     rng, scores = np.random.default_rng(s.seed), []
     torch.manual_seed(s.seed)
     for epoch in range(st.epochs):
         branch.train()
         for idx in length_grouped_batches(feats["train"].lengths, st.batch_size, rng):
             h, mask = feats["train"].batch(idx)  # (B, T, H), (B, T)
-            pred = student.branch_forward(task, h, mask)  # (B, C)
-            if kind == "classification":
-                loss = kd_classification_loss(pred, target[idx], y[idx], st.temperature, st.alpha)
-            else:
-                loss = kd_regression_loss(pred, target[idx], y[idx], st.alpha)
             opt.zero_grad()
-            opt.backward(loss)
+            with out_of_memory_names("student.batch_size", st.batch_size, task, dev):
+                with autocast(dev, s.precision):
+                    pred = student.branch_forward(task, h.to(dev), mask.to(dev)).float()  # (B, C)
+                if kind == "classification":
+                    loss = kd_classification_loss(pred, target[idx].to(dev), y[idx].to(dev), st.temperature, st.alpha)
+                else:
+                    loss = kd_regression_loss(pred, target[idx].to(dev), y[idx].to(dev), st.alpha)
+                opt.backward(loss)
             opt.step()
         last = epoch + 1 == st.epochs
         if not last and epoch + 1 not in s.scored_epochs:
