@@ -159,6 +159,9 @@ class LabelingConfig(StrictModel):
     gpus_per_actor: float = Field(0.0, ge=0)  # > 0: actors label on a GPU; 0.25 lets four actors share one
     torch_threads: int = Field(1, ge=1)  # per actor; num_actors x torch_threads ~ the cores to use
     batch_size: int = Field(64, ge=1)  # examples per forward pass (sorted by length within a shard)
+    # at most this many padded tokens per forward pass too: short texts in big batches, long ones in small
+    # ones (GPUs: e.g. 131072 with batch_size 1024); null: batch_size rows whatever their length
+    batch_tokens: int | None = Field(None, ge=8)
     shard_size: int = Field(512, ge=1)  # examples per committed shard: the unit of retry and resume
     stream: bool = False  # true: Ray Train consumes training shards while they are labeled
     progress_seconds: float = Field(10.0, gt=0)  # how often labeling prints done / rate / ETA

@@ -21,7 +21,9 @@ import torch
 
 from kdlib import storage
 from kdlib.artifact import load_model
+from kdlib.device import autocast, device, is_out_of_memory
 from kdlib.encoder import load_encoder, load_tokenizer
+from kdlib.errors import DeviceOutOfMemory
 from kdlib.soft_targets import STORE_COLUMNS, Shard, SoftTargetStore
 from kdlib.tokenize import length_sorted_batches
 
@@ -34,16 +36,21 @@ class ShardLabeler:
 
     def __init__(self, *, ensembles: dict[str, str], stores: dict[str, tuple[str, str]], encoder_source: str,
                  random_init: bool, config_overrides: dict, seed: int, max_length: int, torch_threads: int,
-                 batch_size: int, emit_rows: bool):
+                 batch_size: int, emit_rows: bool, batch_tokens: int | None = None, precision: str = "fp32",
+                 inject_oom_rows: int | None = None):
         torch.set_num_threads(torch_threads)
-        encoder = load_encoder(encoder_source, random_init, config_overrides, seed=seed)
+        self.device = device()  # the GPU (share) this actor asked Ray for, else the CPU
+        encoder = load_encoder(encoder_source, random_init, config_overrides, seed=seed).to(self.device)
         self.models, self.members = {}, {}
         for task, folder in ensembles.items():  # every ensemble wraps the same encoder modules
-            self.models[task], manifest = load_model(storage.local_copy(folder), encoder=encoder)
+            model, manifest = load_model(storage.local_copy(folder), encoder=encoder)
+            self.models[task] = model.to(self.device)
             self.members[task] = [b["name"] for b in manifest["branches"]]
         self.stores = {task: SoftTargetStore(root, task, key) for task, (root, key) in stores.items()}
         self.tokenizer = load_tokenizer(encoder_source)
         self.max_length, self.batch_size, self.emit_rows = max_length, batch_size, emit_rows
+        self.batch_tokens, self.precision = batch_tokens, precision
+        self.inject_oom_rows = inject_oom_rows  # tests: batches of more rows raise torch.OutOfMemoryError
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         out = []
@@ -71,17 +78,47 @@ class ShardLabeler:
     def label(self, task: str, examples: pd.DataFrame) -> pd.DataFrame:
         """Every member's logits for every example; mini-batches of similar length, original order kept."""
         model, names = self.models[task], self.members[task]
+
+        def forward(enc: dict[str, torch.Tensor]) -> torch.Tensor:  # (B, K, C) on the device
+            if self.inject_oom_rows is not None and len(enc["input_ids"]) > self.inject_oom_rows:
+                raise torch.OutOfMemoryError(f"injected: more than {self.inject_oom_rows} rows")
+            with autocast(self.device, self.precision):
+                out = model(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"], names=names)
+            return torch.stack([out[n].float() for n in names], dim=1)
+
         logits = [None] * len(examples)
         for idx, enc in length_sorted_batches(self.tokenizer, examples["text"].tolist(), examples["text_pair"].tolist(),
-                                              max_length=self.max_length, batch_size=self.batch_size):
-            enc = {k: torch.from_numpy(v) for k, v in enc.items()}
-            out = model(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"], names=names)
-            block = torch.stack([out[n] for n in names], dim=1).float().numpy()  # (B, K, C)
+                                              max_length=self.max_length, batch_size=self.batch_size,
+                                              batch_tokens=self.batch_tokens):
+            enc = {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in enc.items()}
+            block = split_on_out_of_memory(forward, enc).cpu().numpy()
             for j, i in enumerate(idx):
                 logits[i] = block[j]
         frame = examples.copy()
         frame["teacher_logits"] = [x.tolist() for x in logits]
         return frame
+
+
+def split_on_out_of_memory(forward, enc: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`forward(enc)`, or, when the device runs out of memory, the same rows in two halves (recursively), joined
+    in order: every row is labeled once, however often its batch had to be split.
+
+    A single row that does not fit raises DeviceOutOfMemory naming what to lower."""
+    try:
+        return forward(enc)
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        rows, tokens = enc["input_ids"].shape
+        if rows == 1:
+            raise DeviceOutOfMemory(f"one example of {tokens} tokens does not fit the device's memory: lower "
+                                    "encoder.max_length, or give each labeling actor more of a GPU "
+                                    "(labeling.gpus_per_actor)") from e
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = rows // 2
+        return torch.cat([split_on_out_of_memory(forward, {k: v[:half] for k, v in enc.items()}),
+                          split_on_out_of_memory(forward, {k: v[half:] for k, v in enc.items()})])
 
 
 def shard_rows(plan: list[tuple[Shard, pd.DataFrame]]) -> pd.DataFrame:
@@ -99,11 +136,15 @@ def shard_rows(plan: list[tuple[Shard, pd.DataFrame]]) -> pd.DataFrame:
 def labeling_dataset(plan: list[tuple[Shard, pd.DataFrame]], *, ensembles: dict[str, str],
                      stores: dict[str, SoftTargetStore], encoder_source: str, random_init: bool,
                      config_overrides: dict, seed: int, max_length: int, num_actors: int, cpus_per_actor: float,
-                     torch_threads: int, batch_size: int, emit_rows: bool) -> ray.data.Dataset:
+                     torch_threads: int, batch_size: int, emit_rows: bool, gpus_per_actor: float = 0.0,
+                     batch_tokens: int | None = None, precision: str = "fp32",
+                     inject_oom_rows: int | None = None) -> ray.data.Dataset:
     """A lazy Ray Dataset whose execution labels and commits every shard of `plan`.
 
     One block per shard, so shards are spread over the actor pool and a retried task redoes one shard.
     emit_rows: the labeled rows (to stream into training), else one summary row per shard.
+    gpus_per_actor: each actor's share of a GPU (0.25: four actors share one), 0 for CPU actors.
+    batch_tokens: at most this many padded tokens per forward pass (None: batch_size rows, whatever their length).
     """
     frame = shard_rows(plan)
     ds = ray.data.from_pandas([frame.iloc[i:i + 1] for i in range(len(frame))])
@@ -112,9 +153,11 @@ def labeling_dataset(plan: list[tuple[Shard, pd.DataFrame]], *, ensembles: dict[
         fn_constructor_kwargs=dict(
             ensembles=ensembles, stores={t: (s.root, s.key) for t, s in stores.items()},
             encoder_source=encoder_source, random_init=random_init, config_overrides=config_overrides, seed=seed,
-            max_length=max_length, torch_threads=torch_threads, batch_size=batch_size, emit_rows=emit_rows),
+            max_length=max_length, torch_threads=torch_threads, batch_size=batch_size, emit_rows=emit_rows,
+            batch_tokens=batch_tokens, precision=precision, inject_oom_rows=inject_oom_rows),
         compute=ray.data.ActorPoolStrategy(size=num_actors),
         num_cpus=cpus_per_actor,
+        **({"num_gpus": gpus_per_actor} if gpus_per_actor else {}),
         batch_size=1,
         batch_format="pandas",
     )

@@ -51,10 +51,12 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, texts, pairs=None, *, max_lengt
 
 
 def length_sorted_batches(tokenizer: PreTrainedTokenizerBase, texts, pairs=None, *, max_length: int,
-                          batch_size: int):
+                          batch_size: int, batch_tokens: int | None = None):
     """Tokenize once, then yield (row indices, inputs) for batches of similar length, right-padded.
 
     Each batch equals `tokenize` of its rows (padding to the longest), without tokenizing twice to sort.
+    batch_tokens: a batch also stops before its padded size (rows x longest) would pass this budget, so
+    short sentences go in large batches and long ones in small ones (at least one row each); None: rows only.
     Yields:
         (idx, {"input_ids", "attention_mask", "token_type_ids"}): idx an int array of row positions,
         the arrays int64 of shape (len(idx), T).
@@ -62,8 +64,20 @@ def length_sorted_batches(tokenizer: PreTrainedTokenizerBase, texts, pairs=None,
     texts = [str(t) for t in texts]
     enc = tokenizer(texts, text_pairs(pairs), truncation=True, max_length=max_length, return_token_type_ids=True)
     rows = [{"input_ids": ids, "token_type_ids": types} for ids, types in zip(enc["input_ids"], enc["token_type_ids"])]
-    order = np.argsort([len(r["input_ids"]) for r in rows], kind="stable")
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
+    lengths = np.array([len(r["input_ids"]) for r in rows])
+    order = np.argsort(lengths, kind="stable")
+    for idx in _cut(order, lengths, batch_size, batch_tokens):
         batch = tokenizer.pad([rows[i] for i in idx], padding="longest", return_attention_mask=True, return_tensors="np")
         yield idx, {k: batch[k].astype(np.int64) for k in INPUT_KEYS}
+
+
+def _cut(order: np.ndarray, lengths: np.ndarray, batch_size: int, batch_tokens: int | None):
+    """Consecutive runs of `order` (ascending lengths) of at most batch_size rows and batch_tokens padded tokens."""
+    start = 0
+    while start < len(order):
+        end = min(start + batch_size, len(order))
+        if batch_tokens is not None:  # lengths ascend: a run's padded size is its count x its last length
+            fits = np.nonzero(np.arange(1, end - start + 1) * lengths[order[start:end]] <= batch_tokens)[0]
+            end = start + (int(fits[-1]) + 1 if len(fits) else 1)
+        yield order[start:end]
+        start = end

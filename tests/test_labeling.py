@@ -155,3 +155,78 @@ def _settled_commits(stores) -> dict[Path, int]:
             last, stable_since = now, time.time()
         time.sleep(0.2)
     return last
+
+
+def _labeled(stores, plan) -> dict[str, pd.DataFrame]:
+    for task, store in stores.items():
+        store.finalize([s for s, _ in plan if s.task == task], {})
+    return {task: store.read().sort_values("id").reset_index(drop=True) for task, store in stores.items()}
+
+
+def test_out_of_memory_splits_the_batch_and_labels_every_example_once(ray_session, ensembles, tmp_path):
+    """Batches of more than 3 rows raise torch.OutOfMemoryError in the actors (injected): each is split in
+    halves until it fits, and the store holds every example once with the logits of an uninjected run."""
+    plan = _plan(n=60, shard_size=20)
+    clean = {t: SoftTargetStore(str(tmp_path / "clean"), t, "k") for t in TASKS}
+    split = {t: SoftTargetStore(str(tmp_path / "split"), t, "k") for t in TASKS}
+    run_labeling(plan, stores=clean, **_settings(ensembles, num_actors=1))
+    stats = run_labeling(plan, stores=split, **_settings(ensembles, num_actors=1, inject_oom_rows=3))
+    assert stats["labeled"] == len(plan)
+    want, got = _labeled(clean, plan), _labeled(split, plan)
+    for task in TASKS:
+        assert got[task]["id"].is_unique and got[task]["id"].tolist() == want[task]["id"].tolist()
+        # Smaller batches pad less: equal up to float rounding.
+        np.testing.assert_allclose(teacher_logits_array(got[task]), teacher_logits_array(want[task]), atol=1e-5)
+
+
+def test_one_example_that_does_not_fit_names_what_to_lower():
+    from kdlib.errors import DeviceOutOfMemory
+    from kdlib.labeling import split_on_out_of_memory
+
+    calls = []
+
+    def forward(enc):
+        calls.append(len(enc["input_ids"]))
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(DeviceOutOfMemory, match=r"one example of 7 tokens .* lower encoder\.max_length"):
+        split_on_out_of_memory(forward, {"input_ids": torch.zeros(4, 7, dtype=torch.long)})
+    assert calls == [4, 2, 1]  # halved down to one row, then given up
+    with pytest.raises(ValueError):  # other errors are not memory: not retried
+        split_on_out_of_memory(lambda enc: (_ for _ in ()).throw(ValueError("bug")), {"input_ids": torch.zeros(2, 3)})
+
+
+def test_bf16_labeling_agrees_with_fp32(ray_session, ensembles, tmp_path):
+    """Actors under CPU bf16 autocast store logits within 0.05 of fp32's (bf16 rounds each matmul to ~0.4%;
+    these tiny random teachers' logits are ~0.1-1 in size: measured max difference 0.003), with a token budget
+    cutting the batches (the budget changes padding, not results)."""
+    plan = _plan(n=40, shard_size=20)
+    fp32 = {t: SoftTargetStore(str(tmp_path / "fp32"), t, "k") for t in TASKS}
+    bf16 = {t: SoftTargetStore(str(tmp_path / "bf16"), t, "k") for t in TASKS}
+    run_labeling(plan, stores=fp32, **_settings(ensembles, num_actors=1))
+    run_labeling(plan, stores=bf16, **_settings(ensembles, num_actors=1, precision="bf16", batch_tokens=64))
+    want, got = _labeled(fp32, plan), _labeled(bf16, plan)
+    for task in TASKS:
+        diff = np.abs(teacher_logits_array(got[task]) - teacher_logits_array(want[task]))
+        assert 0 < diff.max() < 0.05, diff.max()
+
+
+def test_labeling_actors_ask_for_their_gpu_share(ray_session, ensembles, tmp_path):
+    """labeling.gpus_per_actor reaches Ray: with the session's 2 logical GPUs, actors asking for 0.5 GPU each
+    run (on the CPU: no CUDA here) and their assigned resources hold that share."""
+    import ray
+
+    from kdlib.labeling import labeling_dataset
+
+    plan = _plan(n=20, shard_size=10)
+    stores = {t: SoftTargetStore(str(tmp_path), t, "k") for t in TASKS}
+    ds = labeling_dataset(plan, stores=stores, emit_rows=False, **_settings(ensembles, gpus_per_actor=0.5))
+    op = ds._logical_plan.dag
+    assert op.ray_remote_args.get("num_gpus") == 0.5, op.ray_remote_args
+
+    @ray.remote(num_gpus=0.5, num_cpus=0)
+    def assigned():
+        return ray.get_runtime_context().get_assigned_resources().get("GPU"), torch.cuda.is_available()
+
+    assert ray.get(assigned.remote()) == (0.5, False)
+    assert len(list(ds.iter_rows())) == len(plan)  # the pool ran on its GPU shares

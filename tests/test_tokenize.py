@@ -42,3 +42,16 @@ def test_length_sorted_batches_equal_tokenizing_each_batch(tokenizer, with_pairs
         lengths += batch["attention_mask"].sum(1).tolist()
     assert sorted(seen) == list(range(len(texts)))  # every row once
     assert lengths == sorted(lengths) and max(lengths) == 12  # shortest first; truncated at max_length
+
+
+def test_a_token_budget_cuts_batches_by_padded_size(tokenizer):
+    """batch_tokens caps rows x longest row per batch (short texts in big batches, long ones in small), keeps
+    at least one row per batch, and every row comes once."""
+    from kdlib.tokenize import length_sorted_batches
+
+    texts = ["a"] * 8 + ["a b c d e f g h i j k l m n o p"] * 4
+    batches = list(length_sorted_batches(tokenizer, texts, max_length=32, batch_size=64, batch_tokens=24))
+    sizes = [(len(idx), enc["input_ids"].shape[1]) for idx, enc in batches]
+    assert all(n * t <= 24 or n == 1 for n, t in sizes), sizes
+    assert sizes[0] == (8, 3) and {t for _, t in sizes[1:]} == {18}  # the 1-token texts fit 8 x 3 = 24
+    assert sorted(i for idx, _ in batches for i in idx.tolist()) == list(range(12))

@@ -48,7 +48,8 @@ def labeling_settings(ctx, teachers: Teachers) -> dict:
     return dict(ensembles=teachers.dirs, encoder_source=enc.source, random_init=enc.random_init,
                 config_overrides=enc.config_overrides, seed=enc.seed, max_length=enc.max_length,
                 num_actors=lab.num_actors, cpus_per_actor=lab.cpus_per_actor, torch_threads=lab.torch_threads,
-                batch_size=lab.batch_size)
+                batch_size=lab.batch_size, batch_tokens=lab.batch_tokens, gpus_per_actor=lab.gpus_per_actor,
+                precision=ctx.cfg.precision)
 
 
 def plan_labels(ctx, tasks: dict[str, TaskData], teachers: Teachers) -> Labels:
