@@ -38,6 +38,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kdlib.artifact import ArtifactError
 from kdlib.cluster import init_ray
+from kdlib.errors import ResourceError
+from kdlib.resources import GpuAsk, check_gpu_asks, cluster_gpus
 from kdlib.console import INTERRUPTED, interrupted_line, on_interrupt
 from kdlib.serve.api import ServeArgs
 from kdlib.serve.model import resolve_model_location
@@ -112,10 +114,13 @@ def deploy(argv: list[str] | None = None) -> str:
     if not joins_a_cluster():
         check_port_free(launch.host, launch.port)
     init_ray(None, None)
+    if args.num_gpus:  # replicas the cluster cannot place would wait for ever: say so now
+        check_gpu_asks([GpuAsk("--num-gpus", args.num_gpus, args.num_replicas, "--num-replicas")], cluster_gpus())
     serve.start(http_options={"host": launch.host, "port": launch.port})
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     url = f"http://{launch.host}:{launch.port}"
-    print(f"[serve] {APP_NAME}: {args.model_dir} ({args.quantize}) at {url}/v1/predict "
+    print(f"[serve] {APP_NAME}: {args.model_dir} ({args.quantize}, {args.precision}"
+          f"{f', {args.num_gpus:g} GPU per replica' if args.num_gpus else ''}) at {url}/v1/predict "
           f"({'bearer token required' if args.require_token else 'no token'})")
     return url
 
@@ -218,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with on_interrupt(STOPPED, then=SERVE_AGAIN):  # Ctrl-C while the model loads
             deploy(argv)
-    except (ArtifactError, ValueError) as e:  # a bad --model or setting, before anything starts
+    except (ArtifactError, ValueError, ResourceError) as e:  # a bad --model or setting, before anything starts
         print(f"error: {e}", file=sys.stderr)
         return 2
     if launch.detach or on_cluster:

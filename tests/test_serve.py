@@ -217,6 +217,41 @@ def test_int8_is_close_to_float_and_the_comparison_reports_both(artifacts):
     assert all(r["max_abs_diff"] < 0.05 for r in report["tasks"].values())
 
 
+def test_bf16_serving_is_close_to_fp32(artifacts):
+    """A replica's bf16 autocast (here on the CPU) answers within 0.05 of fp32 (bf16 rounds each matmul to
+    ~0.4%; these small random models' outputs are ~1 in size), and says which precision it runs."""
+    fp, bf = ServedModel.load(artifacts["v1"]), ServedModel.load(artifacts["v1"], precision="bf16")
+    assert bf.describe()["precision"] == "bf16" and bf.describe()["device"] == "cpu"
+    rows = [("a", "b", "c")] * 3
+    diffs = [np.abs(x[t] - y[t]).max() for x, y in zip(fp.run(TEXTS, PAIRS, rows), bf.run(TEXTS, PAIRS, rows))
+             for t in ("a", "b", "c")]
+    assert 0 < max(diffs) < 0.05, diffs
+
+
+def test_an_artifact_saved_from_bf16_weights_loads_and_serves_as_fp32(artifacts, tmp_path):
+    """Device-neutral artifacts: weights held in bf16 (as a GPU run might) are written as fp32 CPU tensors; the
+    artifact loads in fp32 on the CPU and answers as the bf16 model did, within bf16's rounding."""
+    model, manifest = load_model(artifacts["v1"] / "model")
+    half = model.to(torch.bfloat16)
+    folder = save_model(half, tmp_path / "from-bf16", tasks=manifest["tasks"],
+                        extra={k: manifest[k] for k in ("encoder", "max_length") if k in manifest})
+    reloaded, _ = load_model(folder)
+    assert all(p.dtype == torch.float32 for p in reloaded.parameters())
+    for (name, a), b in zip(half.state_dict().items(), reloaded.state_dict().values()):
+        assert torch.equal(a.float(), b), name  # bf16 values are exact in fp32
+    served = ServedModel.load(folder)
+    assert served.run(TEXTS, PAIRS, [("a",)] * 3)[0]["a"].dtype == np.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_model_served_on_the_gpu_in_bf16_agrees_with_the_cpu(artifacts):
+    cpu, gpu = ServedModel.load(artifacts["v1"]), ServedModel.load(artifacts["v1"], device="cuda", precision="bf16")
+    rows = [("a", "b", "c")] * 3
+    for x, y in zip(cpu.run(TEXTS, PAIRS, rows), gpu.run(TEXTS, PAIRS, rows)):
+        for t in ("a", "b", "c"):
+            np.testing.assert_allclose(y[t], x[t], atol=0.05)
+
+
 def test_token_comes_from_a_file_or_the_environment(tmp_path, monkeypatch):
     monkeypatch.delenv("KDLIB_TEST_TOKEN", raising=False)
     assert read_token("KDLIB_TEST_TOKEN", None) is None
@@ -258,6 +293,8 @@ def test_job_refuses_bad_settings_before_starting_anything(artifacts, tmp_path, 
     assert "neither a model artifact" in capsys.readouterr().err
     assert job["main"](["--model", str(artifacts["v1"]), "--max-inputs-per-request", "65"]) == 2
     assert "must not exceed max_batch_size" in capsys.readouterr().err
+    assert job["main"](["--model", str(artifacts["v1"]), "--quantize", "int8", "--num-gpus", "1"]) == 2
+    assert "quantize int8 (dynamic int8 linear layers) runs on CPUs" in capsys.readouterr().err
 
 
 def _other_value(annotation, default):
@@ -286,12 +323,16 @@ def test_every_serve_setting_is_a_flag_of_the_job_with_its_default(artifacts, tm
     monkeypatch.chdir(tmp_path)
     argv, expected = ["--model", str(artifacts["v1"])], {}
     for name, field in ServeArgs.model_fields.items():
-        if name != "model_dir":
+        if name not in ("model_dir", "num_gpus"):  # int8 (quantize's other value) runs on CPUs: GPUs below
             word, expected[name] = _other_value(field.annotation, field.default)
             argv += ["--" + name.replace("_", "-")] + ([] if field.annotation is bool else [word])
     args = job["serve_args"](*job["parse_args"](argv))
     assert isinstance(args, ServeArgs) and args.model_dir == str(artifacts["v1"] / "model")
-    assert args.model_dump(exclude={"model_dir"}) == expected
+    assert args.model_dump(exclude={"model_dir", "num_gpus"}) == expected
+    gpu = job["serve_args"](*job["parse_args"](["--model", str(artifacts["v1"]), "--num-gpus", "0.5"]))
+    from kdlib.serve.app import build_app
+
+    assert gpu.num_gpus == 0.5 and build_app(gpu)._bound_deployment.ray_actor_options["num_gpus"] == 0.5
     # A token configured for this launch is required of every replica, even without --require-token.
     (tmp_path / "token").write_text("secret")
     args = job["serve_args"](*job["parse_args"](["--model", str(artifacts["v1"]), "--token-file", "token"]))
@@ -848,6 +889,24 @@ def test_int8_deployment_answers_close_to_float(server, artifacts):
     for task in ("a", "c"):
         np.testing.assert_allclose(_as_array(q["results"], task), _as_array(float_out["results"], task), atol=0.05)
     assert resolve_model_dir(artifacts["v3"]) == Path(info["model_dir"])
+
+
+@pytest.mark.slow
+def test_a_replica_without_the_gpu_it_asked_for_says_so_in_healthz(server, artifacts):
+    """--num-gpus 0.5 on the session Ray's logical GPUs: Ray gives the replica its GPU share, the replica finds
+    no CUDA, serves on the CPU, and /healthz answers 503 naming the problem (a load balancer's probe takes it
+    out). --precision bf16 reaches the replica. Then back to a CPU replica."""
+    server.redeploy(artifacts["v1"], "--num-gpus", "0.5", "--precision", "bf16")
+    health = requests.get(server.url + "/healthz", timeout=30)
+    assert health.status_code == 503, health.text
+    body = health.json()
+    assert body["status"] == "no gpu" and body["device"] == "cpu" and body["precision"] == "bf16"
+    assert "asked Ray for 0.5 GPU (num_gpus) but sees no CUDA device" in body["gpu_error"]
+    info = server.get("/v1/tasks").json()
+    assert info["device"] == "cpu" and info["precision"] == "bf16"
+    assert server.predict({"task": "a", "inputs": _items()})["results"]  # it still answers
+    server.redeploy(artifacts["v1"])
+    assert requests.get(server.url + "/healthz", timeout=30).status_code == 200
 
 
 # --- jobs/serve.py as a process: its own embedded Ray ---------------------------------------------------------

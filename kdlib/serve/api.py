@@ -40,6 +40,10 @@ class ServeArgs(BaseModel):
     max_ongoing_requests: int = Field(64, ge=1, description="requests a replica accepts at once")
     num_replicas: int = Field(1, ge=1, description="replicas, each holding a copy of the model")
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (0.5: two replicas share one); the model "
+                                                   "runs on the GPU Ray assigns")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast on the replica's device (GPUs: "
+                                                                   "about 2x the inputs/s of fp32)")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per replica; default: Ray's "
                                                               "(the replica's CPUs)")
     token_env: str = Field("KDLIB_SERVE_TOKEN", description="the environment variable holding the bearer token "
@@ -48,6 +52,13 @@ class ServeArgs(BaseModel):
                                                      "Secret); wins over token_env")
     require_token: bool = Field(False, description="refuse to start without a token instead of serving "
                                                    "unauthenticated")
+
+    @model_validator(mode="after")
+    def _int8_runs_on_cpus(self):
+        if self.quantize == "int8" and self.num_gpus > 0:
+            raise ValueError("quantize int8 (dynamic int8 linear layers) runs on CPUs; on a GPU use precision bf16 "
+                             "and quantize none")
+        return self
 
     @model_validator(mode="after")
     def _request_fits_a_batch(self):

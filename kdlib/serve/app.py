@@ -18,6 +18,7 @@ single reference swap, so no request waits on or fails during the update.
 # (Request), which Serve's class-based ingress leaves unresolved when they are strings.
 import asyncio
 import logging
+import os
 import time
 from collections import Counter as Tally
 
@@ -28,6 +29,7 @@ from ray import serve
 from ray.serve.metrics import Counter, Histogram
 from starlette.exceptions import HTTPException
 
+from kdlib.device import describe, device
 from kdlib.serve.api import (ClientError, Limits, ServeArgs, UserConfig, check_bearer, check_media_type,
                              parse_predict, printable, read_token, unknown_tasks)
 from kdlib.serve.model import Job, ModelSlot
@@ -84,7 +86,16 @@ class KdlibServer:
                                "token in this replica's environment")
         if self.args.torch_threads:
             torch.set_num_threads(self.args.torch_threads)
-        self.slot = ModelSlot(self.args.tokenizer_path)
+        self.device = device()  # the GPU Ray assigned this replica (num_gpus), else the CPU
+        # A replica that asked for a GPU and sees none serves on the CPU and says so in /healthz (503), so that
+        # a load balancer's health check takes it out, instead of the replica failing in a restart loop.
+        self.gpu_error = None
+        if self.args.num_gpus > 0 and self.device.type != "cuda":
+            self.gpu_error = (f"this replica asked Ray for {self.args.num_gpus:g} GPU (num_gpus) but sees no CUDA "
+                              f"device (torch.cuda.is_available() is False; CUDA_VISIBLE_DEVICES="
+                              f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}): serving on the CPU")
+            logger.error(self.gpu_error)
+        self.slot = ModelSlot(self.args.tokenizer_path, device=self.device, precision=self.args.precision)
         self._infer.set_max_batch_size(self.args.max_batch_size)
         self._infer.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
         self.stats = {"requests": 0, "batches": 0, "inputs": 0, "max_batch_requests": 0, "max_batch_inputs": 0,
@@ -115,8 +126,12 @@ class KdlibServer:
     @app.get("/healthz")
     async def healthz(self):
         model = self.slot.current
-        return {"status": "ok" if model else "no model", "model_version": model.version if model else None,
-                "last_update_error": self.slot.last_error}
+        body = {"status": "ok" if model else "no model", "model_version": model.version if model else None,
+                "last_update_error": self.slot.last_error, "device": describe(self.device),
+                "precision": self.args.precision}
+        if self.gpu_error:
+            return JSONResponse({**body, "status": "no gpu", "gpu_error": self.gpu_error}, status_code=503)
+        return body
 
     @app.get("/v1/tasks")
     async def tasks(self, request: Request):
@@ -206,7 +221,7 @@ def build_app(args: ServeArgs | dict) -> serve.Application:
     """
     a = ServeArgs.model_validate(args or {})
     options = dict(num_replicas=a.num_replicas, max_ongoing_requests=a.max_ongoing_requests,
-                   ray_actor_options={"num_cpus": a.num_cpus})
+                   ray_actor_options={"num_cpus": a.num_cpus, **({"num_gpus": a.num_gpus} if a.num_gpus else {})})
     if a.model_dir is not None:
         options["user_config"] = UserConfig(model_dir=a.model_dir, quantize=a.quantize).model_dump()
     return KdlibServer.options(**options).bind(a)

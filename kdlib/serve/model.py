@@ -18,6 +18,7 @@ import torch
 from kdlib import storage
 from kdlib.artifact import MANIFEST, WEIGHTS, ArtifactError, load_model
 from kdlib.branched import BranchedModel, attention_bias
+from kdlib.device import autocast, model_device
 from kdlib.encoder import load_tokenizer, resolve_encoder_path
 from kdlib.serve.quantize import quantize_int8
 from kdlib.tokenize import tokenize
@@ -70,11 +71,13 @@ def tokenizer_source(manifest: dict, override: str | None = None) -> str:
 class ServedModel:
     """A loaded artifact ready to answer requests. Immutable once built; a new version is a new object."""
 
-    def __init__(self, model: BranchedModel, manifest: dict, tokenizer, *, model_dir: str, quantize: str):
+    def __init__(self, model: BranchedModel, manifest: dict, tokenizer, *, model_dir: str, quantize: str,
+                 precision: str = "fp32"):
         if "max_length" not in manifest:
             raise ArtifactError(f"{model_dir}: the manifest has no max_length (not a merged model artifact)")
         self.model, self.manifest, self.tokenizer = model, manifest, tokenizer
-        self.model_dir, self.quantize = model_dir, quantize
+        self.model_dir, self.quantize, self.precision = model_dir, quantize, precision
+        self.device = model_device(model)
         self.max_length = int(manifest["max_length"])
         # The weights' checksum names the version: any branch added, replaced or removed changes it.
         self.version = f"sha256:{manifest['files'][WEIGHTS][:12]}" + ("+int8" if quantize == "int8" else "")
@@ -88,19 +91,22 @@ class ServedModel:
                                 "pair": facts.get("pair"), "depth": spec.depth, "layers": spec.layers}
 
     @classmethod
-    def load(cls, model_dir: str | Path, quantize: str = "none", tokenizer_path: str | None = None) -> "ServedModel":
-        """Load and verify (SHA-256 of the safetensors weights against the manifest; ArtifactError if altered)."""
+    def load(cls, model_dir: str | Path, quantize: str = "none", tokenizer_path: str | None = None,
+             device: torch.device | str = "cpu", precision: str = "fp32") -> "ServedModel":
+        """Load and verify (SHA-256 of the safetensors weights against the manifest; ArtifactError if altered),
+        onto `device`; `precision` bf16 runs it under autocast there (the weights stay fp32)."""
         if quantize not in QUANTIZE_MODES:
             raise ValueError(f"quantize={quantize!r}: must be one of {QUANTIZE_MODES}")
         location = resolve_model_location(model_dir)
         model, manifest = load_model(storage.local_copy(location))
         if quantize == "int8":
             model = quantize_int8(model)
-        return cls(model, manifest, load_tokenizer(tokenizer_source(manifest, tokenizer_path)),
-                   model_dir=location, quantize=quantize)
+        return cls(model.to(device), manifest, load_tokenizer(tokenizer_source(manifest, tokenizer_path)),
+                   model_dir=location, quantize=quantize, precision=precision)
 
     def describe(self) -> dict:
         return {"model_version": self.version, "model_dir": self.model_dir, "quantize": self.quantize,
+                "device": str(self.device), "precision": self.precision,
                 "max_length": self.max_length, "trunk_depth": self.model.trunk_depth, "tasks": self.tasks}
 
     def encode(self, texts: list[str], pairs: list[str | None]) -> dict[str, torch.Tensor]:
@@ -118,9 +124,9 @@ class ServedModel:
         for rows, enc in parts:
             for k, v in enc.items():
                 out[k][rows, : v.shape[1]] = v
-        return {k: torch.from_numpy(v) for k, v in out.items()}
+        return {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in out.items()}
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def run(self, texts: list[str], pairs: list[str | None], row_tasks: list[tuple[str, ...]]
             ) -> list[dict[str, np.ndarray]]:
         """Outputs of each row's tasks; the trunk runs once for all rows, only as deep as each row needs.
@@ -136,22 +142,26 @@ class ServedModel:
         mask = enc["attention_mask"]  # (N, T)
         need = torch.tensor([max(model.specs[t].depth for t in ts) for ts in row_tasks])  # (N,)
         rows = torch.arange(len(texts))  # original index of each row still in the trunk
-        h = model.embeddings(input_ids=enc["input_ids"], token_type_ids=enc["token_type_ids"])  # (N, T, H)
+        with autocast(self.device, self.precision):
+            h = model.embeddings(input_ids=enc["input_ids"], token_type_ids=enc["token_type_ids"])  # (N, T, H)
         out: list[dict[str, np.ndarray]] = [{} for _ in texts]
         top = int(need.max())
         for depth in range(top + 1):
             for task in sorted({t for r in rows.tolist() for t in row_tasks[r] if model.specs[t].depth == depth}):
                 sel = [i for i, r in enumerate(rows.tolist()) if task in row_tasks[r]]
-                y = model.branch_forward(task, h[sel], mask[sel]).float().numpy()  # (b, C)
-                for i, row in zip(sel, y):
+                with autocast(self.device, self.precision):
+                    y = model.branch_forward(task, h[sel], mask[sel])  # (b, C)
+                for i, row in zip(sel, y.float().cpu().numpy()):
                     out[int(rows[i])][task] = row
             if depth < top:
-                keep = need[rows] > depth
+                keep = need[rows] > depth  # rows and need stay on the CPU; h and mask on the device
                 if not bool(keep.all()):
-                    h, mask, rows = h[keep], mask[keep], rows[keep]
+                    on_device = keep.to(self.device)
+                    h, mask, rows = h[on_device], mask[on_device], rows[keep]
                     t = int(mask.sum(1).max())  # right padding: drop columns no remaining row uses
                     h, mask = h[:, :t], mask[:, :t]
-                h = model.trunk[depth](h, attention_mask=attention_bias(mask))
+                with autocast(self.device, self.precision):
+                    h = model.trunk[depth](h, attention_mask=attention_bias(mask))
                 h = h[0] if isinstance(h, tuple) else h  # BertLayer: tensor (transformers 5), tuple (4.x)
         return out
 
@@ -216,8 +226,9 @@ class ModelSlot:
     """The model version a replica serves. An update swaps in a new one only once it has loaded and
     verified; until then, and if it fails, requests keep getting the current one."""
 
-    def __init__(self, tokenizer_path: str | None = None):
-        self.tokenizer_path = tokenizer_path
+    def __init__(self, tokenizer_path: str | None = None, *, device: torch.device | str = "cpu",
+                 precision: str = "fp32"):
+        self.tokenizer_path, self.device, self.precision = tokenizer_path, device, precision
         self.current: ServedModel | None = None
         self.config: dict | None = None
         self.last_error: str | None = None
@@ -235,7 +246,7 @@ class ModelSlot:
             if config == self.config and self.current is not None:
                 return "unchanged"
             try:
-                new = ServedModel.load(model_dir, quantize, self.tokenizer_path)
+                new = ServedModel.load(model_dir, quantize, self.tokenizer_path, self.device, self.precision)
             except Exception as e:  # noqa: BLE001 - any failure keeps the old model serving
                 self.last_error = f"{type(e).__name__}: {e}"
                 if self.current is None:
