@@ -18,6 +18,7 @@ Each benchmark is jobs/benchmarks/<name>.py; its docstring says what it measures
     tune_caches  the same kind of sweep with its caches and without: wall time
     serve        the merged model on Ray Serve against one teacher deployment per task
     cluster      labeling on 1 and 2 simulated worker nodes; Ray's job overhead
+    gpu          every stage on one GPU against plain PyTorch (needs CUDA; --scale quick runs anywhere)
 
 A module's `<name>_benchmark(scale, data_dir, out, storage_root)` returns {"result", "table"} and draws the
 PNG; its SCALES are the scales it has. jobs/benchmarks/common.py holds what they share.
@@ -38,8 +39,8 @@ from benchmarks.readme import NAMES, MarkersMissing, update_readme
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", choices=sorted([*NAMES, "readme"]))
-    p.add_argument("--scale", choices=["full", "quick", "transfer"], default="quick",
-                   help="quick or full; the students benchmark also has transfer")
+    p.add_argument("--scale", choices=["full", "quick", "transfer"], default=None,
+                   help="quick or full (default: quick; gpu: full); the students benchmark also has transfer")
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "glue-mini"))
     p.add_argument("--out", default=str(ROOT / "bench-results"))
     p.add_argument("--storage-root", default=str(ROOT / "runs"))
@@ -54,8 +55,13 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     bench = importlib.import_module(f"benchmarks.{args.name}")
+    args.scale = args.scale or getattr(bench, "DEFAULT_SCALE", "quick")
     if args.scale not in bench.SCALES:
         p.error(f"--scale {args.scale}: the {args.name} benchmark has {', '.join(bench.SCALES)}")
+    reason = getattr(bench, "unavailable", lambda scale: None)(args.scale)  # e.g. gpu without CUDA
+    if reason:
+        print(f"{args.name}: {reason}")
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     Path(args.storage_root).mkdir(parents=True, exist_ok=True)
     from kdlib.cluster import init_ray  # here: --help and readme start no Ray

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 BEGIN, END = "<!-- results:begin", "<!-- results:end -->"
-NAMES = ("demo", "distill", "labeling", "students", "tune", "tune_caches", "serve", "cluster")
+NAMES = ("demo", "distill", "labeling", "students", "tune", "tune_caches", "serve", "cluster", "gpu")
 SCALES = ("quick", "full", "transfer")
 
 
@@ -46,6 +46,9 @@ HEADLINES = {
     "serve": lambda r: ("all-task requests/s, merged model / one deployment per task: " + ", ".join(
         f"{r['gains'][f'all_b{b}']['merged_vs_per_task']:.2f}x (batch {b})" for b in r["settings"]["batch_sizes"])
         + f"; {r['errors']} errors"),
+    "gpu": lambda r: (f"on {r['device_name']}: labeling while busy " + ", ".join(
+        f"{r[k]['busy_vs_plain']:.2f}x" for k in r if k.startswith("bound_")) + " a plain bf16 loop (GPU-bound), "
+        f"{r['text']['busy_vs_plain']:.2f}x on SST-2 text with tokenization"),
     "cluster": lambda r: (f"2 worker nodes {r['scaling']['end_to_end']:.2f}x one node end to end "
                           f"({r['scaling']['actors_busy']:.2f}x while the actors are busy); the demo job submitted to a "
                           f"local head node {r['job_overhead']['job_overhead_seconds']:+.0f} s against standalone"),

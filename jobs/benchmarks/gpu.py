@@ -1,0 +1,289 @@
+"""`jobs/benchmark.py gpu`: kdlib's stages on one GPU against plain single-process PyTorch on the same model.
+
+    python jobs/benchmark.py gpu                  # full: needs CUDA; elsewhere it says so and exits 0
+    python jobs/benchmark.py gpu --scale quick    # the same code paths at toy sizes on any device (tests)
+    bash jobs/benchmarks/gpu_machine.sh           # on the GPU benchmark machine (see that script)
+
+KDLIB_ENCODER_PATH names a folder with MiniLM's config.json and tokenizer where the offline package is not
+installed (the GPU machine: ../shared/gpu/pack-minilm-bf16.sh carries one).
+
+Random-init teachers (throughput does not depend on weight values; quality numbers come from the CPU runs),
+K = 3 members sharing a frozen trunk (the bottom N - 2 layers), bf16, GPU utilisation sampled throughout
+(nvidia-smi every 200 ms; mean and median per section).
+
+- labeling, GPU-bound (MiniLM 6 x 384 and BERT-base 12 x 768, inputs of exactly 128 tokens): the labeling
+  stage (4 actors x 0.25 GPU) while busy and end to end, against a plain bf16 forward loop over
+  pre-tokenized tensors already on the GPU. Target: >= 0.8x while busy.
+- labeling, real text (SST-2 sentences repeated to 1M inputs, MiniLM shape, tokenization included): the stage
+  (token-budget batches) against a plain loop that tokenizes (fast tokenizer, padding to the longest) and
+  runs the model in bf16, batch 1024. The plain loop's rate is measured on its first 131,072 inputs (its
+  steady rate; the whole million would cost two minutes of the budget). Targets: >= 3x while busy, >= 2x
+  end to end.
+- the demo pipeline on the GPU (configs/demo.yaml with GPU settings, bf16) against the same on the CPU,
+  per stage: teachers, labels, distill (Ray Train, one GPU worker), merge, evaluate.
+The plain baselines run 3 times (median and spread); the stage runs once per shape. Not yet measured here:
+distillation rows/s against a plain loop, and Serve (merged model vs per-task deployments) on the GPU.
+
+Budget on the H200 (8 minutes in all, Ray start-up included): GPU-bound labeling ~2 min (2 shapes),
+real text ~2.5 min, demo pipeline ~2 min.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from benchmarks.common import GLUE_MINI, ROOT, bar_chart, distill_job, fixed_length_texts, scratch_dir
+from kdlib.scoring import markdown_table
+
+SCALES = ("full", "quick")
+DEFAULT_SCALE = "full"  # `python jobs/benchmark.py gpu` measures the GPU; quick is the toy run of its code paths
+MINILM = {"num_hidden_layers": 6, "hidden_size": 384, "num_attention_heads": 12, "intermediate_size": 1536}
+BERT_BASE = {"num_hidden_layers": 12, "hidden_size": 768, "num_attention_heads": 12, "intermediate_size": 3072}
+TOY = {"num_hidden_layers": 3, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
+# scale: shapes, GPU-bound inputs per shape, real-text inputs, plain-loop inputs, plain batch, repeats
+SIZES = {"full": {"shapes": {"minilm": MINILM, "bert_base": BERT_BASE}, "bound": {"minilm": 524288,
+                                                                                "bert_base": 131072},
+                  "text": 1_048_576, "text_plain": 131072, "batch": {"minilm": 1024, "bert_base": 256},
+                  "repeats": 3, "shard": 16384},
+         "quick": {"shapes": {"toy": TOY}, "bound": {"toy": 512}, "text": 1024, "text_plain": 512,
+                   "batch": {"toy": 64}, "repeats": 3, "shard": 256}}
+K, SEQ = 3, 128
+
+
+def unavailable(scale: str) -> str | None:
+    """Why this benchmark cannot run here (checked before Ray starts), or None."""
+    import torch
+
+    if scale == "full" and not torch.cuda.is_available():
+        return ("the gpu benchmark measures a CUDA GPU and this machine has none: nothing measured, nothing "
+                "written. Run it where there is one (bash jobs/benchmarks/gpu_machine.sh on the GPU benchmark "
+                "machine), or `--scale quick` for its code paths at toy sizes on this device.")
+    return None
+
+
+class GpuSampler:
+    """nvidia-smi's utilisation.gpu every 200 ms in a background thread (nothing without a GPU)."""
+
+    def __init__(self):
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        try:
+            proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                                     "-lms", "200"], stdout=subprocess.PIPE, text=True)
+        except OSError:
+            return
+        for line in proc.stdout:
+            if self._stop.is_set():
+                break
+            try:
+                self.samples.append(float(line.split(",")[0]))
+            except ValueError:
+                pass
+        proc.terminate()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+
+    def summary(self) -> dict:
+        s = self.samples
+        return {"gpu_util_mean": round(float(np.mean(s)), 1) if s else None,
+                "gpu_util_median": float(np.median(s)) if s else None, "gpu_util_samples": len(s)}
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+
+
+def gpu_benchmark(scale: str, data_dir: str, out: Path, storage_root: str) -> dict:
+    import torch
+
+    from kdlib.config import load_run_config
+    from kdlib.device import device
+    from kdlib.encoder import load_tokenizer, resolve_encoder_path
+    from kdlib.pipeline.data import load_tasks
+
+    sizes = SIZES[scale]
+    dev = device()
+    # MiniLM's config and tokenizer: the offline package here, a carried folder on the GPU machine
+    encoder_path = os.environ.get("KDLIB_ENCODER_PATH")
+    source = resolve_encoder_path("sentence-transformers/all-MiniLM-L6-v2", encoder_path)
+    tokenizer = load_tokenizer(source)
+    cfg = load_run_config(GLUE_MINI, [f"data_dir={data_dir}", "tasks.sst2.max_train_examples=null"])
+    sentences = load_tasks(cfg)["sst2"].train["text"].tolist()
+    work = scratch_dir(storage_root, "kdlib-gpu-bench-")
+    result = {"benchmark": "gpu", "scale": scale, "device": str(dev),
+              "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
+    rows = []
+
+    for shape, overrides in sizes["shapes"].items():
+        n, bs = sizes["bound"][shape], sizes["batch"][shape]
+        texts = fixed_length_texts(sentences, tokenizer, min(n, 4096), SEQ)
+        texts = (texts * (n // len(texts) + 1))[:n]
+        model, folder = _ensemble(source, overrides, work / f"ens-{shape}")
+        enc = tokenizer(texts[: bs * 8], truncation=True, max_length=SEQ, padding="max_length", return_tensors="pt")
+        enc = {k: v.to(dev) for k, v in enc.items()}
+        with GpuSampler() as util_plain:
+            plain = spread([_plain_forward(model.to(dev), enc, n, bs) for _ in range(sizes["repeats"])])
+        with GpuSampler() as util_stage:
+            stage = _stage(texts, folder, source, overrides, work, f"bound-{shape}", bs, None, sizes["shard"], dev)
+        result[f"bound_{shape}"] = {"inputs": n, "plain_seq_per_s": plain, **stage,
+                                    "busy_vs_plain": stage["busy_seq_per_s"] / plain["median"],
+                                    "plain_util": util_plain.summary(), "stage_util": util_stage.summary()}
+        rows.append([f"GPU-bound, {shape}, {n:,} x {SEQ} tokens", plain["median"], stage["busy_seq_per_s"],
+                     stage["end_to_end_seq_per_s"], result[f"bound_{shape}"]["busy_vs_plain"]])
+
+    shape = next(iter(sizes["shapes"]))
+    model, folder = _ensemble(source, sizes["shapes"][shape], work / "ens-text")
+    texts = (sentences * (sizes["text"] // len(sentences) + 1))[: sizes["text"]]
+    with GpuSampler() as util_plain:
+        plain = spread([_plain_text(model.to(dev), tokenizer, texts[: sizes["text_plain"]], 1024, dev)
+                        for _ in range(sizes["repeats"])])
+    with GpuSampler() as util_stage:
+        stage = _stage(texts, folder, source, sizes["shapes"][shape], work, "text", 1024, 131072, sizes["shard"], dev)
+    result["text"] = {"inputs": len(texts), "plain_inputs": sizes["text_plain"], "plain_seq_per_s": plain, **stage,
+                      "busy_vs_plain": stage["busy_seq_per_s"] / plain["median"],
+                      "end_to_end_vs_plain": stage["end_to_end_seq_per_s"] / plain["median"],
+                      "plain_util": util_plain.summary(), "stage_util": util_stage.summary()}
+    rows.append([f"SST-2 text, {shape}, {len(texts):,} inputs", plain["median"], stage["busy_seq_per_s"],
+                 stage["end_to_end_seq_per_s"], result["text"]["busy_vs_plain"]])
+
+    with GpuSampler() as util_demo:
+        result["demo"] = _demo_per_stage(work, gpu=dev.type == "cuda", toy=scale == "quick", encoder_path=encoder_path)
+    result["demo"]["util"] = util_demo.summary()
+
+    bound = [result[k]["busy_vs_plain"] for k in result if k.startswith("bound_")]
+    checks = {"bound_busy_0.8x": min(bound) >= 0.8, "text_busy_3x": result["text"]["busy_vs_plain"] >= 3,
+              "text_end_to_end_2x": result["text"]["end_to_end_vs_plain"] >= 2}
+    result["targets"] = {**checks, "met": all(checks.values()) and scale == "full"}
+    table = markdown_table(["workload", "plain loop seq/s (median of 3)", "stage seq/s while busy",
+                            "stage seq/s end to end", "busy / plain"], rows)
+    demo = result["demo"]
+    table += ("\n\nDemo pipeline per stage, seconds (GPU vs CPU): " + ", ".join(
+        f"{s} {demo['gpu'].get(s, float('nan')):.1f} vs {demo['cpu'].get(s, float('nan')):.1f}" for s in demo["cpu"])
+        + f".\nDevice: {result['device_name']}. Targets: {checks}.")
+    bar_chart(out / f"gpu-{scale}.png", [r[0].split(",")[0] + "," + r[0].split(",")[1] for r in rows],
+              [r[4] for r in rows], ylabel="stage while busy / plain loop", title=f"kdlib on {result['device_name']}",
+              fmt="%.2fx")
+    return {"result": result, "table": table}
+
+
+def _ensemble(source: str, overrides: dict, folder: Path):
+    """K members sharing the bottom N - 2 layers of a random-init encoder of the given shape, saved trunk-less."""
+    from kdlib.artifact import save_model
+    from kdlib.branched import BranchedModel, BranchSpec, member_name
+    from kdlib.encoder import load_encoder
+
+    encoder = load_encoder(source, True, overrides, seed=0)
+    n = encoder.config.num_hidden_layers
+    model = BranchedModel.from_encoder(encoder, [BranchSpec(member_name("t", k), "classification", 2, n - 2, 2)
+                                                 for k in range(K)]).eval()
+    save_model(model, folder, include_trunk=False)
+    return model, str(folder)
+
+
+def _plain_forward(model, enc: dict, n: int, bs: int) -> float:
+    """Seq/s of a plain bf16 loop over pre-tokenized inputs already on the device (batches reused)."""
+    import torch
+
+    from kdlib.device import autocast, model_device
+
+    dev = model_device(model)
+    batches = [{k: v[s:s + bs] for k, v in enc.items()} for s in range(0, len(enc["input_ids"]), bs)]
+    names = list(model.specs)
+    with torch.inference_mode(), autocast(dev, "bf16"):
+        model(batches[0]["input_ids"], batches[0]["attention_mask"], batches[0]["token_type_ids"], names=names)
+        _sync(dev)
+        start, done = time.perf_counter(), 0
+        while done < n:
+            b = batches[(done // bs) % len(batches)]
+            model(b["input_ids"], b["attention_mask"], b["token_type_ids"], names=names)
+            done += len(b["input_ids"])
+        _sync(dev)
+    return done / (time.perf_counter() - start)
+
+
+def _plain_text(model, tokenizer, texts: list[str], bs: int, dev) -> float:
+    """Seq/s of a plain loop that tokenizes (padding to the longest) and runs the model in bf16."""
+    import torch
+
+    from kdlib.device import autocast
+
+    names = list(model.specs)
+    start = time.perf_counter()
+    with torch.inference_mode(), autocast(dev, "bf16"):
+        for s in range(0, len(texts), bs):
+            enc = tokenizer(texts[s:s + bs], truncation=True, max_length=SEQ, padding="longest", return_tensors="pt")
+            enc = {k: v.to(dev, non_blocking=True) for k, v in enc.items()}
+            model(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"], names=names)
+        _sync(dev)
+    return len(texts) / (time.perf_counter() - start)
+
+
+def _stage(texts, folder, source, overrides, work: Path, name: str, bs: int, batch_tokens, shard: int, dev) -> dict:
+    """The labeling stage over `texts`: 4 actors sharing the GPU (CPU actors without one), bf16."""
+    from kdlib.labeling import run_labeling
+    from kdlib.soft_targets import SoftTargetStore, plan_shards
+
+    examples = pd.DataFrame({"id": [f"x{i}" for i in range(len(texts))], "task": "t", "split": "train",
+                             "source": "original", "text": texts, "text_pair": None, "label": np.nan})
+    store = SoftTargetStore(str(work), "t", name)
+    gpu = dev.type == "cuda"
+    actors = 4 if gpu else 2
+    stats = run_labeling(plan_shards("t", examples, shard), stores={"t": store}, ensembles={"t": folder},
+                         encoder_source=source, random_init=True, config_overrides=overrides, seed=0, max_length=SEQ,
+                         num_actors=actors, cpus_per_actor=3 if gpu else 0.5, gpus_per_actor=0.25 if gpu else 0.0,
+                         torch_threads=2 if gpu else 1, batch_size=bs, batch_tokens=batch_tokens, precision="bf16",
+                         progress_seconds=30)
+    busy = sum(r["seconds"] for r in store.commit_records()) / actors
+    return {"busy_seq_per_s": len(texts) / busy, "end_to_end_seq_per_s": len(texts) / stats["seconds"],
+            "stage_seconds": stats["seconds"], "startup_seconds": round(stats["seconds"] - busy, 2)}
+
+
+def _demo_per_stage(work: Path, gpu: bool, toy: bool, encoder_path: str | None) -> dict:
+    """configs/demo.yaml on a random-init MiniLM shape (toy: a tiny encoder and 60 rows per task), with GPU
+    settings (bf16) and on CPUs: seconds per stage (a stage of several tasks: their sum)."""
+    job = distill_job()
+    base = ["encoder.random_init=true", "teachers.epochs=2", "distill.epochs=3", "distill.num_workers=1"]
+    if encoder_path:
+        base.append(f"encoder.path={encoder_path}")
+    if toy:
+        base += ["encoder.config_overrides={hidden_size: 32, num_hidden_layers: 4, num_attention_heads: 2, "
+                 "intermediate_size: 64}", "distill.epochs=1", "teachers.epochs=1", "labeling.cpus_per_actor=0.5",
+                 "distill.cpus_per_worker=0.5", "tasks.paraphrase.fine_tune_layers=3",
+                 "tasks.paraphrase.branch_layers=2"] + [f"tasks.{t}.max_train_examples=60"
+                                                         for t in ("sentiment", "paraphrase", "similarity")]
+    gpu_settings = ["precision=bf16", "teachers.gpus_per_task=0.33", "labeling.gpus_per_actor=0.25",
+                    "labeling.num_actors=4", "distill.gpus_per_worker=1"] if gpu else ["precision=bf16"]
+    out = {}
+    for name, extra in (("cpu", []), ("gpu", gpu_settings)):
+        root = work / f"demo-{name}"
+        assert job["main"]([str(ROOT / "configs" / "demo.yaml"), f"storage_root={root}", *base, *extra]) == 0
+        run = __import__("json").loads((root / "demo" / "results.json").read_text())
+        per = {}
+        for r in run["stages"]:
+            stage = r["name"].split(":")[0]
+            per[stage] = per.get(stage, 0.0) + r["seconds"]
+        out[name] = per
+    return out
+
+
+def _sync(dev) -> None:
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
