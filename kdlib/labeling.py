@@ -10,9 +10,10 @@ tasks), a rerun after an interruption and a re-executed stream all see each exam
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
@@ -87,16 +88,76 @@ class ShardLabeler:
             return torch.stack([out[n].float() for n in names], dim=1)
 
         logits = [None] * len(examples)
-        for idx, enc in length_sorted_batches(self.tokenizer, examples["text"].tolist(), examples["text_pair"].tolist(),
-                                              max_length=self.max_length, batch_size=self.batch_size,
-                                              batch_tokens=self.batch_tokens):
-            enc = {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in enc.items()}
+        batches = input_batches(self.tokenizer, examples["text"].tolist(), examples["text_pair"].tolist(),
+                                max_length=self.max_length, batch_size=self.batch_size, batch_tokens=self.batch_tokens,
+                                pin=self.device.type == "cuda")
+        for idx, enc in in_background(batches):  # the next batches tokenize while this one runs
+            enc = {k: v.to(self.device, non_blocking=True) for k, v in enc.items()}
             block = split_on_out_of_memory(forward, enc).cpu().numpy()
             for j, i in enumerate(idx):
                 logits[i] = block[j]
         frame = examples.copy()
         frame["teacher_logits"] = [x.tolist() for x in logits]
         return frame
+
+
+def input_batches(tokenizer, texts: list[str], pairs: list, *, max_length: int, batch_size: int,
+                  batch_tokens: int | None, pin: bool, chunk_batches: int = 8):
+    """(row indices, input tensors) for every batch of a shard, tokenized a chunk of `chunk_batches` batches
+    at a time (length-sorted within the chunk), so that labeling can start on the first chunk while the next
+    ones tokenize. pin: page-locked tensors, whose copies to a GPU overlap its work."""
+    chunk = batch_size * chunk_batches
+    for start in range(0, len(texts), chunk):
+        for idx, enc in length_sorted_batches(tokenizer, texts[start:start + chunk], pairs[start:start + chunk],
+                                              max_length=max_length, batch_size=batch_size, batch_tokens=batch_tokens):
+            tensors = {k: torch.from_numpy(v) for k, v in enc.items()}
+            yield idx + start, {k: v.pin_memory() for k, v in tensors.items()} if pin else tensors
+
+
+def in_background(items, depth: int = 4):
+    """Iterate `items` in a background thread, up to `depth` ahead of the consumer, in order.
+
+    The fast tokenizer and tensor copies release the GIL, so the next batches are prepared while the model
+    runs the current one (on a GPU, while its kernels run). An error in the producer is raised here; a
+    consumer that stops early stops the producer."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop, done = threading.Event(), object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(done)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            put(_Failed(e))
+
+    thread = threading.Thread(target=produce, daemon=True, name="labeling-prefetch")
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+
+
+@dataclass
+class _Failed:
+    error: BaseException
 
 
 def split_on_out_of_memory(forward, enc: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -230,3 +230,33 @@ def test_labeling_actors_ask_for_their_gpu_share(ray_session, ensembles, tmp_pat
 
     assert ray.get(assigned.remote()) == (0.5, False)
     assert len(list(ds.iter_rows())) == len(plan)  # the pool ran on its GPU shares
+
+
+def test_batches_prepared_in_the_background_come_in_order_and_errors_reach_the_consumer():
+    from kdlib.labeling import in_background
+
+    assert list(in_background(iter(range(50)), depth=2)) == list(range(50))
+
+    def broken():
+        yield 1
+        raise ValueError("tokenizer failed")
+
+    got = []
+    with pytest.raises(ValueError, match="tokenizer failed"):
+        for x in in_background(broken()):
+            got.append(x)
+    assert got == [1]
+    gen = in_background(iter(range(1000)), depth=2)  # a consumer that stops early stops the producer
+    assert next(gen) == 0
+    gen.close()
+
+
+def test_input_batches_cover_every_row_once_in_chunks(tokenizer):
+    from kdlib.labeling import input_batches
+
+    texts = [("word " * (i % 7 + 1)).strip() for i in range(50)]
+    batches = list(input_batches(tokenizer, texts, [None] * 50, max_length=16, batch_size=4, batch_tokens=None,
+                                 pin=False, chunk_batches=2))
+    assert sorted(i for idx, _ in batches for i in idx.tolist()) == list(range(50))
+    assert all(idx.max() // 8 == idx.min() // 8 for idx, _ in batches)  # a batch stays inside its chunk of 8 rows
+    assert all(enc["input_ids"].dtype == torch.int64 and len(enc["input_ids"]) == len(idx) for idx, enc in batches)
