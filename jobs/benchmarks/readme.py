@@ -36,7 +36,12 @@ HEADLINES = {
     "distill": lambda r: (f"merged student {r['student_share_of_baseline_pct']:.1f}% of full fine-tuning at "
                           f"{r['overhead']:.1%} overhead"),
     "labeling": lambda r: (f"labeling stage {r['k1']['stage_vs_best_baseline']:.2f}x the best single-process "
-                           f"baseline; shared trunk {r['k3']['shared_gain']:.2f}x"),
+                           f"baseline" + (f" (median of {len(r['k1']['runs'])} runs, "
+                                          f"{r['k1']['spread']['end_to_end'][0]:.2f}-"
+                                          f"{r['k1']['spread']['end_to_end'][1]:.2f}x; busy "
+                                          f"{r['k1']['spread']['busy'][0]:.2f}-{r['k1']['spread']['busy'][1]:.2f}x)"
+                                          if "runs" in r["k1"] else " (one run)")
+                           + f"; shared trunk {r['k3']['shared_gain']:.2f}x"),
     "students": _students,
     "tune": lambda r: (f"chosen ({r['chosen']['rule']} {r['chosen']['setting']:g}): "
                        f"{r['chosen']['share_of_full_ft']:.1f}% of full fine-tuning at {r['chosen']['overhead']:.1%} "
