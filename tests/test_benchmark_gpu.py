@@ -42,5 +42,7 @@ def test_the_quick_scale_runs_every_section(ray_session, tmp_path):
         assert s["busy_seq_per_s"] > 0 and s["end_to_end_seq_per_s"] > 0 and s["busy_vs_plain"] > 0
     assert set(r["demo"]["cpu"]) >= {"teachers", "labels", "distill", "merge"} and set(r["demo"]["gpu"]) == set(
         r["demo"]["cpu"])
+    train = r["distill"]  # the GPU-settings run's Ray Train epoch against the same loop in one process
+    assert train["ray_train_rows_per_s"] > 0 and train["single_process_rows_per_s"] > 0 and train["rows_per_epoch"] > 0
     assert r["targets"]["met"] is False  # toy sizes never count
     assert (out / "gpu-quick.png").stat().st_size > 0 and "busy / plain" in (out / "gpu-quick.md").read_text()

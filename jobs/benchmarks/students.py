@@ -37,6 +37,7 @@ from kdlib.artifact import load_model, read_manifest
 from kdlib.branched import member_name
 from kdlib.config import load_run_config
 from kdlib.pipeline.distill import TRAIN_SPEC
+from kdlib.device import describe, model_device
 from kdlib.train_loop import TaskRows, run_epochs
 from kdlib.scoring import markdown_table
 from kdlib.optim import Optimization
@@ -236,9 +237,11 @@ def teacher_forwards(run: dict, cfg) -> dict:
             "ensemble_layers": manifest["trunk_depth"] + sum(b["layers"] for b in manifest["branches"])}
 
 
-def ray_train_vs_single_process(run: dict, storage_root: str) -> dict:
-    """Training rows/s of the run's last Ray Train epoch (2 workers x 1 thread) against one epoch of the same
-    loop in one process with 2 threads (same student, rows, batch size, MT-DNN schedule and loss)."""
+def ray_train_vs_single_process(run: dict, storage_root: str, threads: int = 2,
+                                ray_train: str = "2 workers x 1 torch thread (0.9 CPU each), gloo") -> dict:
+    """Training rows/s of the run's last Ray Train epoch against one epoch of the same loop in one process
+    with `threads` threads (same student, rows, batch size, schedule, loss, precision; on the GPU when this
+    process sees one, as the gpu benchmark's Ray Train worker did)."""
     distilled = Path(next(s["path"] for s in run["stages"] if s["name"] == "distill"))
     report = json.loads((distilled / "train_report.json").read_text())
     rows_total = sum(v for k, v in report.items() if k.startswith("rows/"))
@@ -246,10 +249,10 @@ def ray_train_vs_single_process(run: dict, storage_root: str) -> dict:
 
     # exactly what Ray Train ran, one epoch of it, through the same loop (kdlib.train_loop.run_epochs) in one process
     spec = TrainSpec.model_validate_json((distilled / TRAIN_SPEC).read_text()).model_copy(update={"epochs": 1})
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     trainee = make_trainee(spec)
     data = {}
-    for task in TASKS:
+    for task in spec.tasks:
         key = next(s["fingerprint"] for s in run["stages"] if s["name"] == "labels" and Path(s["path"]).parent.name == task)
         frame = SoftTargetStore(storage_root, task, key).read(split="train")
         r = TaskRows(ids=frame["id"].tolist(), labels=frame["label"].astype("float64").tolist(),
@@ -258,13 +261,15 @@ def ray_train_vs_single_process(run: dict, storage_root: str) -> dict:
                                                spec.max_length))
         data[task] = r.tensors(trainee)
     opt = Optimization([p for p in trainee.model.parameters() if p.requires_grad], lr=spec.lr,
-                       weight_decay=spec.weight_decay, schedule=spec.lr_schedule)
+                       weight_decay=spec.weight_decay, schedule=spec.lr_schedule, precision=spec.precision,
+                       device=model_device(trainee.model))
     epochs: list[dict] = []
     run_epochs(trainee, data, spec, opt, on_epoch=epochs.append)
     single_rate = sum(len(d[0]) for d in data.values()) / epochs[0]["seconds"]
-    return {"student": "bilstm", "rows_per_epoch": rows_total, "ray_train_rows_per_s": ray_rate,
+    return {"student": spec.student.kind, "rows_per_epoch": rows_total, "ray_train_rows_per_s": ray_rate,
             "single_process_rows_per_s": single_rate, "ray_train_share": ray_rate / single_rate,
-            "ray_train": "2 workers x 1 torch thread (0.9 CPU each), gloo", "single_process": "1 process, 2 torch threads"}
+            "ray_train": ray_train,
+            "single_process": f"1 process, {threads} torch threads, {describe(model_device(trainee.model))}"}
 
 
 def _table(result: dict) -> str:
