@@ -328,7 +328,8 @@ def average_gradients(params, world: int, weight: float = 1.0) -> None:
         return
     dense = [p for p in params if not _sparse_table(p)]
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in dense]
-    flat = torch.cat([g.reshape(-1) * weight for g in grads] + [torch.tensor([float(weight)], device=grads[0].device)])
+    # the weight travels last (so a student whose shared parameters are all sparse tables, CMOW, still reduces it)
+    flat = torch.cat([g.reshape(-1) * weight for g in grads] + [torch.tensor([float(weight)], device=params[0].device)])
     dist.all_reduce(flat)
     total = float(flat[-1])
     if total > 0:

@@ -249,7 +249,7 @@ def distill(workdir: Path) -> dict:
         f"distill.epochs={epochs}", "distill.num_workers=2", "distill.cpus_per_worker=1", "distill.max_failures=2"])
     cfg, stores, plan = ctx.cfg, labels.stores, labels.plan
     settings = labeling_settings(ctx, teachers)
-    for key in ("num_actors", "cpus_per_actor"):
+    for key in ("num_actors", "cpus_per_actor", "gpus_per_actor"):  # the pool's resources, not the labeler's
         settings.pop(key)
     labeler = ShardLabeler(stores={t: (s.root, s.key) for t, s in stores.items()}, emit_rows=False, **settings)
     labeler(shard_rows(plan))
