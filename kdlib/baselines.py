@@ -50,7 +50,8 @@ def at_chance(score: float, baseline: float, margin: float = MARGIN) -> bool:
 
 
 def teacher_warning(*, task: str, metric: str, ensemble: float, baseline: dict, label_names: list[str],
-                    epochs: int, fine_tune_layers: int, encoder_layers: int, lr: float) -> str:
+                    epochs: int, fine_tune_layers: int, encoder_layers: int, lr: float,
+                    checkpoints: list[str] | None = None) -> str:
     """The console and results.md warning for a teacher ensemble at chance level: what it scored, against
     which baseline, and the settings to try (with their current values)."""
     what = (f"predicting '{label_names[baseline['prediction']]}' for every example"
@@ -59,6 +60,9 @@ def teacher_warning(*, task: str, metric: str, ensemble: float, baseline: dict, 
     larger_L = (f"a larger L (tasks.{task}.fine_tune_layers={fine_tune_layers}, the encoder has {encoder_layers})"
                 if fine_tune_layers < encoder_layers else None)
     tries = [f"more teacher epochs (teachers.epochs={epochs})", larger_L, f"a higher teacher lr (teachers.lr={lr:g})"]
+    if checkpoints is not None:  # the user's own teachers: nothing of kdlib's to tune
+        tries = [f"checking that tasks.{task}.teacher_checkpoints {checkpoints} were fine-tuned on this task",
+                 f"that their labels mean the task's ({label_names}; tasks.{task}.teacher_label_map maps them)"]
     return (f"task {task}: the teacher ensemble scores {ensemble:.2f} dev {metric}, within {MARGIN:g} points of the "
             f"{baseline['predictor']} baseline {baseline['score']:.2f} ({what}): the teachers are at chance level and "
             f"the student learns nothing from them. Try " + ", ".join(t for t in tries if t) + ".")

@@ -73,6 +73,12 @@ class TaskConfig(StrictModel):
     # false: no teacher is trained or labels this task; the student learns it from gold labels only
     # (MT-DNN KD trains some tasks so). Its branch starts from the encoder's layers at depth N - L.
     teacher: bool = True
+    # The user's own fine-tuned teachers (kdlib.teacher_checkpoints): the task's K members as transformers
+    # sequence-classification checkpoints (folders, absolute or under data_dir, or hub ids), of any encoder
+    # family; kdlib then trains no teacher for this task. Their labels match the task's by id2label name, or
+    # through teacher_label_map (checkpoint label -> task label, for names like LABEL_0).
+    teacher_checkpoints: list[str] | None = Field(None, min_length=1)
+    teacher_label_map: dict[str, str] | None = None
     # [low, high, width]: end-to-end students learn this regression target as classes over score bins and
     # predict the expected score (CMOW paper sec. IV-B: STS-B as [0, 5, 0.2], 26 classes).
     bins: tuple[float, float, float] | None = None
@@ -125,7 +131,15 @@ class TaskConfig(StrictModel):
             if self.kind != "regression":
                 raise ValueError("bins cast a regression target to classes; this task is a classification task")
             ScoreBins(*self.bins)  # low < high, width > 0, a whole number of bins
+        if self.teacher_label_map is not None and self.teacher_checkpoints is None:
+            raise ValueError("teacher_label_map maps the labels of teacher_checkpoints, which this task does not set")
+        if self.teacher_label_map is not None and self.kind == "regression":
+            raise ValueError("teacher_label_map applies to classification tasks; a regression task's checkpoints "
+                             "have one output")
         if not self.teacher:
+            if self.teacher_checkpoints is not None:
+                raise ValueError("teacher: false trains no teacher and uses none; drop teacher_checkpoints, or "
+                                 "teacher: false to distil from them")
             given = [k for k, bad in (("objective", self.objective not in (None, "hard")),
                                       ("augment.copies", self.augment.copies > 0),
                                       ("unlabeled", self.unlabeled is not None)) if bad]

@@ -1,6 +1,7 @@
 """Teacher labeling: a Ray Data actor pool hosts the teacher ensembles and fills the soft-target store.
 
-Each actor loads the encoder once and every task's ensemble on it (`ShardLabeler.__init__`). One
+Each actor loads the encoder once and every task's ensemble on it (`ShardLabeler.__init__`), and the user's
+own teacher checkpoints, each with its own tokenizer (kdlib.teacher_checkpoints). One
 input row is one planned shard; the actor runs the shared frozen trunk once per mini-batch and every
 member's own top layers on it, commits the shard to the store (soft_targets.py), and emits either the
 labeled rows (streaming them into training) or a one-row summary. A shard that is already committed is
@@ -26,6 +27,7 @@ from kdlib.device import autocast, device, is_out_of_memory
 from kdlib.encoder import load_encoder, load_tokenizer
 from kdlib.errors import DeviceOutOfMemory
 from kdlib.soft_targets import STORE_COLUMNS, Shard, SoftTargetStore
+from kdlib.teacher_checkpoints import CheckpointMember, CheckpointTeacher
 from kdlib.tokenize import length_sorted_batches
 
 SHARD_FIELDS = list(Shard.__dataclass_fields__)
@@ -38,17 +40,21 @@ class ShardLabeler:
     def __init__(self, *, ensembles: dict[str, str], stores: dict[str, tuple[str, str]], encoder_source: str,
                  random_init: bool, config_overrides: dict, seed: int, max_length: int, torch_threads: int,
                  batch_size: int, emit_rows: bool, batch_tokens: int | None = None, precision: str = "fp32",
-                 inject_oom_rows: int | None = None):
+                 checkpoints: dict[str, list[CheckpointMember]] | None = None, inject_oom_rows: int | None = None):
         torch.set_num_threads(torch_threads)
         self.device = device()  # the GPU (share) this actor asked Ray for, else the CPU
-        encoder = load_encoder(encoder_source, random_init, config_overrides, seed=seed).to(self.device)
         self.models, self.members = {}, {}
-        for task, folder in ensembles.items():  # every ensemble wraps the same encoder modules
-            model, manifest = load_model(storage.local_copy(folder), encoder=encoder)
-            self.models[task] = model.to(self.device)
-            self.members[task] = [b["name"] for b in manifest["branches"]]
+        if ensembles:  # kdlib's own ensembles: all on one shared encoder (loaded only when some task has one)
+            encoder = load_encoder(encoder_source, random_init, config_overrides, seed=seed).to(self.device)
+            for task, folder in ensembles.items():  # every ensemble wraps the same encoder modules
+                model, manifest = load_model(storage.local_copy(folder), encoder=encoder)
+                self.models[task] = model.to(self.device)
+                self.members[task] = [b["name"] for b in manifest["branches"]]
+            self.tokenizer = load_tokenizer(encoder_source)
+        # the user's own teachers: each member with its own tokenizer and length limit
+        self.checkpoints = {task: [CheckpointTeacher(m, self.device) for m in members]
+                            for task, members in (checkpoints or {}).items()}
         self.stores = {task: SoftTargetStore(root, task, key) for task, (root, key) in stores.items()}
-        self.tokenizer = load_tokenizer(encoder_source)
         self.max_length, self.batch_size, self.emit_rows = max_length, batch_size, emit_rows
         self.batch_tokens, self.precision = batch_tokens, precision
         self.inject_oom_rows = inject_oom_rows  # tests: batches of more rows raise torch.OutOfMemoryError
@@ -78,27 +84,42 @@ class ShardLabeler:
     @torch.inference_mode()
     def label(self, task: str, examples: pd.DataFrame) -> pd.DataFrame:
         """Every member's logits for every example; mini-batches of similar length, original order kept."""
-        model, names = self.models[task], self.members[task]
+        texts, pairs = examples["text"].tolist(), examples["text_pair"].tolist()
+        if task in self.checkpoints:  # (N, K, C): each member runs on its own tokens
+            logits = np.stack([self.run(t.tokenizer, t.member.max_length, t.forward, texts, pairs)
+                               for t in self.checkpoints[task]], axis=1)
+        else:  # kdlib's ensemble: the shared trunk once per batch, then every member's branch
+            model, names = self.models[task], self.members[task]
 
-        def forward(enc: dict[str, torch.Tensor]) -> torch.Tensor:  # (B, K, C) on the device
-            if self.inject_oom_rows is not None and len(enc["input_ids"]) > self.inject_oom_rows:
-                raise torch.OutOfMemoryError(f"injected: more than {self.inject_oom_rows} rows")
-            with autocast(self.device, self.precision):
+            def forward(enc: dict[str, torch.Tensor]) -> torch.Tensor:  # (B, K, C)
                 out = model(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"], names=names)
-            return torch.stack([out[n].float() for n in names], dim=1)
+                return torch.stack([out[n].float() for n in names], dim=1)
 
-        logits = [None] * len(examples)
-        batches = input_batches(self.tokenizer, examples["text"].tolist(), examples["text_pair"].tolist(),
-                                max_length=self.max_length, batch_size=self.batch_size, batch_tokens=self.batch_tokens,
-                                pin=self.device.type == "cuda")
-        for idx, enc in in_background(batches):  # the next batches tokenize while this one runs
-            enc = {k: v.to(self.device, non_blocking=True) for k, v in enc.items()}
-            block = split_on_out_of_memory(forward, enc).cpu().numpy()
-            for j, i in enumerate(idx):
-                logits[i] = block[j]
+            logits = self.run(self.tokenizer, self.max_length, forward, texts, pairs)
         frame = examples.copy()
         frame["teacher_logits"] = [x.tolist() for x in logits]
         return frame
+
+    def run(self, tokenizer, max_length: int, forward, texts: list[str], pairs: list) -> np.ndarray:
+        """`forward` over every example, on the device under the run's precision, in the examples' order.
+
+        The batches are prepared in the background while the model runs; a batch that runs out of device
+        memory is split and retried (every example labeled once)."""
+        def guarded(enc: dict[str, torch.Tensor]) -> torch.Tensor:
+            if self.inject_oom_rows is not None and len(enc["input_ids"]) > self.inject_oom_rows:
+                raise torch.OutOfMemoryError(f"injected: more than {self.inject_oom_rows} rows")
+            with autocast(self.device, self.precision):
+                return forward(enc).float()
+
+        out = [None] * len(texts)
+        batches = input_batches(tokenizer, texts, pairs, max_length=max_length, batch_size=self.batch_size,
+                                batch_tokens=self.batch_tokens, pin=self.device.type == "cuda")
+        for idx, enc in in_background(batches):  # the next batches tokenize while this one runs
+            enc = {k: v.to(self.device, non_blocking=True) for k, v in enc.items()}
+            block = split_on_out_of_memory(guarded, enc).cpu().numpy()
+            for j, i in enumerate(idx):
+                out[i] = block[j]
+        return np.stack(out)
 
 
 def input_batches(tokenizer, texts: list[str], pairs: list, *, max_length: int, batch_size: int,
@@ -199,6 +220,7 @@ def labeling_dataset(plan: list[tuple[Shard, pd.DataFrame]], *, ensembles: dict[
                      config_overrides: dict, seed: int, max_length: int, num_actors: int, cpus_per_actor: float,
                      torch_threads: int, batch_size: int, emit_rows: bool, gpus_per_actor: float = 0.0,
                      batch_tokens: int | None = None, precision: str = "fp32",
+                     checkpoints: dict[str, list[CheckpointMember]] | None = None,
                      inject_oom_rows: int | None = None) -> ray.data.Dataset:
     """A lazy Ray Dataset whose execution labels and commits every shard of `plan`.
 
@@ -215,7 +237,7 @@ def labeling_dataset(plan: list[tuple[Shard, pd.DataFrame]], *, ensembles: dict[
             ensembles=ensembles, stores={t: (s.root, s.key) for t, s in stores.items()},
             encoder_source=encoder_source, random_init=random_init, config_overrides=config_overrides, seed=seed,
             max_length=max_length, torch_threads=torch_threads, batch_size=batch_size, emit_rows=emit_rows,
-            batch_tokens=batch_tokens, precision=precision, inject_oom_rows=inject_oom_rows),
+            batch_tokens=batch_tokens, precision=precision, checkpoints=checkpoints, inject_oom_rows=inject_oom_rows),
         compute=ray.data.ActorPoolStrategy(size=num_actors),
         num_cpus=cpus_per_actor,
         **({"num_gpus": gpus_per_actor} if gpus_per_actor else {}),

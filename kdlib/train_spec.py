@@ -31,7 +31,9 @@ class TaskSpec(_Frozen):
     aggregation: str  # how the K teachers' logits become one target (kdlib.losses)
     wrong_teacher_weight: float
     objective: Literal["kl", "mse_logits", "soft_ce", "hard"]
-    ensemble_dir: str | None = None  # the teacher ensemble artifact; None: gold labels only
+    # kdlib's own teacher ensemble artifact, whose best member the branched student's branch starts from;
+    # None: the branch starts from the encoder's own layers (gold labels only, or the user's own teachers)
+    ensemble_dir: str | None = None
     init_member: str | None = None  # the member whose branch the student starts from (branched)
 
 

@@ -62,12 +62,15 @@ def task_spec(ctx, data: TaskData, labels: Labels, teachers: Teachers) -> TaskSp
                   aggregation=t.resolved_aggregation, wrong_teacher_weight=t.wrong_teacher_weight)
     if data.name not in labels.stores:  # no teacher: gold labels only, the branch from the encoder's own layers
         return TaskSpec(**common, objective="hard")
+    objective = t.objective or ctx.cfg.distill.objective
+    if data.name in teachers.checkpoints:  # the user's own teachers: the branch from the encoder's own layers
+        return TaskSpec(**common, objective=objective)
     # The student branch starts from the ensemble member with the best dev score.
     dev = labels.dev(data.name)
     members = member_scores(data.kind, data.metric, dev["label"].to_numpy(), teacher_logits_array(dev))
     best = max(range(len(members)), key=members.__getitem__)
-    return TaskSpec(**common, objective=t.objective or ctx.cfg.distill.objective,
-                    ensemble_dir=teachers.dirs[data.name], init_member=member_name(data.name, best))
+    return TaskSpec(**common, objective=objective, ensemble_dir=teachers.dirs[data.name],
+                    init_member=member_name(data.name, best))
 
 
 def train_spec(ctx, tasks: dict[str, TaskData], labels: Labels, teachers: Teachers) -> TrainSpec:

@@ -105,7 +105,8 @@ def chance_warnings(ctx, tasks: dict[str, TaskData], scores: dict[str, dict], ba
         warnings.append(teacher_warning(task=name, metric=s["metric"], ensemble=ensemble, baseline=baselines[name],
                                         label_names=tasks[name].label_names, epochs=cfg.teachers.epochs,
                                         fine_tune_layers=cfg.tasks[name].fine_tune_layers,
-                                        encoder_layers=ctx.encoder.num_layers(), lr=cfg.teachers.lr))
+                                        encoder_layers=ctx.encoder.num_layers(), lr=cfg.teachers.lr,
+                                        checkpoints=cfg.tasks[name].teacher_checkpoints))
         ctx.log(f"[evaluate] WARNING {warnings[-1]}")
     return warnings
 

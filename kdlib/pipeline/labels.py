@@ -49,7 +49,7 @@ def labeling_settings(ctx, teachers: Teachers) -> dict:
                 config_overrides=enc.config_overrides, seed=enc.seed, max_length=enc.max_length,
                 num_actors=lab.num_actors, cpus_per_actor=lab.cpus_per_actor, torch_threads=lab.torch_threads,
                 batch_size=lab.batch_size, batch_tokens=lab.batch_tokens, gpus_per_actor=lab.gpus_per_actor,
-                precision=ctx.cfg.precision)
+                precision=ctx.cfg.precision, checkpoints=teachers.checkpoints)
 
 
 def plan_labels(ctx, tasks: dict[str, TaskData], teachers: Teachers) -> Labels:
@@ -113,8 +113,7 @@ def finish_labels(ctx, labels: Labels, teachers: Teachers, seconds: float) -> No
             continue
         t = ctx.cfg.tasks[name]
         manifest = store.finalize([s for s, _ in labels.shards(task=name)], {
-            "teachers": {"dir": teachers.dirs[name], "fingerprint": teachers.key(name),
-                         "members": ctx.cfg.teachers.members},
+            "teachers": teachers.manifest(name, ctx.cfg.teachers.members),
             "augment": t.augment.model_dump(), "unlabeled": t.unlabeled, "max_length": ctx.encoder.max_length})
         where = _record(ctx, store, cached=False, seconds=seconds)
         ctx.log(done_line(f"labels:{name}", seconds, where,

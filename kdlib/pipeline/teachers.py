@@ -1,4 +1,5 @@
-"""The teachers stage: each task's K-member ensemble by partial fine-tuning, one Ray task per task.
+"""The teachers stage: each task's K-member ensemble by partial fine-tuning, one Ray task per task, or the
+user's own fine-tuned checkpoints (`tasks.<t>.teacher_checkpoints`), checked and fingerprinted here.
 
 The ensemble of (task, L) is keyed by the encoder's weights, the task's data, L, the teacher settings
 and the seed (`teacher_key`), so the distillation pipeline and the depth search (kdlib.tune) share one
@@ -8,7 +9,7 @@ trained ensemble per key: both build it through `train_teacher_ensemble`.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 
@@ -18,6 +19,7 @@ from kdlib.device import describe, device
 from kdlib.encoder import EncoderRef
 from kdlib.pipeline.data import TaskData
 from kdlib.stages import fingerprint
+from kdlib.teacher_checkpoints import CheckpointMember, resolve_members
 from kdlib.teachers import train_ensemble
 
 RESOURCE_FIELDS = {"cpus_per_task", "gpus_per_task"}  # how the work is scheduled, not what it computes
@@ -25,13 +27,32 @@ RESOURCE_FIELDS = {"cpus_per_task", "gpus_per_task"}  # how the work is schedule
 
 @dataclass(frozen=True)
 class Teachers:
-    """Where each taught task's ensemble artifact is (a storage location); untaught tasks are absent."""
+    """Each taught task's teachers: a kdlib-trained ensemble artifact (`dirs`: a storage location) or the user's
+    checkpoints (`checkpoints`: resolved members, `checkpoint_keys`: their fingerprint); untaught tasks are in
+    neither."""
 
     dirs: dict[str, str]
+    checkpoints: dict[str, list[CheckpointMember]] = field(default_factory=dict)
+    checkpoint_keys: dict[str, str] = field(default_factory=dict)
 
     def key(self, task: str) -> str:
-        """The teachers stage fingerprint of `task`'s ensemble (its identity in the soft-target store)."""
+        """The fingerprint of `task`'s teachers (their identity in the soft-target store)."""
+        if task in self.checkpoints:
+            return self.checkpoint_keys[task]
         return storage.name(storage.parent(self.dirs[task]))
+
+    def manifest(self, task: str, members: int) -> dict:
+        """What a soft-target store's manifest records of its teachers."""
+        if task in self.checkpoints:
+            return {"fingerprint": self.key(task), "checkpoints": [m.identity() for m in self.checkpoints[task]]}
+        return {"dir": self.dirs[task], "fingerprint": self.key(task), "members": members}
+
+
+def checkpoints_key(members: list[CheckpointMember], precision: str) -> str:
+    """The identity of a task's external teachers: every member's name, weights digest, label order and length
+    limit (a changed checkpoint relabels, an unchanged one is reused), and a precision other than fp32."""
+    return fingerprint("teacher-checkpoints", [m.identity() for m in members],
+                       *([] if precision == "fp32" else [precision]))
 
 
 def teacher_key(encoder: EncoderRef, data_digest: str, fine_tune_layers: int, settings: TeacherConfig,
@@ -73,13 +94,25 @@ def _train_on_node(location: str, data: TaskData, encoder: EncoderRef, fine_tune
 
 
 def train_teachers(ctx, tasks: dict[str, TaskData]) -> Teachers:
-    """One Ray task per task trains its K-member ensemble; tasks run concurrently; unchanged ones are reused."""
+    """One Ray task per task trains its K-member ensemble; tasks run concurrently; unchanged ones are reused.
+    Tasks with teacher_checkpoints train none: their checkpoints are checked against the task and fingerprinted
+    (ConfigError before any labeling when one does not fit)."""
     cfg, cache = ctx.cfg, ctx.cache
     remote = ray.remote(num_cpus=cfg.teachers.cpus_per_task, num_gpus=cfg.teachers.gpus_per_task)(_train_on_node)
     dirs, running, started = {}, {}, time.perf_counter()
+    checkpoints, keys = {}, {}
     for name, data in tasks.items():
-        if not cfg.tasks[name].teacher:
+        t = cfg.tasks[name]
+        if not t.teacher:
             ctx.log(f"[teachers:{name}] none (teacher: false): the student learns it from gold labels")
+            continue
+        if t.teacher_checkpoints is not None:
+            members = resolve_members(task=name, kind=data.kind, label_names=data.label_names,
+                                      checkpoints=t.teacher_checkpoints, label_map=t.teacher_label_map,
+                                      max_length=ctx.encoder.max_length, base_dir=cfg.data_dir)
+            checkpoints[name], keys[name] = members, checkpoints_key(members, cfg.precision)
+            ctx.log(f"[teachers:{name}] {len(members)} checkpoints, not trained here: "
+                    + ", ".join(f"{m.name} ({m.family}, {m.digest[:8]})" for m in members))
             continue
         L = cfg.tasks[name].fine_tune_layers
         fp = teacher_key(ctx.encoder, data.digest, L, cfg.teachers, precision=cfg.precision)
@@ -93,4 +126,4 @@ def train_teachers(ctx, tasks: dict[str, TaskData]) -> Teachers:
     for name, (fp, ref) in running.items():
         info = ray.get(ref)
         cache.finish("teachers", fp, time.perf_counter() - started, info, label=f"teachers:{name}")
-    return Teachers(dirs)
+    return Teachers(dirs, checkpoints, keys)

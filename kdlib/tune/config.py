@@ -86,6 +86,9 @@ class TuneRunConfig(BaseRunConfig):
         for name, t in self.tasks.items():
             if t.augment.copies or t.unlabeled is not None:
                 raise ValueError(f"tasks.{name}: augment and unlabeled are not used by the depth search; remove them")
+            if t.teacher_checkpoints is not None:
+                raise ValueError(f"tasks.{name}: the depth search trains its own teachers for every L it tries, so "
+                                 "teacher_checkpoints do not apply; distil from them with jobs/distill.py")
         if self.scheduler.grace_period > self.student.epochs:
             raise ValueError(f"scheduler.grace_period ({self.scheduler.grace_period}) exceeds student.epochs "
                              f"({self.student.epochs})")
