@@ -1,4 +1,5 @@
-"""Serve a merged multi-task model over HTTP with Ray Serve (POST /v1/predict, GET /v1/tasks, /healthz).
+"""Serve a kdlib model over HTTP with Ray Serve (POST /v1/predict, GET /v1/tasks, /healthz): the merged branched
+model, or an end-to-end student (small_transformer, bilstm, cmow: multi-task, or per-task fine-tuned copies).
 
 Locally (embedded Ray, 127.0.0.1:8000; Ctrl-C or SIGTERM stops it once in-flight requests are answered):
     python jobs/serve.py --model runs/demo                      # a run folder (its results.json) or a model folder

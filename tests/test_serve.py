@@ -33,7 +33,11 @@ from kdlib.encoder import encoder_fingerprint, load_encoder, load_tokenizer, res
 from kdlib.predict import predict
 from kdlib.serve.api import ClientError, Limits, ServeArgs, parse_predict, read_token
 from kdlib.serve.loadtest import run_load_test
-from kdlib.serve.model import Job, ModelSlot, ServedModel, resolve_model_dir
+from kdlib.predict import predict_student
+from kdlib.serve.model import Job, ModelSlot, ServedModel, ServedStudents, load_served, resolve_model_dir
+from kdlib.students.artifact import load_student, save_student
+from kdlib.students.heads import TaskHead
+from kdlib.students.registry import build_student_model
 from kdlib.serve.quantize import compare_float_int8
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,6 +106,67 @@ def artifacts(tmp_path_factory):
     (legacy / "model" / "manifest.json").write_text(json.dumps(manifest))
     return {"v1": v1, "v2": v2, "v3": v3, "tampered": tampered, "legacy": legacy,
             "tokenizer": load_tokenizer(resolve_encoder_path(ENCODER))}
+
+
+def _save_students(folder: Path, kind: str, per_task: bool, seed: int, **hparams) -> Path:
+    """End-to-end students as jobs/distill.py's distill stage writes them: `multitask/` (tasks a, b, c), or one
+    copy per task (`a/`, `b/`, `c/`: per-task fine-tuning), and a results.json naming the folder."""
+    tokenizer = load_tokenizer(resolve_encoder_path(ENCODER))
+    heads = {t: TaskHead(TASKS[t]["kind"], 1 if TASKS[t]["kind"] == "regression" else len(TASKS[t]["label_names"]),
+                         pair=TASKS[t]["pair"]) for t in ("a", "b", "c")}
+    source = resolve_encoder_path(ENCODER)
+    extra = {"role": "student", "max_length": MAX_LENGTH,
+             "encoder": {"name": ENCODER, "source": source, "fingerprint": encoder_fingerprint(source, True, TINY, 0)}}
+    groups = {t: {t: heads[t]} for t in heads} if per_task else {"multitask": heads}
+    for i, (name, group) in enumerate(groups.items()):
+        torch.manual_seed(seed + i)
+        model = build_student_model(kind, tasks=group, vocab_size=len(tokenizer), **hparams).eval()
+        save_student(model, folder / "students" / name, name=kind, hparams=hparams,
+                     tasks={t: TASKS[t] for t in group}, extra=extra)
+    (folder / "results.json").write_text(json.dumps({"model_dir": str(folder / "students")}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def students(tmp_path_factory):
+    """cmow: one multi-task CMOW student; bilstm: per-task fine-tuned BiLSTM copies."""
+    root = tmp_path_factory.mktemp("serve_students")
+    return {"cmow": _save_students(root / "cmow", "cmow", False, 5, matrix_dim=4, cbow_dim=8, head_hidden=16),
+            "bilstm": _save_students(root / "bilstm", "bilstm", True, 7, embedding_dim=8, hidden=8, ffn_dim=8,
+                                     head_hidden=16)}
+
+
+def _student_expected(run: Path, task: str, pairs) -> np.ndarray:
+    """predict_student on the artifact that serves `task` (its own copy, else multitask): probabilities/scores."""
+    folder = run / "students" / (task if (run / "students" / task).exists() else "multitask")
+    model, _ = load_student(folder)
+    out = predict_student(model, load_tokenizer(resolve_encoder_path(ENCODER)), TEXTS, pairs, [task],
+                          max_length=MAX_LENGTH)[task]
+    return out if TASKS[task]["kind"] == "regression" else _softmax(out)
+
+
+@pytest.mark.parametrize("kind", ["cmow", "bilstm"])
+def test_served_students_equal_predict_student_on_mixed_task_batches(students, kind):
+    """Two requests in one batch: one asks a, b and c of paired inputs (a, c read the text alone), the other c."""
+    served = load_served(students[kind])
+    assert isinstance(served, ServedStudents) and served.kind == kind
+    assert served.describe()["models"] == (["a", "b", "c"] if kind == "bilstm" else ["multitask"])
+    assert {t: info["pair"] for t, info in served.tasks.items()} == {"a": False, "b": True, "c": False}
+    both, single = served.infer([Job(TEXTS, PAIRS, ("a", "b", "c")), Job(TEXTS, [None] * 3, ("c",))])
+    for task in ("a", "b", "c"):
+        expected = _student_expected(students[kind], task, PAIRS if task == "b" else None)
+        np.testing.assert_allclose(_as_array(both, task), expected, atol=1e-5)
+    np.testing.assert_allclose(_as_array(single, "c"), _student_expected(students[kind], "c", None), atol=1e-5)
+    assert [r["c"]["label"] for r in single] == [["x", "y", "z"][i] for i in
+                                                 _student_expected(students[kind], "c", None).argmax(1)]
+
+
+def test_a_students_folder_of_mixed_kinds_is_refused(students, tmp_path):
+    shutil.copytree(students["bilstm"] / "students", tmp_path / "students")
+    shutil.rmtree(tmp_path / "students" / "c")
+    shutil.copytree(students["cmow"] / "students" / "multitask", tmp_path / "students" / "multitask")
+    with pytest.raises(ArtifactError, match=r"students of different kinds \['bilstm', 'cmow'\]"):
+        load_served(tmp_path / "students")
 
 
 def _reference(artifacts, version: str, task: str, pairs) -> np.ndarray:
@@ -907,6 +972,30 @@ def test_a_replica_without_the_gpu_it_asked_for_says_so_in_healthz(server, artif
     assert server.predict({"task": "a", "inputs": _items()})["results"]  # it still answers
     server.redeploy(artifacts["v1"])
     assert requests.get(server.url + "/healthz", timeout=30).status_code == 200
+
+
+@pytest.mark.slow
+def test_the_endpoint_serves_an_end_to_end_student_and_updates_live_between_kinds(server, artifacts, students):
+    """A live update from the merged model to a CMOW run folder, then to per-task BiLSTM copies, and back: the
+    same API, token, errors and batching; /v1/tasks says which kind is served."""
+    for kind in ("cmow", "bilstm"):
+        server.redeploy(students[kind])
+        info = server.get("/v1/tasks").json()
+        assert info["kind"] == kind and set(info["tasks"]) == {"a", "b", "c"}
+        assert info["tasks"]["b"] == {"kind": "regression", "label_names": None, "metric": "pearson", "pair": True,
+                                      "model": "b" if kind == "bilstm" else "multitask"}
+        out = server.predict({"tasks": ["c", "a", "b"], "inputs": _items(PAIRS)})
+        for task in ("a", "b", "c"):
+            np.testing.assert_allclose(_as_array(out["results"], task),
+                                       _student_expected(students[kind], task, PAIRS if task == "b" else None),
+                                       atol=1e-5)
+        r = server.post("/v1/predict", {"task": "b", "inputs": _items()})  # a pair task without text_pair
+        assert r.status_code == 422 and "inputs[0].text_pair" in r.text, r.text
+        assert server.post("/v1/predict", {"task": "zz", "inputs": _items()}).status_code == 404
+        assert requests.post(server.url + "/v1/predict", json={"task": "a", "inputs": _items()},
+                             timeout=30).status_code == 401  # no token
+    server.redeploy(artifacts["v1"])
+    assert server.get("/v1/tasks").json()["kind"] == "branched"
 
 
 # --- jobs/serve.py as a process: its own embedded Ray ---------------------------------------------------------

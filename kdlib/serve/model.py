@@ -1,12 +1,16 @@
-"""The merged multi-task model as a server holds it: verified load, optional int8, mixed-task batches.
+"""A model as a server holds it: verified load, optional int8, mixed-task batches.
 
-One batch may hold requests for different tasks. The shared trunk runs once for all of its rows
-(flexible-multitask-bert-serving, sec. 3.3): a row leaves the trunk as soon as every branch it asked for
-has run, and each branch runs only on the rows that asked for it.
+`ServedModel` is the merged branched model: one batch may hold requests for different tasks, and the shared
+trunk runs once for all of its rows (flexible-multitask-bert-serving, sec. 3.3): a row leaves the trunk as soon
+as every branch it asked for has run, and each branch runs only on the rows that asked for it.
+`ServedStudents` is an end-to-end student (small_transformer, bilstm, cmow): one multi-task model, whose encoder
+runs once per row for all the row's tasks, or one fine-tuned copy per task. Both answer the same API
+(`Served`); `load_served` picks the one an artifact or run folder holds.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from dataclasses import dataclass
@@ -16,11 +20,14 @@ import numpy as np
 import torch
 
 from kdlib import storage
-from kdlib.artifact import MANIFEST, WEIGHTS, ArtifactError, load_model
+from kdlib.artifact import MANIFEST, WEIGHTS, ArtifactError, load_model, read_manifest
 from kdlib.branched import BranchedModel, attention_bias
 from kdlib.device import autocast, model_device
 from kdlib.encoder import load_tokenizer, resolve_encoder_path
 from kdlib.serve.quantize import quantize_int8
+from kdlib.students.artifact import FORMAT as STUDENT_FORMAT
+from kdlib.students.artifact import load_student
+from kdlib.students.inputs import make_student_inputs
 from kdlib.tokenize import tokenize
 
 QUANTIZE_MODES = ("none", "int8")
@@ -36,9 +43,10 @@ class Job:
 
 
 def resolve_model_location(path: str | Path) -> str:
-    """Where a model artifact lives: `path` itself, or for a run folder the artifact its `results.json` names
-    (jobs/distill.py writes it). Local paths come back absolute; storage URIs (`s3://bucket/runs/demo`) as
-    they are, so replicas on any node can read them."""
+    """Where a model lives: `path` itself (a model artifact, or a folder of end-to-end students: `multitask/`
+    or one fine-tuned copy per task), or for a run folder the model its `results.json` names (jobs/distill.py
+    writes it). Local paths come back absolute; storage URIs (`s3://bucket/runs/demo`) as they are, so
+    replicas on any node can read them."""
     location = str(path)
     if storage.is_local(location):
         location = str(Path(location).expanduser().resolve())
@@ -47,7 +55,19 @@ def resolve_model_location(path: str | Path) -> str:
     results = storage.child(location, "results.json")
     if storage.exists_at(results):
         return resolve_model_location(json.loads(storage.read_text_at(results))["model_dir"])
-    raise ArtifactError(f"{path}: neither a model artifact ({MANIFEST}) nor a run folder (results.json)")
+    if student_folders(location):
+        return location
+    raise ArtifactError(f"{path}: neither a model artifact ({MANIFEST}), a folder of students (multitask/ or "
+                        "<task>/ artifacts) nor a run folder (results.json)")
+
+
+def student_folders(location: str) -> list[str]:
+    """The end-to-end student artifacts directly under `location` (names of sub-folders holding one)."""
+    fs, path = storage.filesystem(location)
+    if not storage.exists(fs, path):
+        return []
+    names = [n for n in storage.list_folders(fs, path) if storage.exists(fs, storage.join(path, n, MANIFEST))]
+    return [n for n in names if storage.read_json(fs, storage.join(path, n, MANIFEST)).get("format") == STUDENT_FORMAT]
 
 
 def resolve_model_dir(path: str | Path) -> Path:
@@ -68,102 +88,23 @@ def tokenizer_source(manifest: dict, override: str | None = None) -> str:
     return resolve_encoder_path(encoder["name"])
 
 
-class ServedModel:
-    """A loaded artifact ready to answer requests. Immutable once built; a new version is a new object."""
+class Served:
+    """What the server needs of a loaded model: `tasks` (name -> kind, label_names, metric, pair), `version`,
+    `model_dir`, `describe()` and `run()`; answering requests (`infer`) is the same for every kind.
+    Immutable once built; a new version is a new object."""
 
-    def __init__(self, model: BranchedModel, manifest: dict, tokenizer, *, model_dir: str, quantize: str,
-                 precision: str = "fp32"):
-        if "max_length" not in manifest:
-            raise ArtifactError(f"{model_dir}: the manifest has no max_length (not a merged model artifact)")
-        self.model, self.manifest, self.tokenizer = model, manifest, tokenizer
-        self.model_dir, self.quantize, self.precision = model_dir, quantize, precision
-        self.device = model_device(model)
-        self.max_length = int(manifest["max_length"])
-        # The weights' checksum names the version: any branch added, replaced or removed changes it.
-        self.version = f"sha256:{manifest['files'][WEIGHTS][:12]}" + ("+int8" if quantize == "int8" else "")
-        self.tasks: dict[str, dict] = {}
-        for name, spec in model.specs.items():
-            facts = manifest["tasks"].get(name, {})
-            labels = facts.get("label_names") or [str(i) for i in range(spec.num_outputs)]
-            # pair: whether the task takes a sentence pair; None when the artifact predates the manifest saying so
-            self.tasks[name] = {"kind": spec.kind, "label_names": [str(x) for x in labels] if spec.kind ==
-                                "classification" else None, "metric": facts.get("metric"),
-                                "pair": facts.get("pair"), "depth": spec.depth, "layers": spec.layers}
-
-    @classmethod
-    def load(cls, model_dir: str | Path, quantize: str = "none", tokenizer_path: str | None = None,
-             device: torch.device | str = "cpu", precision: str = "fp32") -> "ServedModel":
-        """Load and verify (SHA-256 of the safetensors weights against the manifest; ArtifactError if altered),
-        onto `device`; `precision` bf16 runs it under autocast there (the weights stay fp32)."""
-        if quantize not in QUANTIZE_MODES:
-            raise ValueError(f"quantize={quantize!r}: must be one of {QUANTIZE_MODES}")
-        location = resolve_model_location(model_dir)
-        model, manifest = load_model(storage.local_copy(location))
-        if quantize == "int8":
-            model = quantize_int8(model)
-        return cls(model.to(device), manifest, load_tokenizer(tokenizer_source(manifest, tokenizer_path)),
-                   model_dir=location, quantize=quantize, precision=precision)
+    kind: str
+    tasks: dict[str, dict]
+    version: str
+    model_dir: str
 
     def describe(self) -> dict:
-        return {"model_version": self.version, "model_dir": self.model_dir, "quantize": self.quantize,
-                "device": str(self.device), "precision": self.precision,
-                "max_length": self.max_length, "trunk_depth": self.model.trunk_depth, "tasks": self.tasks}
+        raise NotImplementedError
 
-    def encode(self, texts: list[str], pairs: list[str | None]) -> dict[str, torch.Tensor]:
-        """Tokenize rows with and without a text pair (tokenized apart) into one right-padded batch."""
-        groups = [[i for i, p in enumerate(pairs) if p is None], [i for i, p in enumerate(pairs) if p is not None]]
-        parts = []
-        for rows, with_pair in zip(groups, (False, True)):
-            if rows:
-                enc = tokenize(self.tokenizer, [texts[i] for i in rows],
-                               [pairs[i] for i in rows] if with_pair else None, max_length=self.max_length)
-                parts.append((rows, enc))
-        t = max(enc["input_ids"].shape[1] for _, enc in parts)
-        out = {k: np.zeros((len(texts), t), dtype=np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
-        out["input_ids"][:] = self.tokenizer.pad_token_id
-        for rows, enc in parts:
-            for k, v in enc.items():
-                out[k][rows, : v.shape[1]] = v
-        return {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in out.items()}
-
-    @torch.inference_mode()
     def run(self, texts: list[str], pairs: list[str | None], row_tasks: list[tuple[str, ...]]
             ) -> list[dict[str, np.ndarray]]:
-        """Outputs of each row's tasks; the trunk runs once for all rows, only as deep as each row needs.
-
-        Args:
-            texts, pairs: N inputs (a None pair: a single text).
-            row_tasks: for each row, the branches to run on it.
-        Returns:
-            per row {task: (C,) float32 logits, or (1,) regression prediction}.
-        """
-        model = self.model
-        enc = self.encode(texts, pairs)
-        mask = enc["attention_mask"]  # (N, T)
-        need = torch.tensor([max(model.specs[t].depth for t in ts) for ts in row_tasks])  # (N,)
-        rows = torch.arange(len(texts))  # original index of each row still in the trunk
-        with autocast(self.device, self.precision):
-            h = model.embeddings(input_ids=enc["input_ids"], token_type_ids=enc["token_type_ids"])  # (N, T, H)
-        out: list[dict[str, np.ndarray]] = [{} for _ in texts]
-        top = int(need.max())
-        for depth in range(top + 1):
-            for task in sorted({t for r in rows.tolist() for t in row_tasks[r] if model.specs[t].depth == depth}):
-                sel = [i for i, r in enumerate(rows.tolist()) if task in row_tasks[r]]
-                with autocast(self.device, self.precision):
-                    y = model.branch_forward(task, h[sel], mask[sel])  # (b, C)
-                for i, row in zip(sel, y.float().cpu().numpy()):
-                    out[int(rows[i])][task] = row
-            if depth < top:
-                keep = need[rows] > depth  # rows and need stay on the CPU; h and mask on the device
-                if not bool(keep.all()):
-                    on_device = keep.to(self.device)
-                    h, mask, rows = h[on_device], mask[on_device], rows[keep]
-                    t = int(mask.sum(1).max())  # right padding: drop columns no remaining row uses
-                    h, mask = h[:, :t], mask[:, :t]
-                with autocast(self.device, self.precision):
-                    h = model.trunk[depth](h, attention_mask=attention_bias(mask))
-                h = h[0] if isinstance(h, tuple) else h  # BertLayer: tensor (transformers 5), tuple (4.x)
-        return out
+        """Per row {task: (C,) float32 logits, or (1,) regression prediction} for the row's tasks."""
+        raise NotImplementedError
 
     def answer(self, task: str, y: np.ndarray) -> dict:
         """One task's output as the API gives it: label and class probabilities, or a score."""
@@ -222,6 +163,200 @@ class ServedModel:
         return results
 
 
+class ServedModel(Served):
+    """The merged branched model (kdlib.branched) ready to answer requests."""
+
+    kind = "branched"
+
+    def __init__(self, model: BranchedModel, manifest: dict, tokenizer, *, model_dir: str, quantize: str,
+                 precision: str = "fp32"):
+        if "max_length" not in manifest:
+            raise ArtifactError(f"{model_dir}: the manifest has no max_length (not a merged model artifact)")
+        self.model, self.manifest, self.tokenizer = model, manifest, tokenizer
+        self.model_dir, self.quantize, self.precision = model_dir, quantize, precision
+        self.device = model_device(model)
+        self.max_length = int(manifest["max_length"])
+        # The weights' checksum names the version: any branch added, replaced or removed changes it.
+        self.version = f"sha256:{manifest['files'][WEIGHTS][:12]}" + ("+int8" if quantize == "int8" else "")
+        self.tasks: dict[str, dict] = {}
+        for name, spec in model.specs.items():
+            facts = manifest["tasks"].get(name, {})
+            labels = facts.get("label_names") or [str(i) for i in range(spec.num_outputs)]
+            # pair: whether the task takes a sentence pair; None when the artifact predates the manifest saying so
+            self.tasks[name] = {"kind": spec.kind, "label_names": [str(x) for x in labels] if spec.kind ==
+                                "classification" else None, "metric": facts.get("metric"),
+                                "pair": facts.get("pair"), "depth": spec.depth, "layers": spec.layers}
+
+    @classmethod
+    def load(cls, model_dir: str | Path, quantize: str = "none", tokenizer_path: str | None = None,
+             device: torch.device | str = "cpu", precision: str = "fp32") -> "ServedModel":
+        """Load and verify (SHA-256 of the safetensors weights against the manifest; ArtifactError if altered),
+        onto `device`; `precision` bf16 runs it under autocast there (the weights stay fp32)."""
+        if quantize not in QUANTIZE_MODES:
+            raise ValueError(f"quantize={quantize!r}: must be one of {QUANTIZE_MODES}")
+        location = resolve_model_location(model_dir)
+        model, manifest = load_model(storage.local_copy(location))
+        if quantize == "int8":
+            model = quantize_int8(model)
+        return cls(model.to(device), manifest, load_tokenizer(tokenizer_source(manifest, tokenizer_path)),
+                   model_dir=location, quantize=quantize, precision=precision)
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "model_version": self.version, "model_dir": self.model_dir,
+                "quantize": self.quantize, "device": str(self.device), "precision": self.precision,
+                "max_length": self.max_length, "trunk_depth": self.model.trunk_depth, "tasks": self.tasks}
+
+    def encode(self, texts: list[str], pairs: list[str | None]) -> dict[str, torch.Tensor]:
+        """Tokenize rows with and without a text pair (tokenized apart) into one right-padded batch."""
+        groups = [[i for i, p in enumerate(pairs) if p is None], [i for i, p in enumerate(pairs) if p is not None]]
+        parts = []
+        for rows, with_pair in zip(groups, (False, True)):
+            if rows:
+                enc = tokenize(self.tokenizer, [texts[i] for i in rows],
+                               [pairs[i] for i in rows] if with_pair else None, max_length=self.max_length)
+                parts.append((rows, enc))
+        t = max(enc["input_ids"].shape[1] for _, enc in parts)
+        out = {k: np.zeros((len(texts), t), dtype=np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
+        out["input_ids"][:] = self.tokenizer.pad_token_id
+        for rows, enc in parts:
+            for k, v in enc.items():
+                out[k][rows, : v.shape[1]] = v
+        return {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in out.items()}
+
+    @torch.inference_mode()
+    def run(self, texts: list[str], pairs: list[str | None], row_tasks: list[tuple[str, ...]]
+            ) -> list[dict[str, np.ndarray]]:
+        """Outputs of each row's tasks; the trunk runs once for all rows, only as deep as each row needs.
+
+        Args:
+            texts, pairs: N inputs (a None pair: a single text).
+            row_tasks: for each row, the branches to run on it.
+        Returns:
+            per row {task: (C,) float32 logits, or (1,) regression prediction}.
+        """
+        model = self.model
+        enc = self.encode(texts, pairs)
+        mask = enc["attention_mask"]  # (N, T)
+        need = torch.tensor([max(model.specs[t].depth for t in ts) for ts in row_tasks])  # (N,)
+        rows = torch.arange(len(texts))  # original index of each row still in the trunk
+        with autocast(self.device, self.precision):
+            h = model.embeddings(input_ids=enc["input_ids"], token_type_ids=enc["token_type_ids"])  # (N, T, H)
+        out: list[dict[str, np.ndarray]] = [{} for _ in texts]
+        top = int(need.max())
+        for depth in range(top + 1):
+            for task in sorted({t for r in rows.tolist() for t in row_tasks[r] if model.specs[t].depth == depth}):
+                sel = [i for i, r in enumerate(rows.tolist()) if task in row_tasks[r]]
+                with autocast(self.device, self.precision):
+                    y = model.branch_forward(task, h[sel], mask[sel])  # (b, C)
+                for i, row in zip(sel, y.float().cpu().numpy()):
+                    out[int(rows[i])][task] = row
+            if depth < top:
+                keep = need[rows] > depth  # rows and need stay on the CPU; h and mask on the device
+                if not bool(keep.all()):
+                    on_device = keep.to(self.device)
+                    h, mask, rows = h[on_device], mask[on_device], rows[keep]
+                    t = int(mask.sum(1).max())  # right padding: drop columns no remaining row uses
+                    h, mask = h[:, :t], mask[:, :t]
+                with autocast(self.device, self.precision):
+                    h = model.trunk[depth](h, attention_mask=attention_bias(mask))
+                h = h[0] if isinstance(h, tuple) else h  # BertLayer: tensor (transformers 5), tuple (4.x)
+        return out
+
+
+class ServedStudents(Served):
+    """End-to-end students (kdlib.students: small_transformer, bilstm, cmow) ready to answer requests: one
+    multi-task model, or one fine-tuned copy per task (distill.fine_tune_epochs). Rows asking several tasks of
+    one model are encoded once for all of them."""
+
+    def __init__(self, models: dict[str, tuple[torch.nn.Module, dict]], tokenizer, *, model_dir: str,
+                 quantize: str, device: torch.device, precision: str):
+        """models: artifact name (multitask, or a task) -> (student, manifest); each task is served by its own
+        fine-tuned copy when there is one, else by the multi-task model."""
+        self.models = {name: m for name, (m, _) in models.items()}
+        self.tokenizer, self.model_dir, self.quantize = tokenizer, model_dir, quantize
+        self.device, self.precision = torch.device(device), precision
+        manifests = {name: mf for name, (_, mf) in models.items()}
+        kinds = {mf["student"] for mf in manifests.values()}
+        if len(kinds) != 1:
+            raise ArtifactError(f"{model_dir}: students of different kinds {sorted(kinds)} in one folder")
+        self.kind = kinds.pop()
+        self.max_length = min(int(mf.get("max_length", 128)) for mf in manifests.values())
+        self.by_task: dict[str, str] = {}
+        self.tasks = {}
+        for name in sorted(models, key=lambda n: n != "multitask"):  # per-task copies override the multi-task one
+            student, manifest = models[name], manifests[name]
+            for task, head in manifest["heads"].items():
+                if name not in ("multitask", task):
+                    continue
+                facts = manifest["tasks"].get(task, {})
+                kind = head["kind"]
+                labels = facts.get("label_names") or [str(i) for i in range(head["num_outputs"])]
+                self.by_task[task] = name
+                self.tasks[task] = {"kind": kind, "label_names": [str(x) for x in labels]
+                                    if kind == "classification" else None, "metric": facts.get("metric"),
+                                    "pair": head["pair"], "model": name}
+        digests = ",".join(f"{n}:{manifests[n]['files'][WEIGHTS]}" for n in sorted(manifests))
+        self.version = "sha256:" + hashlib.sha256(digests.encode()).hexdigest()[:12] + (
+            "+int8" if quantize == "int8" else "")
+
+    @classmethod
+    def load(cls, location: str, quantize: str = "none", tokenizer_path: str | None = None,
+             device: torch.device | str = "cpu", precision: str = "fp32") -> "ServedStudents":
+        """A student artifact, or a folder of them (`multitask/`, `<task>/`), verified, onto `device`."""
+        folder = storage.local_copy(location)
+        names = [None] if (folder / MANIFEST).exists() else student_folders(location)
+        models = {}
+        for name in names:
+            model, manifest = load_student(folder if name is None else folder / name)
+            if quantize == "int8":
+                model = quantize_int8(model)
+            models[name or ("multitask" if len(manifest["heads"]) > 1 else next(iter(manifest["heads"])))] = (
+                model.to(device), manifest)
+        manifest = next(iter(models.values()))[1]
+        return cls(models, load_tokenizer(tokenizer_source(manifest, tokenizer_path)), model_dir=location,
+                   quantize=quantize, device=torch.device(device), precision=precision)
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "model_version": self.version, "model_dir": self.model_dir,
+                "quantize": self.quantize, "device": str(self.device), "precision": self.precision,
+                "max_length": self.max_length, "models": sorted(self.models), "tasks": self.tasks}
+
+    @torch.inference_mode()
+    def run(self, texts: list[str], pairs: list[str | None], row_tasks: list[tuple[str, ...]]
+            ) -> list[dict[str, np.ndarray]]:
+        """Rows grouped by (model, with or without a pair): each group encoded once, every head it asked for
+        run on it, each row keeping its own tasks' outputs."""
+        groups: dict[tuple[str, bool], list[int]] = {}
+        for i, tasks in enumerate(row_tasks):
+            for name in sorted({self.by_task[t] for t in tasks}):
+                groups.setdefault((name, pairs[i] is not None), []).append(i)
+        out: list[dict[str, np.ndarray]] = [{} for _ in texts]
+        for (name, with_pair), rows in groups.items():
+            model = self.models[name]
+            names = sorted({t for i in rows for t in row_tasks[i] if self.by_task[t] == name})
+            inputs = make_student_inputs(self.tokenizer, [texts[i] for i in rows],
+                                         [pairs[i] for i in rows] if with_pair else None,
+                                         max_length=self.max_length).to(self.device)
+            with autocast(self.device, self.precision):
+                y = model.forward_tasks(inputs, names)
+            scores = {t: model.tasks[t].scores(y[t]).float().cpu().numpy() for t in names}
+            for j, i in enumerate(rows):
+                out[i].update({t: scores[t][j] for t in row_tasks[i] if t in scores})
+        return out
+
+
+def load_served(model_dir: str | Path, quantize: str = "none", tokenizer_path: str | None = None,
+                device: torch.device | str = "cpu", precision: str = "fp32") -> Served:
+    """The model at `model_dir` (an artifact, a folder of students, or a run folder), of whatever kind it is."""
+    location = resolve_model_location(model_dir)
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(f"quantize={quantize!r}: must be one of {QUANTIZE_MODES}")
+    folder = storage.local_copy(location)
+    if (folder / MANIFEST).exists() and read_manifest(folder, verify=False).get("format") != STUDENT_FORMAT:
+        return ServedModel.load(location, quantize, tokenizer_path, device, precision)
+    return ServedStudents.load(location, quantize, tokenizer_path, device, precision)
+
+
 class ModelSlot:
     """The model version a replica serves. An update swaps in a new one only once it has loaded and
     verified; until then, and if it fails, requests keep getting the current one."""
@@ -229,7 +364,7 @@ class ModelSlot:
     def __init__(self, tokenizer_path: str | None = None, *, device: torch.device | str = "cpu",
                  precision: str = "fp32"):
         self.tokenizer_path, self.device, self.precision = tokenizer_path, device, precision
-        self.current: ServedModel | None = None
+        self.current: Served | None = None
         self.config: dict | None = None
         self.last_error: str | None = None
         self._lock = threading.Lock()  # one update at a time; readers never wait on it
@@ -246,7 +381,7 @@ class ModelSlot:
             if config == self.config and self.current is not None:
                 return "unchanged"
             try:
-                new = ServedModel.load(model_dir, quantize, self.tokenizer_path, self.device, self.precision)
+                new = load_served(model_dir, quantize, self.tokenizer_path, self.device, self.precision)
             except Exception as e:  # noqa: BLE001 - any failure keeps the old model serving
                 self.last_error = f"{type(e).__name__}: {e}"
                 if self.current is None:
