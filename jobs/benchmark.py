@@ -14,6 +14,7 @@ Each benchmark is jobs/benchmarks/<name>.py; its docstring says what it measures
     distill      the glue-mini pipeline beside full fine-tuning per task
     labeling     the labeling stage against single-process baselines; shared trunk, FLOP/s, streaming
     students     every student distilled from the same glue-mini teachers: scores, size, speed, MKD ablation
+    own_teachers SST-2 teachers fine-tuned with plain transformers, distilled into CMOW and branched students
     tune         jobs/tune_depth.py's depth search: quality against overhead
     tune_caches  the same kind of sweep with its caches and without: wall time
     serve        the merged model on Ray Serve against one teacher deployment per task

@@ -74,7 +74,8 @@ class TaskConfig(StrictModel):
     # (MT-DNN KD trains some tasks so). Its branch starts from the encoder's layers at depth N - L.
     teacher: bool = True
     # The user's own fine-tuned teachers (kdlib.teacher_checkpoints): the task's K members as transformers
-    # sequence-classification checkpoints (folders, absolute or under data_dir, or hub ids), of any encoder
+    # sequence-classification checkpoints (folders, absolute or relative to where the job starts, as encoder.path;
+    # or hub ids), of any encoder
     # family; kdlib then trains no teacher for this task. Their labels match the task's by id2label name, or
     # through teacher_label_map (checkpoint label -> task label, for names like LABEL_0).
     teacher_checkpoints: list[str] | None = Field(None, min_length=1)

@@ -56,15 +56,15 @@ class CheckpointMember:
 
 
 def resolve_members(*, task: str, kind: str, label_names: list[str], checkpoints: list[str],
-                    label_map: dict[str, str] | None, max_length: int, base_dir: str | None) -> list[CheckpointMember]:
+                    label_map: dict[str, str] | None, max_length: int) -> list[CheckpointMember]:
     """Find, check and fingerprint a task's teacher checkpoints (ConfigError on any mismatch)."""
-    return [_resolve(task, kind, label_names, name, label_map or {}, max_length, base_dir) for name in checkpoints]
+    return [_resolve(task, kind, label_names, name, label_map or {}, max_length) for name in checkpoints]
 
 
-def _resolve(task: str, kind: str, label_names: list[str], name: str, label_map: dict[str, str], max_length: int,
-             base_dir: str | None) -> CheckpointMember:
+def _resolve(task: str, kind: str, label_names: list[str], name: str, label_map: dict[str, str],
+             max_length: int) -> CheckpointMember:
     where = f"tasks.{task}.teacher_checkpoints: {name!r}"
-    folder, source, revision = locate(name, base_dir, where)
+    folder, source, revision = locate(name, where)
     try:
         config = AutoConfig.from_pretrained(folder)
     except Exception as e:  # noqa: BLE001 - any failure to read it is the user's to fix, named
@@ -93,15 +93,14 @@ def load_checked_tokenizer(folder: Path, config, where: str) -> PreTrainedTokeni
     return tokenizer
 
 
-def locate(name: str, base_dir: str | None, where: str) -> tuple[Path, str, str | None]:
+def locate(name: str, where: str) -> tuple[Path, str, str | None]:
     """(local folder, source to load from, hub revision) of a configured checkpoint.
 
-    A path (absolute, or relative to data_dir, as task files are) that holds a config.json is a local folder;
+    A path (absolute, or relative to where the job starts, as encoder.path is) that holds a config.json is a
+    local folder, passed on absolute (on a cluster it must be where every node reads it: a shared filesystem);
     anything else that could be a hub id (no leading '/', '.', '~') is fetched from the hub, once, pinned to
     the commit fetched."""
     path = Path(name).expanduser()
-    if not path.is_absolute() and base_dir is not None:
-        path = Path(base_dir).expanduser() / path
     if (path / "config.json").exists():
         return path.resolve(), str(path.resolve()), None
     if path.exists():

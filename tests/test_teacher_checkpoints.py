@@ -33,7 +33,7 @@ PAIRS = ["a bad film", "the best film of the year", "thin", "not worth the time"
 
 def resolve(folder, *, kind="classification", labels=("negative", "positive"), label_map=None, max_length=32):
     return resolve_members(task="sentiment", kind=kind, label_names=list(labels), checkpoints=[str(folder)],
-                           label_map=label_map, max_length=max_length, base_dir=None)
+                           label_map=label_map, max_length=max_length)
 
 
 def label_with(members, texts=TEXTS, pairs=PAIRS, batch_size=2) -> np.ndarray:
@@ -64,7 +64,7 @@ def test_mixed_ensemble_members_keep_their_own_tokenizers_and_length_limits(tmp_
     roberta = tiny_checkpoint(tmp_path / "r", "roberta", ["negative", "positive"], max_position_embeddings=16)
     bert = tiny_checkpoint(tmp_path / "b", "bert", ["negative", "positive"], seed=1)
     members = resolve_members(task="sentiment", kind="classification", label_names=["negative", "positive"],
-                              checkpoints=[str(roberta), str(bert)], label_map=None, max_length=32, base_dir=None)
+                              checkpoints=[str(roberta), str(bert)], label_map=None, max_length=32)
     assert [m.max_length for m in members] == [14, 32]  # RoBERTa's positions start after padding_idx (1) + 1
     got = label_with(members)
     np.testing.assert_allclose(got[:, 0], plain_logits(roberta, TEXTS, PAIRS, max_length=14).numpy(), atol=1e-5)
@@ -121,13 +121,14 @@ def test_a_checkpoint_that_is_not_a_path_goes_to_the_hub_and_says_so_offline(tmp
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConfigError, match=r"'someone/sst2-roberta'.*the model hub could not provide it"):
         resolve_members(task="sentiment", kind="classification", label_names=["negative", "positive"],
-                        checkpoints=["someone/sst2-roberta"], label_map=None, max_length=32, base_dir=str(tmp_path))
+                        checkpoints=["someone/sst2-roberta"], label_map=None, max_length=32)
 
 
-def test_relative_checkpoint_paths_are_read_under_data_dir(tmp_path):
+def test_relative_checkpoint_paths_are_read_from_where_the_job_starts(tmp_path, monkeypatch):
     tiny_checkpoint(tmp_path / "teachers" / "a", "bert", ["negative", "positive"])
+    monkeypatch.chdir(tmp_path)
     [member] = resolve_members(task="sentiment", kind="classification", label_names=["negative", "positive"],
-                               checkpoints=["teachers/a"], label_map=None, max_length=32, base_dir=str(tmp_path))
+                               checkpoints=["teachers/a"], label_map=None, max_length=32)
     assert member.source == str((tmp_path / "teachers" / "a").resolve()) and member.name == "teachers/a"
 
 

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 BEGIN, END = "<!-- results:begin", "<!-- results:end -->"
-NAMES = ("demo", "distill", "labeling", "students", "tune", "tune_caches", "serve", "cluster", "gpu")
+NAMES = ("demo", "distill", "labeling", "students", "own_teachers", "tune", "tune_caches", "serve", "cluster", "gpu")
 SCALES = ("quick", "full", "transfer")
 
 
@@ -43,6 +43,10 @@ HEADLINES = {
                                           if "runs" in r["k1"] else " (one run)")
                            + f"; shared trunk {r['k3']['shared_gain']:.2f}x"),
     "students": _students,
+    "own_teachers": lambda r: ("SST-2 teachers fine-tuned outside kdlib (plain transformers), ensemble "
+                               f"{next(iter(r['students'].values()))['ensemble_accuracy']:.1f}: " + ", ".join(
+        f"{k} student {x['retained_pct']:.1f}% at {x['speedup_vs_ensemble']:.1f}x its speed"
+        for k, x in r["students"].items())),
     "tune": lambda r: (f"chosen ({r['chosen']['rule']} {r['chosen']['setting']:g}): "
                        f"{r['chosen']['share_of_full_ft']:.1f}% of full fine-tuning at {r['chosen']['overhead']:.1%} "
                        f"overhead"),

@@ -109,7 +109,7 @@ def train_teachers(ctx, tasks: dict[str, TaskData]) -> Teachers:
         if t.teacher_checkpoints is not None:
             members = resolve_members(task=name, kind=data.kind, label_names=data.label_names,
                                       checkpoints=t.teacher_checkpoints, label_map=t.teacher_label_map,
-                                      max_length=ctx.encoder.max_length, base_dir=cfg.data_dir)
+                                      max_length=ctx.encoder.max_length)
             checkpoints[name], keys[name] = members, checkpoints_key(members, cfg.precision)
             ctx.log(f"[teachers:{name}] {len(members)} checkpoints, not trained here: "
                     + ", ".join(f"{m.name} ({m.family}, {m.digest[:8]})" for m in members))
