@@ -40,6 +40,8 @@ class CheckpointMember:
         family: the config's model_type.
         outputs: for each task label in order, the checkpoint output that scores it ([0] for regression).
         max_length: the member's own token limit (the run's encoder.max_length, lowered to what it takes).
+        remote_code: the checkpoint's model class is kdlib's own modeling file (a kdlib teacher with mean
+            pooling, kdlib.teacher_export), loaded with trust_remote_code; no other remote code is run.
     """
 
     name: str
@@ -49,6 +51,7 @@ class CheckpointMember:
     family: str
     outputs: tuple[int, ...]
     max_length: int
+    remote_code: bool = False
 
     def identity(self) -> dict:
         """What the soft-target store records of the member (and what its key covers)."""
@@ -73,7 +76,24 @@ def _resolve(task: str, kind: str, label_names: list[str], name: str, label_map:
     outputs = match_outputs(where, kind, label_names, config, label_map)
     return CheckpointMember(name=name, source=source, revision=revision, digest=files_digest(folder),
                             family=config.model_type, outputs=outputs,
-                            max_length=member_max_length(config, tokenizer, max_length))
+                            max_length=member_max_length(config, tokenizer, max_length),
+                            remote_code=check_remote_code(folder, config, where))
+
+
+def check_remote_code(folder: Path, config, where: str) -> bool:
+    """Whether the checkpoint needs its own model code: only kdlib's own file (kdlib.teacher_export) is run;
+    any other auto_map is an error (kdlib does not execute code that came with a checkpoint)."""
+    from kdlib.teacher_export import AUTO_MAP, MODELING, modeling_digest
+
+    auto_map = getattr(config, "auto_map", None)
+    if not auto_map:
+        return False
+    copy = folder / MODELING.name
+    if (auto_map == AUTO_MAP and copy.exists()
+            and hashlib.sha256(copy.read_bytes()).hexdigest() == modeling_digest()):
+        return True
+    raise ConfigError(f"{where}: the checkpoint brings its own model code (auto_map {auto_map}), which kdlib does "
+                      "not run; save it as one of transformers' own sequence-classification models")
 
 
 def load_checked_tokenizer(folder: Path, config, where: str) -> PreTrainedTokenizerBase:
@@ -174,7 +194,8 @@ class CheckpointTeacher:
     def __init__(self, member: CheckpointMember | dict, device: torch.device):
         m = member if isinstance(member, CheckpointMember) else CheckpointMember(**member)
         self.member = m
-        kwargs = {} if m.revision is None else {"revision": m.revision}
+        kwargs = ({} if m.revision is None else {"revision": m.revision}) | (
+            {"trust_remote_code": True} if m.remote_code else {})
         self.tokenizer = AutoTokenizer.from_pretrained(m.source, **kwargs)
         self.model = AutoModelForSequenceClassification.from_pretrained(m.source, **kwargs).to(device).eval()
         # the inputs its forward takes (DistilBERT: no token_type_ids, whatever its tokenizer returns)

@@ -4,7 +4,8 @@ Per task, K members (seeds) each fine-tune the top L layers of the pretrained en
 the embeddings and bottom N - L layers stay frozen and are shared, so the members are stored as one
 trunk-less artifact with K branches, and their frozen features are computed once for all of them.
 Every member's training loss and dev score per epoch go to `history.json` in the artifact folder (the
-teachers' curves, kdlib.curves).
+teachers' curves, kdlib.curves). Each member can also be written as a standard transformers checkpoint
+(kdlib.teacher_export), which `tasks.<t>.teacher_checkpoints` accepts.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from kdlib.features import TrunkFeatures, length_grouped_batches
 from kdlib.losses import hard_loss
 from kdlib.metrics import task_metrics
 from kdlib.optim import Optimization
+from kdlib.teacher_export import export_ensemble
 
 HISTORY = "history.json"  # {"stage": "teachers", "task": ..., "metric": ..., "epochs": [per-epoch rows]}
 
@@ -33,7 +35,8 @@ def train_ensemble(*, task: str, kind: str, label_names: list[str], metric: str,
                    encoder_source: str, random_init: bool, config_overrides: dict, pooling: str,
                    max_length: int, fine_tune_layers: int, members: int, epochs: int, batch_size: int,
                    lr: float, head_lr: float, weight_decay: float, seed: int, out_dir: str,
-                   dev: pd.DataFrame | None = None, precision: str = "fp32", log=print) -> dict:
+                   dev: pd.DataFrame | None = None, precision: str = "fp32", checkpoints_dir: str | None = None,
+                   log=print) -> dict:
     """Train a task's K-member teacher ensemble and save it as a trunk-less artifact in `out_dir`.
 
     Args:
@@ -44,6 +47,7 @@ def train_ensemble(*, task: str, kind: str, label_names: list[str], metric: str,
             mode, no gradient: the training is the same without it), into history.json; None: losses only.
         precision: fp32, bf16 or fp16 (kdlib.device): the trunk features and every member's steps run under
             its autocast, on the GPU Ray assigned this task if any.
+        checkpoints_dir: also write every member there as a transformers checkpoint (kdlib.teacher_export).
     Returns:
         {"seconds", "final_loss": [per member]} for the run log.
     """
@@ -109,6 +113,8 @@ def train_ensemble(*, task: str, kind: str, label_names: list[str], metric: str,
                tasks={task: {"kind": kind, "label_names": label_names, "metric": metric}},
                extra={"role": "teacher_ensemble", "task": task, "fine_tune_layers": fine_tune_layers,
                       "members": members})
+    if checkpoints_dir is not None:  # each member as a standard transformers checkpoint too
+        export_ensemble(model, checkpoints_dir, kind=kind, label_names=label_names, tokenizer=tokenizer)
     # After the artifact: save_model replaces the folder.
     (Path(out_dir) / HISTORY).write_text(json.dumps({"stage": "teachers", "task": task, "metric": metric,
                                                      "epochs": history}, indent=1))

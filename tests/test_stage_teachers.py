@@ -29,7 +29,23 @@ def test_each_task_gets_a_k_member_ensemble_of_its_depth(tiny_pipeline):
         assert [b["depth"] for b in manifest["branches"]] == [4 - L] * p.cfg.teachers.members  # tiny encoder: 4
         key = teacher_key(p.ctx.encoder, p.tasks[name].digest, L, p.cfg.teachers)
         assert p.teachers.key(name) == key and Path(folder).parent.name == key
+        for k in range(p.cfg.teachers.members):  # every member as a transformers checkpoint too
+            config = json.loads((Path(folder).parent / "checkpoints" / f"{name}__m{k}" / "config.json").read_text())
+            assert len(config["id2label"]) == p.tasks[name].num_outputs
     assert any(line.startswith("[teachers:sentiment] done in") for line in p.lines)
+
+
+def test_a_reused_ensemble_without_checkpoints_gets_them(tiny_pipeline):
+    """An ensemble the depth search trained (it writes no checkpoints) is reused by the pipeline, which exports
+    its members then; the export equals the one written at training time."""
+    import shutil
+
+    p = tiny_pipeline
+    folder = Path(p.teachers.dirs["paraphrase"]).parent / "checkpoints"
+    before = {f.name: f.read_bytes() for f in (folder / "paraphrase__m0").iterdir()}
+    shutil.rmtree(folder)
+    train_teachers(p.ctx, p.tasks)
+    assert {f.name: f.read_bytes() for f in (folder / "paraphrase__m0").iterdir()} == before
 
 
 def test_the_ensemble_keeps_every_members_loss_and_dev_score_per_epoch(tiny_pipeline):

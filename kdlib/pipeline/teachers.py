@@ -14,15 +14,18 @@ from dataclasses import dataclass, field
 import ray
 
 from kdlib import storage
+from kdlib.artifact import load_model
 from kdlib.config import TeacherConfig
 from kdlib.device import describe, device
 from kdlib.encoder import EncoderRef
 from kdlib.pipeline.data import TaskData
 from kdlib.stages import fingerprint
 from kdlib.teacher_checkpoints import CheckpointMember, resolve_members
+from kdlib.teacher_export import export_ensemble
 from kdlib.teachers import train_ensemble
 
 RESOURCE_FIELDS = {"cpus_per_task", "gpus_per_task"}  # how the work is scheduled, not what it computes
+CHECKPOINTS = "checkpoints"  # beside `ensemble/`: every member as a transformers checkpoint (kdlib.teacher_export)
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,8 @@ def teacher_key(encoder: EncoderRef, data_digest: str, fine_tune_layers: int, se
 
 
 def train_teacher_ensemble(data: TaskData, encoder: EncoderRef, fine_tune_layers: int, settings: TeacherConfig,
-                           out_dir: str, *, members: int | None = None, precision: str = "fp32", log=print) -> dict:
+                           out_dir: str, *, members: int | None = None, precision: str = "fp32",
+                           checkpoints_dir: str | None = None, log=print) -> dict:
     """kdlib.teachers.train_ensemble for one task, its settings taken from the typed config."""
     return train_ensemble(task=data.name, kind=data.kind, label_names=data.label_names, metric=data.metric,
                           train=data.train, encoder_source=encoder.source, random_init=encoder.random_init,
@@ -77,16 +81,17 @@ def train_teacher_ensemble(data: TaskData, encoder: EncoderRef, fine_tune_layers
                           members=members or settings.members, epochs=settings.epochs,
                           batch_size=settings.batch_size, lr=settings.lr, head_lr=settings.head_lr,
                           weight_decay=settings.weight_decay, seed=encoder.seed, out_dir=out_dir, dev=data.dev,
-                          precision=precision, log=log)
+                          precision=precision, checkpoints_dir=checkpoints_dir, log=log)
 
 
 def _train_on_node(location: str, data: TaskData, encoder: EncoderRef, fine_tune_layers: int,
                    settings: TeacherConfig, precision: str) -> dict:
-    """An ensemble into `<location>/ensemble` (uploaded from this node when the storage root is remote),
-    reporting the node and device it ran on."""
+    """An ensemble into `<location>/ensemble` and its members as transformers checkpoints into
+    `<location>/checkpoints/<member>/` (uploaded from this node when the storage root is remote), reporting the
+    node and device it ran on."""
     with storage.staged_dir(location) as out:
         info = train_teacher_ensemble(data, encoder, fine_tune_layers, settings, str(out / "ensemble"),
-                                      precision=precision)
+                                      precision=precision, checkpoints_dir=str(out / CHECKPOINTS))
     dev = device()
     where = ray.util.get_node_ip_address() + ("" if dev.type == "cpu" else f", {describe(dev)}")
     return {**info, "where": where, "device": str(dev),
@@ -99,7 +104,8 @@ def train_teachers(ctx, tasks: dict[str, TaskData]) -> Teachers:
     (ConfigError before any labeling when one does not fit)."""
     cfg, cache = ctx.cfg, ctx.cache
     remote = ray.remote(num_cpus=cfg.teachers.cpus_per_task, num_gpus=cfg.teachers.gpus_per_task)(_train_on_node)
-    dirs, running, started = {}, {}, time.perf_counter()
+    export = ray.remote(num_cpus=cfg.teachers.cpus_per_task)(_export_on_node)
+    dirs, running, started, exports = {}, {}, time.perf_counter(), []
     checkpoints, keys = {}, {}
     for name, data in tasks.items():
         t = cfg.tasks[name]
@@ -120,10 +126,20 @@ def train_teachers(ctx, tasks: dict[str, TaskData]) -> Teachers:
         dirs[name] = storage.child(out, "ensemble")
         if done:
             cache.reuse("teachers", fp, label=f"teachers:{name}")
+            if not storage.exists_at(storage.child(out, CHECKPOINTS)):  # trained by the depth search, which
+                exports.append(export.remote(out, data, ctx.encoder))     # writes no checkpoints
             continue
         cache.start("teachers", out, label=f"teachers:{name}")
         running[name] = (fp, remote.remote(out, data, ctx.encoder, L, cfg.teachers, cfg.precision))
     for name, (fp, ref) in running.items():
         info = ray.get(ref)
         cache.finish("teachers", fp, time.perf_counter() - started, info, label=f"teachers:{name}")
+    ray.get(exports)
     return Teachers(dirs, checkpoints, keys)
+
+
+def _export_on_node(location: str, data: TaskData, encoder: EncoderRef) -> None:
+    """`<location>/checkpoints/` from the ensemble at `<location>/ensemble` (kdlib.teacher_export)."""
+    ensemble, _ = load_model(storage.local_copy(storage.child(location, "ensemble")), encoder=encoder.load())
+    with storage.staged_dir(storage.child(location, CHECKPOINTS)) as out:
+        export_ensemble(ensemble, out, kind=data.kind, label_names=data.label_names, tokenizer=encoder.tokenizer())

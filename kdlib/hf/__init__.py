@@ -1,0 +1,1 @@
+"""Files kdlib writes into standard transformers checkpoints (kdlib.teacher_export)."""
