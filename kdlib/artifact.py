@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
-from transformers import BertConfig, BertModel
+from transformers import PreTrainedModel
 
 import kdlib
 from kdlib.branched import BranchedModel, BranchSpec
+from kdlib.families import config_from_dict
 
 WEIGHTS, MANIFEST = "weights.safetensors", "manifest.json"
 
@@ -99,7 +100,7 @@ def read_manifest(folder: str | Path, verify: bool = True) -> dict:
     return manifest
 
 
-def load_model(folder: str | Path, encoder: BertModel | None = None) -> tuple[BranchedModel, dict]:
+def load_model(folder: str | Path, encoder: PreTrainedModel | None = None) -> tuple[BranchedModel, dict]:
     """Rebuild a model from its artifact (checksums verified).
 
     Args:
@@ -113,15 +114,15 @@ def load_model(folder: str | Path, encoder: BertModel | None = None) -> tuple[Br
     if manifest.get("format") != "kdlib.branched/1":
         raise ArtifactError(f"{folder}: a {manifest.get('format')!r} artifact, not a branched model "
                             "(students other than the branched one load with kdlib.students.load_student)")
-    config = BertConfig.from_dict(manifest["encoder_config"])
+    config = config_from_dict(manifest["encoder_config"])
     specs = [BranchSpec(**b) for b in manifest["branches"]]
     model = BranchedModel(config, specs, manifest["pooling"])
     state = load_file(str(Path(folder) / WEIGHTS))
     if not manifest["include_trunk"]:
         if encoder is None:
             raise ArtifactError(f"{folder}: stores no trunk; pass the encoder it was cut from")
-        model.embeddings = encoder.embeddings
-        model.trunk = nn_list_prefix(encoder.encoder.layer, model.trunk_depth)
+        model.embeddings = model.family.embeddings_of(encoder)
+        model.trunk = nn_list_prefix(model.family.layers_of(encoder), model.trunk_depth)
         missing = model.load_state_dict(state, strict=False).missing_keys
         missing = [k for k in missing if k.startswith("branches.")]
     else:

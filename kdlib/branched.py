@@ -1,6 +1,6 @@
 """One model description for teachers, ensembles, students and the merged multi-task model.
 
-A `BranchedModel` is a BERT encoder cut in two (flexible-multitask-bert-serving, sec. 3 and Fig. 1):
+A `BranchedModel` is an encoder (BERT, RoBERTa, ELECTRA or DistilBERT: kdlib.families) cut in two (flexible-multitask-bert-serving, sec. 3 and Fig. 1):
 the embeddings and the bottom layers form a frozen *trunk* shared by every branch; each *branch* is a
 stack of transformer layers that starts at its own trunk depth, followed by a head. A partially
 fine-tuned teacher is one branch of L layers at depth N - L; an ensemble is K such branches on one
@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from transformers import BertConfig, BertModel
-from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer
+from transformers import PretrainedConfig, PreTrainedModel
+
+from kdlib.families import family_of
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ def attention_bias(attention_mask: torch.Tensor) -> torch.Tensor | None:
 class BranchedModel(nn.Module):
     """Trunk (embeddings + bottom layers) shared by branches attached at their own depths."""
 
-    def __init__(self, config: BertConfig, branches: list[BranchSpec], pooling: str = "mean"):
+    def __init__(self, config: PretrainedConfig, branches: list[BranchSpec], pooling: str = "mean"):
         super().__init__()
         if len({b.name for b in branches}) != len(branches):
             raise ValueError(f"branch names repeat: {[b.name for b in branches]}")
@@ -93,12 +94,13 @@ class BranchedModel(nn.Module):
         config = copy.deepcopy(config)
         config._attn_implementation = "sdpa"
         self.config, self.pooling = config, pooling
+        self.family = family = family_of(config)
         self.specs = {b.name: b for b in branches}
-        self.embeddings = BertEmbeddings(config)
-        self.trunk = nn.ModuleList(BertLayer(config) for _ in range(self.trunk_depth))
+        self.embeddings = family.new_embeddings(config)
+        self.trunk = nn.ModuleList(family.new_layer(config) for _ in range(self.trunk_depth))
         self.branches = nn.ModuleDict({
-            b.name: Branch([BertLayer(config) for _ in range(b.layers)],
-                           Head(config.hidden_size, b.num_outputs, pooling, config.hidden_dropout_prob))
+            b.name: Branch([family.new_layer(config) for _ in range(b.layers)],
+                           Head(config.hidden_size, b.num_outputs, pooling, family.dropout(config)))
             for b in branches
         })
 
@@ -107,18 +109,27 @@ class BranchedModel(nn.Module):
         return max(b.depth for b in self.specs.values()) if self.specs else 0
 
     @classmethod
-    def from_encoder(cls, encoder: BertModel, branches: list[BranchSpec], pooling: str = "mean",
+    def from_encoder(cls, encoder: PreTrainedModel, branches: list[BranchSpec], pooling: str = "mean",
                      seed: int = 0) -> "BranchedModel":
         """Cut a pretrained encoder: trunk and every branch's layers copied from it, heads freshly initialised."""
         torch.manual_seed(seed)
         model = cls(encoder.config, branches, pooling)
-        model.embeddings.load_state_dict(encoder.embeddings.state_dict())
+        family = model.family
+        layers = family.layers_of(encoder)
+        model.embeddings.load_state_dict(family.embeddings_of(encoder).state_dict())
         for i, layer in enumerate(model.trunk):
-            layer.load_state_dict(encoder.encoder.layer[i].state_dict())
+            layer.load_state_dict(layers[i].state_dict())
         for spec in branches:
             for j, layer in enumerate(model.branches[spec.name].layers):
-                layer.load_state_dict(encoder.encoder.layer[spec.depth + j].state_dict())
+                layer.load_state_dict(layers[spec.depth + j].state_dict())
         return model
+
+    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+        """(B, T) ids -> (B, T, H) embeddings (the family's own: positions, token types where it has them)."""
+        return self.family.embed(self.embeddings, input_ids, token_type_ids)
+
+    def run_layer(self, layer: nn.Module, h: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self.family.run_layer(layer, h, bias)
 
     def freeze_trunk(self) -> None:
         for p in list(self.embeddings.parameters()) + list(self.trunk.parameters()):
@@ -127,10 +138,10 @@ class BranchedModel(nn.Module):
     def trunk_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      token_type_ids: torch.Tensor | None, depth: int) -> torch.Tensor:
         """Hidden states after `depth` trunk layers: (B, T) ids -> (B, T, H)."""
-        h = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)  # (B, T, H)
+        h = self.embed(input_ids, token_type_ids)  # (B, T, H)
         bias = attention_bias(attention_mask)
         for layer in self.trunk[:depth]:
-            h = _first(layer(h, attention_mask=bias))
+            h = self.run_layer(layer, h, bias)
         return h
 
     def branch_forward(self, name: str, h: torch.Tensor, attention_mask: torch.Tensor,
@@ -142,7 +153,7 @@ class BranchedModel(nn.Module):
         branch = self.branches[name]
         bias = attention_bias(attention_mask) if bias is ... else bias
         for layer in branch.layers:
-            h = _first(layer(h, attention_mask=bias))
+            h = self.run_layer(layer, h, bias)
         return branch.head(h, attention_mask)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -160,20 +171,15 @@ class BranchedModel(nn.Module):
         by_depth: dict[int, list[str]] = {}
         for n in names:
             by_depth.setdefault(self.specs[n].depth, []).append(n)
-        h = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)  # (B, T, H)
+        h = self.embed(input_ids, token_type_ids)  # (B, T, H)
         bias = attention_bias(attention_mask)
         out: dict[str, torch.Tensor] = {}
         for depth in range(max(by_depth) + 1):
             for n in by_depth.get(depth, []):
                 out[n] = self.branch_forward(n, h, attention_mask, bias)
             if depth < max(by_depth):
-                h = _first(self.trunk[depth](h, attention_mask=bias))
+                h = self.run_layer(self.trunk[depth], h, bias)
         return {n: out[n] for n in names}
-
-
-def _first(x):
-    # BertLayer returns a tensor in transformers 5 and a tuple in 4.x.
-    return x[0] if isinstance(x, tuple) else x
 
 
 def member_name(task: str, k: int) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import transformers
 from pydantic import BaseModel, ConfigDict
-from transformers import AutoTokenizer, BertConfig, BertModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 # Model names that a pip package ships offline: name -> (importable package, folder inside it).
 OFFLINE_PACKAGES = {
@@ -45,18 +45,20 @@ def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
 
 
 def load_encoder(source: str, random_init: bool = False,
-                 config_overrides: dict | None = None, seed: int = 0) -> BertModel:
-    """The BERT encoder, pretrained or (for tests) randomly initialised from its config plus overrides."""
+                 config_overrides: dict | None = None, seed: int = 0) -> PreTrainedModel:
+    """The encoder (any family transformers' AutoModel loads; kdlib.families says which ones kdlib can cut),
+    pretrained or (for tests) randomly initialised from its config plus overrides."""
     transformers.logging.set_verbosity_error()  # the load report lists the unused pooler: expected, noisy
+    config = AutoConfig.from_pretrained(source, **(config_overrides if random_init else {}) or {})
+    no_pooler = {"add_pooling_layer": False} if config.model_type in ("bert", "roberta") else {}
     if not random_init:
         if config_overrides:
             raise ValueError("encoder.config_overrides only apply with encoder.random_init: true")
-        return BertModel.from_pretrained(source, add_pooling_layer=False).eval()
+        return AutoModel.from_pretrained(source, **no_pooler).eval()
     import torch
 
-    config = BertConfig.from_pretrained(source, **(config_overrides or {}))
     torch.manual_seed(seed)
-    return BertModel(config, add_pooling_layer=False).eval()
+    return AutoModel.from_config(config, **no_pooler).eval()
 
 
 def encoder_fingerprint(source: str, random_init: bool, config_overrides: dict | None, seed: int) -> str:
@@ -101,16 +103,19 @@ class EncoderRef(BaseModel):
                    random_init=cfg.random_init, config_overrides=cfg.config_overrides, pooling=cfg.pooling,
                    max_length=cfg.max_length, seed=seed)
 
-    def load(self) -> BertModel:
+    def load(self) -> PreTrainedModel:
         return load_encoder(self.source, self.random_init, self.config_overrides, seed=self.seed)
 
     def tokenizer(self) -> PreTrainedTokenizerBase:
         return load_tokenizer(self.source)
 
+    def config(self):
+        """The encoder's config alone (no weights loaded)."""
+        return AutoConfig.from_pretrained(self.source, **(self.config_overrides if self.random_init else {}))
+
     def num_layers(self) -> int:
-        """The encoder's depth N, from its config alone (no weights loaded)."""
-        return BertConfig.from_pretrained(self.source, **(self.config_overrides if self.random_init else {})
-                                          ).num_hidden_layers
+        """The encoder's depth N."""
+        return self.config().num_hidden_layers
 
     def manifest(self) -> dict:
         """What an artifact's manifest records of its encoder (kdlib.artifact, kdlib.serve read `source`)."""

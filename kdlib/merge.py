@@ -8,7 +8,7 @@ branch into one graph whose shared trunk runs once, up to the deepest branch poi
 
 from __future__ import annotations
 
-from transformers import BertModel
+from transformers import PreTrainedModel
 
 from kdlib.branched import BranchedModel, BranchSpec
 
@@ -24,7 +24,7 @@ def student_specs(teacher_specs: dict[str, BranchSpec], branch_layers: dict[str,
     return specs
 
 
-def build_student(encoder: BertModel, teachers: dict[str, tuple[BranchedModel, str]],
+def build_student(encoder: PreTrainedModel, teachers: dict[str, tuple[BranchedModel, str]],
                   branch_layers: dict[str, int], pooling: str, untaught: list[BranchSpec] = ()) -> BranchedModel:
     """A multi-task student whose task branches are initialised from one teacher member each.
 
@@ -58,7 +58,7 @@ def single_task(model: BranchedModel, task: str) -> BranchedModel:
     return single.eval()
 
 
-def merge(encoder: BertModel, students: list[BranchedModel], pooling: str) -> BranchedModel:
+def merge(encoder: PreTrainedModel, students: list[BranchedModel], pooling: str) -> BranchedModel:
     """One model with every student's branches on the encoder's trunk, as deep as the deepest branch needs."""
     specs = [s for m in students for s in m.specs.values()]
     merged = BranchedModel.from_encoder(encoder, specs, pooling)

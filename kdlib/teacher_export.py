@@ -32,6 +32,9 @@ def modeling_digest() -> str:
 def export_member(model: BranchedModel, member: str, folder: str | Path, *, kind: str, label_names: list[str],
                   tokenizer: PreTrainedTokenizerBase) -> Path:
     """Write member `member` of `model` (an ensemble on its encoder's trunk) as a checkpoint in `folder`."""
+    if model.config.model_type != "bert":
+        raise ValueError(f"exporting a {model.config.model_type} teacher: only BERT-family teachers are written as "
+                         "transformers checkpoints (their head is BERT's pooler and classifier)")
     spec = model.specs[member]
     branch = model.branches[member]
     if spec.depth + spec.layers != model.config.num_hidden_layers:
@@ -81,7 +84,9 @@ def clean_copy(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
 
 def export_ensemble(model: BranchedModel, folder: str | Path, *, kind: str, label_names: list[str],
                     tokenizer: PreTrainedTokenizerBase) -> list[Path]:
-    """Every member of a trained ensemble as `<folder>/<member>/`."""
+    """Every member of a trained ensemble as `<folder>/<member>/`; none for an encoder other than BERT's."""
+    if model.config.model_type != "bert":
+        return []
     return [export_member(model, name, Path(folder) / name, kind=kind, label_names=label_names, tokenizer=tokenizer)
             for name in model.specs]
 

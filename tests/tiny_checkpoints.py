@@ -88,3 +88,18 @@ def plain_logits(folder: Path, texts: list[str], pairs: list[str] | None = None,
         out.append(model(**{k: v for k, v in enc.items() if k in tok.model_input_names}).logits[0])
     return torch.stack(out)
 
+
+
+def tiny_encoder(folder: Path, family: str, seed: int = 0, **config) -> Path:
+    """A random `family` base model (no head) and its tokenizer in `folder`: an `encoder.path` for kdlib."""
+    from transformers import AutoModel
+
+    tok = tiny_tokenizer(family)
+    size = {"dim": 32, "n_layers": 4, "n_heads": 2, "hidden_dim": 64} if family == "distilbert" else {
+        **SIZE, "num_hidden_layers": 4}
+    cfg = AutoConfig.for_model(family, **{"vocab_size": len(tok), "max_position_embeddings": 64,
+                                          "pad_token_id": tok.pad_token_id, **size, **config})
+    torch.manual_seed(seed)
+    AutoModel.from_config(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return Path(folder)

@@ -105,6 +105,7 @@ def train_teachers(ctx, tasks: dict[str, TaskData]) -> Teachers:
     cfg, cache = ctx.cfg, ctx.cache
     remote = ray.remote(num_cpus=cfg.teachers.cpus_per_task, num_gpus=cfg.teachers.gpus_per_task)(_train_on_node)
     export = ray.remote(num_cpus=cfg.teachers.cpus_per_task)(_export_on_node)
+    exportable = ctx.encoder.config().model_type == "bert"  # kdlib.teacher_export writes BERT-family teachers
     dirs, running, started, exports = {}, {}, time.perf_counter(), []
     checkpoints, keys = {}, {}
     for name, data in tasks.items():
@@ -126,8 +127,8 @@ def train_teachers(ctx, tasks: dict[str, TaskData]) -> Teachers:
         dirs[name] = storage.child(out, "ensemble")
         if done:
             cache.reuse("teachers", fp, label=f"teachers:{name}")
-            if not storage.exists_at(storage.child(out, CHECKPOINTS)):  # trained by the depth search, which
-                exports.append(export.remote(out, data, ctx.encoder))     # writes no checkpoints
+            if exportable and not storage.exists_at(storage.child(out, CHECKPOINTS)):  # trained by the depth
+                exports.append(export.remote(out, data, ctx.encoder))  # search, which writes no checkpoints
             continue
         cache.start("teachers", out, label=f"teachers:{name}")
         running[name] = (fp, remote.remote(out, data, ctx.encoder, L, cfg.teachers, cfg.precision))

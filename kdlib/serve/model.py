@@ -240,7 +240,7 @@ class ServedModel(Served):
         need = torch.tensor([max(model.specs[t].depth for t in ts) for ts in row_tasks])  # (N,)
         rows = torch.arange(len(texts))  # original index of each row still in the trunk
         with autocast(self.device, self.precision):
-            h = model.embeddings(input_ids=enc["input_ids"], token_type_ids=enc["token_type_ids"])  # (N, T, H)
+            h = model.embed(enc["input_ids"], enc["token_type_ids"])  # (N, T, H)
         out: list[dict[str, np.ndarray]] = [{} for _ in texts]
         top = int(need.max())
         for depth in range(top + 1):
@@ -258,8 +258,7 @@ class ServedModel(Served):
                     t = int(mask.sum(1).max())  # right padding: drop columns no remaining row uses
                     h, mask = h[:, :t], mask[:, :t]
                 with autocast(self.device, self.precision):
-                    h = model.trunk[depth](h, attention_mask=attention_bias(mask))
-                h = h[0] if isinstance(h, tuple) else h  # BertLayer: tensor (transformers 5), tuple (4.x)
+                    h = model.run_layer(model.trunk[depth], h, attention_bias(mask))
         return out
 
 

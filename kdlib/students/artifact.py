@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from safetensors.torch import load_file
-from transformers import BertConfig
 
 from kdlib.artifact import WEIGHTS, ArtifactError, read_manifest, write_artifact
+from kdlib.families import config_from_dict
 from kdlib.students.base import MultiTaskStudent
 from kdlib.students.heads import TaskHead
 from kdlib.students.registry import build_student_model
@@ -46,7 +46,7 @@ def load_student(folder: str | Path) -> tuple[MultiTaskStudent, dict]:
     heads = {t: TaskHead(**h) for t, h in manifest["heads"].items()}
     hparams = dict(manifest["hparams"])
     if manifest["student"] == "small_transformer":
-        hparams["config"] = BertConfig.from_dict(manifest["encoder_config"])
+        hparams["config"] = config_from_dict(manifest["encoder_config"])
     hparams.pop("cbow_init", None)  # how training started the CBOW vectors; the saved weights replace them
     model = build_student_model(manifest["student"], tasks=heads, vocab_size=manifest["vocab_size"], **hparams)
     result = model.load_state_dict(load_file(str(Path(folder) / WEIGHTS)), strict=False)

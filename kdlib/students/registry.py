@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from torch import nn
-from transformers import BertModel
+from transformers import PreTrainedModel
 
 from kdlib.students.base import MultiTaskStudent
 from kdlib.students.bilstm import BiAttentiveLSTMStudent
@@ -20,7 +20,7 @@ def needs_encoder(name: str, hparams: dict) -> bool:
 
 
 def build_student_model(name: str, *, tasks: dict[str, TaskHead], vocab_size: int,
-                        encoder: BertModel | None = None, **hparams) -> MultiTaskStudent:
+                        encoder: PreTrainedModel | None = None, **hparams) -> MultiTaskStudent:
     """A multi-task student by name.
 
     Args:
