@@ -27,7 +27,7 @@ from kdlib.device import autocast, device, is_out_of_memory
 from kdlib.encoder import load_encoder, load_tokenizer
 from kdlib.errors import DeviceOutOfMemory
 from kdlib.soft_targets import STORE_COLUMNS, Shard, SoftTargetStore
-from kdlib.teacher_checkpoints import CheckpointMember, CheckpointTeacher
+from kdlib.teacher_checkpoints import CheckpointMember, CheckpointTeacher, SharedBottom, shared_bottom_groups
 from kdlib.tokenize import length_sorted_batches
 
 SHARD_FIELDS = list(Shard.__dataclass_fields__)
@@ -54,6 +54,7 @@ class ShardLabeler:
         # the user's own teachers: each member with its own tokenizer and length limit
         self.checkpoints = {task: [CheckpointTeacher(m, self.device) for m in members]
                             for task, members in (checkpoints or {}).items()}
+        self.groups = {task: shared_bottom_groups(teachers) for task, teachers in self.checkpoints.items()}
         self.stores = {task: SoftTargetStore(root, task, key) for task, (root, key) in stores.items()}
         self.max_length, self.batch_size, self.emit_rows = max_length, batch_size, emit_rows
         self.batch_tokens, self.precision = batch_tokens, precision
@@ -85,9 +86,13 @@ class ShardLabeler:
     def label(self, task: str, examples: pd.DataFrame) -> pd.DataFrame:
         """Every member's logits for every example; mini-batches of similar length, original order kept."""
         texts, pairs = examples["text"].tolist(), examples["text_pair"].tolist()
-        if task in self.checkpoints:  # (N, K, C): each member runs on its own tokens
-            logits = np.stack([self.run(t.tokenizer, t.member.max_length, t.forward, texts, pairs)
-                               for t in self.checkpoints[task]], axis=1)
+        if task in self.checkpoints:  # (N, K, C): each member on its own tokens; identical bottoms run once
+            columns = [None] * len(self.checkpoints[task])
+            for positions, runner in self.groups[task]:
+                out = self.run(runner.tokenizer, runner.member.max_length, runner.forward, texts, pairs)
+                for j, k in enumerate(positions):
+                    columns[k] = out[:, j] if isinstance(runner, SharedBottom) else out
+            logits = np.stack(columns, axis=1)
         else:  # kdlib's ensemble: the shared trunk once per batch, then every member's branch
             model, names = self.models[task], self.members[task]
 

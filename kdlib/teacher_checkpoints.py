@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from kdlib.errors import ConfigError
@@ -207,3 +208,104 @@ class CheckpointTeacher:
         logits = self.model(**{k: v for k, v in enc.items() if k in self.inputs}).logits
         return logits.float().index_select(1, self.outputs)
 
+
+
+class _Precomputed(nn.Module):
+    """Stands in for a member's embeddings: returns the states the shared bottom layers computed."""
+
+    def __init__(self):
+        super().__init__()
+        self.states: torch.Tensor | None = None
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.states
+
+
+class SharedBottom:
+    """Members whose embeddings and bottom layers are identical (kdlib's own exported members, or teachers
+    fine-tuned with frozen bottom layers) and who tokenize alike: those layers run once per batch, then each
+    member its own upper layers and head, as transformers would run the whole member.
+
+    Only families kdlib can cut (kdlib.families) are grouped; `forward` returns (B, k, C) for the k members."""
+
+    def __init__(self, teachers: list[CheckpointTeacher], depth: int):
+        from kdlib.families import FAMILIES
+
+        first = teachers[0].model.base_model
+        self.family = FAMILIES[first.config.model_type]
+        self.teachers, self.depth = teachers, depth
+        self.embeddings = self.family.embeddings_of(first)
+        self.layers = list(self.family.layers_of(first))[:depth]
+        self.slots = []
+        for t in teachers:  # each member keeps its upper layers; its embeddings read the shared states
+            base = t.model.base_model
+            encoder = getattr(base, self.family.layers_attr)
+            encoder.layer = nn.ModuleList(list(encoder.layer)[depth:])
+            slot = _Precomputed()
+            base.embeddings = slot
+            if hasattr(base, "embeddings_project"):
+                base.embeddings_project = nn.Identity()
+            self.slots.append(slot)
+        self.tokenizer, self.member = teachers[0].tokenizer, teachers[0].member
+
+    def forward(self, enc: dict[str, torch.Tensor]) -> torch.Tensor:
+        from kdlib.branched import attention_bias
+
+        h = self.family.embed(self.embeddings, enc["input_ids"], enc.get("token_type_ids"))
+        bias = attention_bias(enc["attention_mask"])
+        for layer in self.layers:
+            h = self.family.run_layer(layer, h, bias)
+        outs = []
+        for t, slot in zip(self.teachers, self.slots):
+            slot.states = h
+            outs.append(t.forward(enc))
+            slot.states = None
+        return torch.stack(outs, dim=1)
+
+
+def shared_bottom_groups(teachers: list[CheckpointTeacher]) -> list[tuple[list[int], object]]:
+    """The members as (positions, runner): runs of members sharing identical embeddings and bottom layers and
+    tokenizer become one SharedBottom (forward: (B, k, C)); the others run alone (forward: (B, C))."""
+    from kdlib.families import FAMILIES
+
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(teachers):
+        base = t.model.base_model
+        family = FAMILIES.get(base.config.model_type)
+        if family is None:
+            groups[("alone", i)] = [i]
+            continue
+        tok = getattr(t.tokenizer, "backend_tokenizer", None)
+        key = (base.config.model_type, tok.to_str() if tok is not None else id(t), t.member.max_length,
+               _state_digest(family.embeddings_of(base)))
+        groups.setdefault(key, []).append(i)
+    out = []
+    for positions in groups.values():
+        members = [teachers[i] for i in positions]
+        depth = _common_depth(members) if len(members) > 1 else 0
+        if depth == 0:
+            out += [([i], teachers[i]) for i in positions]
+        else:
+            out.append((positions, SharedBottom(members, depth)))
+    return out
+
+
+def _state_digest(module: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, value in module.state_dict().items():
+        h.update(name.encode() + value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _common_depth(teachers: list[CheckpointTeacher]) -> int:
+    """How many bottom layers every member holds identically (their embeddings are identical already)."""
+    from kdlib.families import FAMILIES
+
+    stacks = [list(FAMILIES[t.model.config.model_type].layers_of(t.model.base_model)) for t in teachers]
+    depth = 0
+    while all(len(s) > depth + 1 for s in stacks):  # the top layer stays each member's own
+        digests = {_state_digest(s[depth]) for s in stacks}
+        if len(digests) != 1:
+            break
+        depth += 1
+    return depth

@@ -104,3 +104,25 @@ def test_checkpoints_that_bring_other_code_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"brings its own model code .* which kdlib does not run"):
         resolve_members(task="t", kind="classification", label_names=["neg", "pos"], label_map=None,
                         max_length=32, checkpoints=[str(ckpt)])
+
+
+def test_exported_members_share_their_identical_bottom_layers_when_labeling(tmp_path):
+    """kdlib's exported members hold the same embeddings and frozen bottom 2 layers: the labeling actor runs
+    those once per batch (one SharedBottom of depth 2), and the logits stay each member's own. A member of
+    another ensemble (other weights everywhere) runs alone."""
+    from kdlib.teacher_checkpoints import CheckpointTeacher, SharedBottom, shared_bottom_groups
+
+    folder = train(tmp_path / "a", "mean")
+    other = train(tmp_path / "b", "cls")  # same encoder, so same embeddings and trunk: it joins the group too
+    paths = [folder / "checkpoints" / "t__m0", folder / "checkpoints" / "t__m1", other / "checkpoints" / "t__m0"]
+    members = resolve_members(task="t", kind="classification", label_names=["neg", "pos"], label_map=None,
+                              max_length=32, checkpoints=[str(p) for p in paths])
+    groups = shared_bottom_groups([CheckpointTeacher(m, torch.device("cpu")) for m in members])
+    [(positions, runner)] = groups
+    assert positions == [0, 1, 2] and isinstance(runner, SharedBottom) and runner.depth == 2
+    labeler = ShardLabeler(ensembles={}, stores={}, encoder_source="", random_init=False, config_overrides={},
+                           seed=0, max_length=32, torch_threads=1, batch_size=3, emit_rows=False,
+                           checkpoints={"t": members})
+    got = np.array(labeler.label("t", pd.DataFrame({"text": TEXTS, "text_pair": PAIRS}))["teacher_logits"].tolist())
+    for k, (f, member) in enumerate([(folder, "t__m0"), (folder, "t__m1"), (other, "t__m0")]):
+        np.testing.assert_allclose(got[:, k], kdlib_logits(f)[member], atol=1e-4)
