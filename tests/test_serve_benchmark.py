@@ -98,16 +98,17 @@ def _run(setup, kind, batch, rps, errors=0, p99=10.0, requests=100, expected=100
 
 
 def test_compare_setups_and_targets():
-    speeds = {"merged": 30.0, "merged_int8": 45.0, "per_task": 10.0}
+    speeds = {"merged": 30.0, "merged_int8": 45.0, "per_task": 10.0, "cmow": 120.0}
     runs = [_run(s, k, b, v / b) for b in (1, 8) for k in ("single", "all") for s, v in speeds.items()]
     c = compare_setups(runs)
-    assert c["gains"]["all_b8"] == {"merged_vs_per_task": pytest.approx(3.0), "int8_vs_float": pytest.approx(1.5)}
+    assert c["gains"]["all_b8"] == {"merged_vs_per_task": pytest.approx(3.0), "int8_vs_float": pytest.approx(1.5),
+                                    "cmow_vs_per_task": pytest.approx(12.0), "cmow_vs_merged": pytest.approx(4.0)}
     assert c["targets"]["met"] == {"all_task_gain": True, "zero_errors": True, "p99_reported": True}
     assert c["targets"]["all_met"] and c["errors"] == 0 and c["incomplete"] == []
 
     # 1.9x on all-task requests at batch 1, an error, a test stopped short, a missing p99: all reported.
-    runs[3] = _run("merged", "all", 1, 19.0, errors=1)
-    runs[-1] = _run("per_task", "all", 8, 1.25, p99=float("nan"), requests=90)
+    runs[4] = _run("merged", "all", 1, 19.0, errors=1)
+    runs[-2] = _run("per_task", "all", 8, 1.25, p99=float("nan"), requests=90)
     c = compare_setups(runs)
     assert c["gains"]["all_b1"]["merged_vs_per_task"] == pytest.approx(1.9)
     assert c["errors"] == 1 and c["incomplete"] == ["per_task/all/b8"]

@@ -9,7 +9,9 @@ In one run, over loopback, with the same server code (kdlib.serve.app) for every
 - **merged (int8)**: the same model with int8 dynamic quantization of its linear layers;
 - **per-task**: one application per task serving that task's full teacher (the pretrained MiniLM's
   frozen bottom layers plus the best ensemble member's fine-tuned top layers and head: one member, a
-  full 6-layer encoder pass per input).
+  full 6-layer encoder pass per input);
+- **CMOW**: the CMOW student distilled from the same teachers (the same pipeline with `student.kind=cmow`, as
+  the students benchmark configures it), one multi-task model serving every task through the same API.
 
 Every setup has the same replicas and CPUs: one replica per task, one torch thread each, the same Ray CPU
 reservation. A bounded load test (fixed request count and concurrency; it stops by itself) sends
@@ -43,10 +45,12 @@ SCALES = {  # train rows per task for the pipeline; measured requests per config
 CONCURRENCY = 8  # client threads (each keeps its own keep-alive connections)
 BATCH_SIZES = (1, 8)  # inputs per request
 KINDS = ("single", "all")
-SETUPS = ("merged", "merged_int8", "per_task")
+SETUPS = ("merged", "merged_int8", "per_task", "cmow")
 SETUP_LABELS = {"merged": "merged model (float)", "merged_int8": "merged model (int8)",
-                "per_task": "one teacher deployment per task"}
-MERGED_PREFIX = {"merged": "/merged", "merged_int8": "/merged-int8"}
+                "per_task": "one teacher deployment per task", "cmow": "CMOW student (multi-task)"}
+MERGED_PREFIX = {"merged": "/merged", "merged_int8": "/merged-int8", "cmow": "/cmow"}  # one app for every task
+# the CMOW student as jobs/benchmarks/students.py distils it (CBOW vectors from MiniLM's word embeddings)
+CMOW = ["student.kind=cmow", "distill.lr=5e-4", "student.cbow_init=encoder", "student.cbow_dim=384"]
 TARGET_ALL_TASK_GAIN = 2.0
 
 
@@ -151,7 +155,10 @@ def compare_setups(runs: list[dict], batch_sizes=BATCH_SIZES, gain_target: float
         for b in batch_sizes:
             merged = by.get(("merged", kind, b))
             gains[f"{kind}_b{b}"] = {"merged_vs_per_task": ratio(merged, by.get(("per_task", kind, b))),
-                                     "int8_vs_float": ratio(by.get(("merged_int8", kind, b)), merged)}
+                                     "int8_vs_float": ratio(by.get(("merged_int8", kind, b)), merged),
+                                     "cmow_vs_per_task": ratio(by.get(("cmow", kind, b)),
+                                                               by.get(("per_task", kind, b))),
+                                     "cmow_vs_merged": ratio(by.get(("cmow", kind, b)), merged)}
     all_task = [gains[f"all_b{b}"]["merged_vs_per_task"] for b in batch_sizes]
     errors = sum(r["errors"] for r in runs)
     incomplete = [f"{r['setup']}/{r['kind']}/b{r['batch']}" for r in runs if r["requests"] < r["expected_requests"]]
@@ -204,6 +211,7 @@ def serve_benchmark(scale: str, data_dir: str, out: Path, storage_root: str) -> 
     apps = {"bench-merged": ("/merged", {**base, "num_replicas": len(tasks), "model_dir": models["merged_dir"]}),
             "bench-merged-int8": ("/merged-int8", {**base, "num_replicas": len(tasks),
                                                    "model_dir": models["merged_dir"], "quantize": "int8"})}
+    apps["bench-cmow"] = ("/cmow", {**base, "num_replicas": len(tasks), "model_dir": models["cmow_dir"]})
     task_prefixes = {t: f"/teacher/{t}" for t in tasks}
     for t, info in models["teachers"].items():
         apps[f"bench-teacher-{t}"] = (task_prefixes[t], {**base, "model_dir": info["dir"]})
@@ -254,7 +262,8 @@ def serve_benchmark(scale: str, data_dir: str, out: Path, storage_root: str) -> 
         s = models["run"]["scores"][t]
         quality[t] = {"metric": int8["tasks"][t]["metric"], "teacher_member": models["teachers"][t]["score"],
                       "merged_float": int8["tasks"][t]["float"], "merged_int8": int8["tasks"][t]["int8"],
-                      "int8_delta": int8["tasks"][t]["delta"], "pipeline_student": s["primary"]["student"]}
+                      "int8_delta": int8["tasks"][t]["delta"], "pipeline_student": s["primary"]["student"],
+                      "cmow_student": models["cmow_run"]["scores"][t]["primary"]["student"]}
     result = {
         "benchmark": "serve", "scale": scale, "train_rows_per_task": settings["train_rows"],
         "settings": {"concurrency": CONCURRENCY, "requests": settings["requests"], "warmup": settings["warmup"],
@@ -264,6 +273,7 @@ def serve_benchmark(scale: str, data_dir: str, out: Path, storage_root: str) -> 
                      "cluster_cpus": ray.cluster_resources().get("CPU"), "max_length": merged_manifest["max_length"],
                      "batch_wait_timeout_s": base["batch_wait_timeout_s"], "url": url},
         "models": {"merged": {"dir": models["merged_dir"], "layers": layers, "overhead": models["run"]["overhead"]},
+                   "cmow": {"dir": models["cmow_dir"], "parameters": models["cmow_run"].get("parameters")},
                    "teachers": models["teachers"]},
         "runs": runs, **comparison,
         "int8": {"offline": {k: int8[k] for k in ("float_s", "int8_s", "speedup", "rows")},
@@ -314,8 +324,11 @@ def glue_mini_models(scale: str, data_dir: str, storage_root: str) -> dict:
         spec = manifest["branches"][0]
         teachers[name] = {"dir": str(folder), "member": best, "score": members[best], "depth": spec["depth"],
                           "layers": spec["layers"], "ensemble_dir": teacher_dirs[name]}
+    cmow_overrides = [*overrides[:2], f"run_name=bench_serve_{scale}_cmow", *overrides[3:], *CMOW]
+    assert distill_job()["main"]([config, *cmow_overrides]) == 0, "the glue-mini CMOW pipeline failed"
+    cmow_run = json.loads((root / f"bench_serve_{scale}_cmow" / "results.json").read_text())
     return {"run": run, "merged_dir": run["model_dir"], "merged_manifest": merged_manifest, "tasks": tasks,
-            "teachers": teachers}
+            "teachers": teachers, "cmow_run": cmow_run, "cmow_dir": cmow_run["model_dir"]}
 
 
 def save_teacher(ensemble_dir: str, task: str, member: int, encoder, merged_manifest: dict, folder: Path,
@@ -423,15 +436,17 @@ def _table(result: dict) -> str:
               + f" (layers run per input: {lay['all_task_merged']} against {lay['all_task_per_task']}, "
               f"{lay['all_task_per_task'] / lay['all_task_merged']:.2f}x); single-task: " + ", ".join(
                   f"{g[f'single_b{b}']['merged_vs_per_task']:.2f}x (batch {b})" for b in s["batch_sizes"])
+              + ". CMOW student / per-task, all-task: " + ", ".join(
+                  f"{g[f'all_b{b}']['cmow_vs_per_task']:.2f}x (batch {b})" for b in s["batch_sizes"])
               + f".\n\nTargets: all-task >= {result['targets']['all_task_gain_at_least']:g}x: {yes(met['all_task_gain'])}; "
               f"zero errors ({result['errors']}): {yes(met['zero_errors'])}; p99 for batch sizes 1 and 8: "
               f"{yes(met['p99_reported'])}.")
     q = result["int8"]
-    qrows = [[t, v["metric"], v["teacher_member"], v["merged_float"], v["merged_int8"], v["int8_delta"]]
-             for t, v in q["quality"].items()]
-    table += ("\n\nint8 dynamic quantization of the merged model (dev sets):\n\n"
+    qrows = [[t, v["metric"], v["teacher_member"], v["merged_float"], v["merged_int8"], v["int8_delta"],
+              v.get("cmow_student", "-")] for t, v in q["quality"].items()]
+    table += ("\n\nDev scores of what each setup serves; int8 dynamic quantization of the merged model:\n\n"
               + markdown_table(["task", "metric", "teacher member (per-task setup)", "merged float", "merged int8",
-                                "int8 - float (points)"], qrows)
+                                "int8 - float (points)", "CMOW student"], qrows)
               + f"\n\nOffline ({q['offline']['rows']} dev rows, batch 64, task by task): float "
                 f"{q['offline']['float_s']:.1f} s, int8 {q['offline']['int8_s']:.1f} s "
                 f"({q['offline']['speedup']:.2f}x). Served, int8 / float requests/s: "
@@ -451,6 +466,6 @@ def _plot(result: dict, path: Path) -> None:
         ax.set_xticks(range(len(cells)), [f"{'all-task' if k == 'all' else 'single-task'}\nbatch {b}" for k, b in cells])
         ax.set_ylabel(label)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"Serving glue-mini on {s['cluster_cpus']:g} CPUs: merged model vs one teacher per task "
+    fig.suptitle(f"Serving glue-mini on {s['cluster_cpus']:g} CPUs: merged model and CMOW vs one teacher per task "
                  f"({s['concurrency']} clients)", fontsize=10)
     save_figure(fig, path)
