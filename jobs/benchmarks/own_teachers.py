@@ -37,7 +37,8 @@ from kdlib.students.artifact import load_student
 CONFIG = ROOT / "configs" / "glue_mini_own_teachers.yaml"
 SCALES = {"quick": {"train_rows": 4000, "teacher_epochs": 2, "seeds": (0, 1)},
           "full": {"train_rows": None, "teacher_epochs": 2, "seeds": (0, 1)}}
-STUDENTS = {"cmow": [], "branched": ["student.kind=branched", "distill.lr=1e-4", "distill.epochs=3"]}
+STUDENTS = {"cmow": [], "branched": ["student.kind=branched", "student.cbow_init=random", "distill.lr=1e-4",
+                                    "distill.epochs=3"]}
 BATCH, REPEATS = 128, 3
 
 
