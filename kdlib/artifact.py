@@ -122,6 +122,8 @@ def load_model(folder: str | Path, encoder: PreTrainedModel | None = None) -> tu
         if encoder is None:
             raise ArtifactError(f"{folder}: stores no trunk; pass the encoder it was cut from")
         model.embeddings = model.family.embeddings_of(encoder)
+        if model.shared is not None:
+            model.shared = model.family.shared_of(encoder)
         model.trunk = nn_list_prefix(model.family.layers_of(encoder), model.trunk_depth)
         missing = model.load_state_dict(state, strict=False).missing_keys
         missing = [k for k in missing if k.startswith("branches.")]

@@ -52,7 +52,7 @@ def build_student(encoder: PreTrainedModel, teachers: dict[str, tuple[BranchedMo
 def single_task(model: BranchedModel, task: str) -> BranchedModel:
     """The one-task model holding `task`'s branch of a multi-task model (weights copied, trunk shared)."""
     single = BranchedModel(model.config, [model.specs[task]], model.pooling)
-    single.embeddings = model.embeddings
+    single.embeddings, single.shared = model.embeddings, model.shared
     single.trunk = model.trunk[: model.specs[task].depth]
     single.branches[task].load_state_dict(model.branches[task].state_dict())
     return single.eval()

@@ -235,6 +235,7 @@ class SharedBottom:
         self.family = FAMILIES[first.config.model_type]
         self.teachers, self.depth = teachers, depth
         self.embeddings = self.family.embeddings_of(first)
+        self.shared = self.family.shared_of(first)
         self.layers = list(self.family.layers_of(first))[:depth]
         self.slots = []
         for t in teachers:  # each member keeps its upper layers; its embeddings read the shared states
@@ -249,12 +250,10 @@ class SharedBottom:
         self.tokenizer, self.member = teachers[0].tokenizer, teachers[0].member
 
     def forward(self, enc: dict[str, torch.Tensor]) -> torch.Tensor:
-        from kdlib.branched import attention_bias
-
-        h = self.family.embed(self.embeddings, enc["input_ids"], enc.get("token_type_ids"))
-        bias = attention_bias(enc["attention_mask"])
+        h = self.family.embed(self.embeddings, enc["input_ids"], enc.get("token_type_ids"), enc["attention_mask"])
+        context = self.family.context(self.shared, h, enc["attention_mask"])
         for layer in self.layers:
-            h = self.family.run_layer(layer, h, bias)
+            h = self.family.run_layer(layer, h, context)
         outs = []
         for t, slot in zip(self.teachers, self.slots):
             slot.states = h
@@ -272,7 +271,7 @@ def shared_bottom_groups(teachers: list[CheckpointTeacher]) -> list[tuple[list[i
     for i, t in enumerate(teachers):
         base = t.model.base_model
         family = FAMILIES.get(base.config.model_type)
-        if family is None:
+        if family is None or getattr(base.config, "conv_kernel_size", 0) > 0:  # not cut by kdlib.families
             groups[("alone", i)] = [i]
             continue
         tok = getattr(t.tokenizer, "backend_tokenizer", None)

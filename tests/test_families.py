@@ -1,6 +1,7 @@
 """Encoder families beyond BERT (kdlib.families): the branched model, kdlib's own teachers, the small transformer,
-the merged model and its server on tiny random RoBERTa, ELECTRA (with its embedding projection) and DistilBERT
-encoders with real tokenizers built offline, against the encoders' own transformers forward."""
+the merged model and its server on tiny random BERT, RoBERTa, ELECTRA (with its embedding projection),
+DistilBERT and DeBERTa-v2 (v3-style relative attention) encoders with real tokenizers built offline, against
+the encoders' own transformers forward."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 
 from conftest import tiny_run_overrides
 from kdlib.artifact import load_model, save_model
-from kdlib.branched import BranchedModel, BranchSpec, attention_bias
+from kdlib.branched import BranchedModel, BranchSpec
 from kdlib.encoder import load_encoder, load_tokenizer
 from kdlib.errors import ConfigError
 from kdlib.predict import predict
@@ -27,7 +28,10 @@ from kdlib.teachers import train_ensemble
 from tiny_checkpoints import tiny_encoder
 
 ROOT = Path(__file__).resolve().parent.parent
-FAMILIES = {"bert": {}, "roberta": {}, "electra": {"embedding_size": 16}, "distilbert": {}}
+FAMILIES = {"bert": {}, "roberta": {}, "electra": {"embedding_size": 16}, "distilbert": {},
+            # DeBERTa-v3 style: relative attention over position buckets, no absolute positions
+            "deberta-v2": {"relative_attention": True, "position_buckets": 16, "norm_rel_ebd": "layer_norm",
+                           "pos_att_type": ["p2c", "c2p"], "position_biased_input": False}}
 TEXTS = ["a good movie", "boring and far too long in every single way", "the plot", "an utterly charming delight"]
 PAIRS = ["a bad film", "the best film of the year", "thin", "not worth the time"]
 
@@ -53,7 +57,7 @@ def test_the_cut_model_reproduces_the_encoders_own_forward(encoder_dir):
     expected = encoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], **types).last_hidden_state
     full = model.trunk_states(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"], depth=1)
     for layer in model.branches["t"].layers:
-        full = model.run_layer(layer, full, attention_bias(enc["attention_mask"]))
+        full = model.run_layer(layer, full, model.context(full, enc["attention_mask"]))
     real = enc["attention_mask"].bool()
     torch.testing.assert_close(full[real], expected[real], atol=1e-5, rtol=1e-5)
 
@@ -115,10 +119,11 @@ def test_a_merged_model_of_the_family_serves_as_predict_says(encoder_dir, tmp_pa
     np.testing.assert_allclose([x["b"]["score"] for x in answers], b[:, 0], atol=1e-5)
 
 
-def test_deberta_v2_is_not_cut_and_the_error_says_what_works(tmp_path):
-    folder = tiny_encoder(tmp_path / "deberta", "deberta-v2")
-    with pytest.raises(ConfigError, match=r"encoder family 'deberta-v2'.*\['bert', 'distilbert', 'electra', "
-                                          r"'roberta'\].*teacher_checkpoints.*cmow or bilstm"):
+def test_a_deberta_v2_with_a_convolution_is_refused_naming_it(tmp_path):
+    """deberta-v2-xlarge's convolution after the first layer mixes the embeddings in: not cut, and the error says
+    so (DeBERTa-v3 has none)."""
+    folder = tiny_encoder(tmp_path / "deberta", "deberta-v2", conv_kernel_size=3)
+    with pytest.raises(ConfigError, match=r"convolution after its first layer \(conv_kernel_size > 0"):
         BranchedModel.from_encoder(load_encoder(str(folder)), [BranchSpec("t", "classification", 2, 1, 1)])
 
 

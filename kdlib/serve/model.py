@@ -21,7 +21,7 @@ import torch
 
 from kdlib import storage
 from kdlib.artifact import MANIFEST, WEIGHTS, ArtifactError, load_model, read_manifest
-from kdlib.branched import BranchedModel, attention_bias
+from kdlib.branched import BranchedModel
 from kdlib.device import autocast, model_device
 from kdlib.encoder import load_tokenizer, resolve_encoder_path
 from kdlib.serve.quantize import quantize_int8
@@ -240,7 +240,7 @@ class ServedModel(Served):
         need = torch.tensor([max(model.specs[t].depth for t in ts) for ts in row_tasks])  # (N,)
         rows = torch.arange(len(texts))  # original index of each row still in the trunk
         with autocast(self.device, self.precision):
-            h = model.embed(enc["input_ids"], enc["token_type_ids"])  # (N, T, H)
+            h = model.embed(enc["input_ids"], enc["token_type_ids"], mask)  # (N, T, H)
         out: list[dict[str, np.ndarray]] = [{} for _ in texts]
         top = int(need.max())
         for depth in range(top + 1):
@@ -258,7 +258,7 @@ class ServedModel(Served):
                     t = int(mask.sum(1).max())  # right padding: drop columns no remaining row uses
                     h, mask = h[:, :t], mask[:, :t]
                 with autocast(self.device, self.precision):
-                    h = model.run_layer(model.trunk[depth], h, attention_bias(mask))
+                    h = model.run_layer(model.trunk[depth], h, model.context(h, mask))
         return out
 
 

@@ -51,9 +51,8 @@ class SmallTransformerStudent(MultiTaskStudent):
         if num_layers > encoder.config.num_hidden_layers:
             raise ValueError(f"num_layers {num_layers} > the encoder's {encoder.config.num_hidden_layers} layers")
         model = cls(tasks, encoder.config, num_layers, head_hidden, dropout)
-        keep = {k: v for k, v in encoder.state_dict().items()
-                if k.startswith(("embeddings.", "embeddings_project.")) or _layer_index(k) is not None
-                and _layer_index(k) < num_layers}
+        keep = {k: v for k, v in encoder.state_dict().items()  # all but the upper layers (and a pooler)
+                if not k.startswith("pooler.") and (_layer_index(k) is None or _layer_index(k) < num_layers)}
         missing, unexpected = model.encoder.load_state_dict(keep, strict=False)
         if unexpected or [k for k in missing if not k.endswith("position_ids")]:
             raise RuntimeError(f"copying the encoder: missing {missing}, unexpected {unexpected}")
