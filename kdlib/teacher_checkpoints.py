@@ -55,7 +55,13 @@ class CheckpointMember:
     remote_code: bool = False
 
     def identity(self) -> dict:
-        """What the soft-target store records of the member (and what its key covers)."""
+        """What makes the member's logits what they are (the soft-target store's key covers it): its name, its
+        files' digest, its label order and its length limit; not where the files were read from."""
+        return {"name": self.name, "digest": self.digest, "family": self.family, "outputs": list(self.outputs),
+                "max_length": self.max_length}
+
+    def record(self) -> dict:
+        """Everything about the member, for the store's manifest."""
         return asdict(self) | {"outputs": list(self.outputs)}
 
 

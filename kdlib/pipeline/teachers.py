@@ -47,7 +47,7 @@ class Teachers:
     def manifest(self, task: str, members: int) -> dict:
         """What a soft-target store's manifest records of its teachers."""
         if task in self.checkpoints:
-            return {"fingerprint": self.key(task), "checkpoints": [m.identity() for m in self.checkpoints[task]]}
+            return {"fingerprint": self.key(task), "checkpoints": [m.record() for m in self.checkpoints[task]]}
         return {"dir": self.dirs[task], "fingerprint": self.key(task), "members": members}
 
 
