@@ -57,7 +57,9 @@ def job():
 @pytest.fixture(scope="module")
 def sweep(ray_session, job, tmp_path_factory):
     root = tmp_path_factory.mktemp("tune")
-    config, overrides = tiny_config(root), tiny_overrides(root) + [f"search.inject_failures=['{FAIL}']"]
+    # every trial asks for half of one of the session Ray's 2 logical GPUs (and runs on the CPU: no CUDA here)
+    config, overrides = tiny_config(root), tiny_overrides(root) + [f"search.inject_failures=['{FAIL}']",
+                                                                   "search.gpus_per_trial=0.5"]
     assert job["main"]([config, *overrides]) == 0
     out = root / "tune_demo" / "tune"
     return root, config, overrides, json.loads((out / "results.json").read_text()), out
@@ -77,6 +79,8 @@ def test_every_task_has_a_table_and_the_failing_trial_is_reported(sweep):
     assert "injected failure" in failed["error"].iloc[0]
     ok = table[table["status"] == "ok"]
     assert ok["score"].notna().all() and (ok["epochs"] >= 1).all()
+    # every trial got the GPU share search.gpus_per_trial asked Ray for, and ran where it found no CUDA: the CPU
+    assert (ok["gpus"] == 0.5).all() and (ok["device"] == "cpu").all(), ok[["gpus", "device"]]
     assert results["failed_trials"][0]["l"] == 2
     assert "failed: sentiment L=3 l=2" in (out / "summary.md").read_text()
 

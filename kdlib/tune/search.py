@@ -24,7 +24,7 @@ from kdlib.tune.trial import finish_trial, prepare_cached, run_trial
 TABLE_COLUMNS = ["task", "L", "l", "status", "score", "epochs", "stopped_early", "finished_after_stop", "cached",
                  "teacher_score",
                  "teacher_best_member", "depth", "computed_teacher", "computed_trunk_states", "seconds",
-                 "student_dir", "teacher_branch_dir", "error", "trial_id"]
+                 "student_dir", "teacher_branch_dir", "gpus", "device", "error", "trial_id"]
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ def result_row(task: str, result, epochs: int) -> dict:
             "depth": m.get("depth"), "computed_teacher": m.get("computed_teacher"),
             "computed_trunk_states": m.get("computed_trunk_states"), "seconds": m.get("seconds"),
             "student_dir": m.get("student_dir"), "teacher_branch_dir": m.get("teacher_branch_dir"),
-            "error": _first_line(result.error) if failed else None, "trial_id": m.get("trial_id")}
+            "gpus": m.get("gpus"), "device": m.get("device"), "error": _first_line(result.error) if failed else None, "trial_id": m.get("trial_id")}
 
 
 def _first_line(err) -> str:

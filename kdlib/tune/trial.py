@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import ray
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -237,7 +238,9 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
 
 def _run_trial(s: TrialSettings, task: str, L: int, l: int, scratch: Path | None, student_dir: str, tune) -> None:
     started = time.perf_counter()
-    base = _base(L, l, student_dir)
+    # the GPU share Ray gave this trial (search.gpus_per_trial) and the device it runs on, in every report
+    where = {"gpus": ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0), "device": str(device())}
+    base = {**_base(L, l, student_dir), **where}
 
     if caches.is_done(student_dir):  # the same (L, l) finished before (a duplicate sample, or a resumed sweep)
         _replay(s, student_dir, base, tune)
@@ -248,7 +251,7 @@ def _run_trial(s: TrialSettings, task: str, L: int, l: int, scratch: Path | None
             return
         caches.clear_unfinished(student_dir)
         _train_student(s, L, l, scratch, student_dir, lambda base, epoch, score: tune.report(
-            {**base, "score": score, "epoch": epoch + 1, "cached": False, "seconds": round(time.perf_counter() - started, 2)}))
+            {**base, **where, "score": score, "epoch": epoch + 1, "cached": False, "seconds": round(time.perf_counter() - started, 2)}))
 
 
 def finish_trial(settings: TrialSettings, L: int, l: int) -> dict:
