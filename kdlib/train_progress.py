@@ -34,10 +34,18 @@ class EpochCallback(UserCallback):
         self.queue = queue
 
     def after_report(self, run_context, metrics, checkpoint):
-        self.queue.put_nowait(("report", metrics))
+        self._put(("report", metrics))
 
     def after_exception(self, run_context, worker_exceptions):
-        self.queue.put_nowait(("failed", {rank: _last_line(e) for rank, e in worker_exceptions.items()}))
+        self._put(("failed", {rank: _last_line(e) for rank, e in worker_exceptions.items()}))
+
+    def _put(self, item) -> None:
+        """Progress is for people: a queue whose actor died with its node (the driver says so) must not fail
+        the controller, and with it the training (CI: tests/test_node_faults.py)."""
+        try:
+            self.queue.put_nowait(item)
+        except ray.exceptions.RayError:
+            pass
 
 
 def epoch_line(name: str, epochs: int, metrics: list[dict]) -> str:
