@@ -52,9 +52,8 @@ class ShardLabeler:
                 self.members[task] = [b["name"] for b in manifest["branches"]]
             self.tokenizer = load_tokenizer(encoder_source)
         # the user's own teachers: each member with its own tokenizer and length limit
-        self.checkpoints = {task: [CheckpointTeacher(m, self.device) for m in members]
-                            for task, members in (checkpoints or {}).items()}
-        self.groups = {task: shared_bottom_groups(teachers) for task, teachers in self.checkpoints.items()}
+        self.groups = {task: shared_bottom_groups([CheckpointTeacher(m, self.device) for m in members])
+                       for task, members in (checkpoints or {}).items()}
         self.stores = {task: SoftTargetStore(root, task, key) for task, (root, key) in stores.items()}
         self.max_length, self.batch_size, self.emit_rows = max_length, batch_size, emit_rows
         self.batch_tokens, self.precision = batch_tokens, precision
@@ -86,8 +85,8 @@ class ShardLabeler:
     def label(self, task: str, examples: pd.DataFrame) -> pd.DataFrame:
         """Every member's logits for every example; mini-batches of similar length, original order kept."""
         texts, pairs = examples["text"].tolist(), examples["text_pair"].tolist()
-        if task in self.checkpoints:  # (N, K, C): each member on its own tokens; identical bottoms run once
-            columns = [None] * len(self.checkpoints[task])
+        if task in self.groups:  # (N, K, C): each member on its own tokens; identical bottoms run once
+            columns = [None] * sum(len(positions) for positions, _ in self.groups[task])
             for positions, runner in self.groups[task]:
                 out = self.run(runner.tokenizer, runner.member.max_length, runner.forward, texts, pairs)
                 for j, k in enumerate(positions):

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
+from kdlib.artifact import sha256_file
 from kdlib.errors import ConfigError
 
 # Files that make a checkpoint what it is: weights, config, tokenizer (a member's identity in the store key).
@@ -97,7 +98,7 @@ def check_remote_code(folder: Path, config, where: str) -> bool:
         return False
     copy = folder / MODELING.name
     if (auto_map == AUTO_MAP and copy.exists()
-            and hashlib.sha256(copy.read_bytes()).hexdigest() == modeling_digest()):
+            and sha256_file(copy) == modeling_digest()):
         return True
     raise ConfigError(f"{where}: the checkpoint brings its own model code (auto_map {auto_map}), which kdlib does "
                       "not run; save it as one of transformers' own sequence-classification models")
@@ -185,14 +186,8 @@ def member_max_length(config, tokenizer: PreTrainedTokenizerBase, run_max_length
 
 def files_digest(folder: Path) -> str:
     """SHA-256 over the checkpoint's identity files (names and contents), in name order."""
-    h = hashlib.sha256()
     files = sorted({f for pattern in IDENTITY_PATTERNS for f in folder.glob(pattern) if f.is_file()})
-    for f in files:
-        h.update(f.name.encode() + b"\0")
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
+    return hashlib.sha256("".join(f"{f.name}\0{sha256_file(f)}\n" for f in files).encode()).hexdigest()
 
 
 class CheckpointTeacher:

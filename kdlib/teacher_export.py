@@ -11,12 +11,12 @@ transformers reproduces the member's logits, and `tasks.<t>.teacher_checkpoints`
 from __future__ import annotations
 
 import copy
-import hashlib
 import shutil
 from pathlib import Path
 
 from transformers import BertForSequenceClassification, BertModel, PreTrainedTokenizerBase
 
+from kdlib.artifact import sha256_file
 from kdlib.branched import BranchedModel
 
 MODELING = Path(__file__).resolve().parent / "hf" / "modeling_kdlib.py"
@@ -26,7 +26,7 @@ AUTO_MAP = {"AutoModelForSequenceClassification": f"modeling_kdlib.{MEAN_POOLED_
 
 def modeling_digest() -> str:
     """SHA-256 of the modeling file kdlib writes: the only remote code kdlib runs in a checkpoint."""
-    return hashlib.sha256(MODELING.read_bytes()).hexdigest()
+    return sha256_file(MODELING)
 
 
 def export_member(model: BranchedModel, member: str, folder: str | Path, *, kind: str, label_names: list[str],
