@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import sys
 from pathlib import Path
 
@@ -45,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "glue-mini"))
     p.add_argument("--out", default=str(ROOT / "bench-results"))
     p.add_argument("--storage-root", default=str(ROOT / "runs"))
+    p.add_argument("--config", default=None,
+                   help="distill and tune: the pipeline config they run (default configs/glue_mini.yaml, "
+                        "configs/tune/glue_mini.yaml), e.g. configs/glue_mini_gpu.yaml on a GPU machine")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="distill and tune: a config override after the benchmark's own (repeatable), e.g. "
+                        "--set encoder.path=/models/minilm --set tasks.sst2.max_train_examples=null")
     args = p.parse_args(argv)
     out, readme = Path(args.out), ROOT / "README.md"
     if args.name == "readme":
@@ -59,6 +66,17 @@ def main(argv: list[str] | None = None) -> int:
     args.scale = args.scale or getattr(bench, "DEFAULT_SCALE", "quick")
     if args.scale not in bench.SCALES:
         p.error(f"--scale {args.scale}: the {args.name} benchmark has {', '.join(bench.SCALES)}")
+    run_benchmark = getattr(bench, f"{args.name}_benchmark")
+    pipeline = {}
+    if args.config or args.overrides:
+        if "overrides" not in inspect.signature(run_benchmark).parameters:
+            p.error(f"--config and --set: the {args.name} benchmark takes no pipeline config (distill and tune do)")
+        if args.config and not Path(args.config).is_file():
+            p.error(f"--config {args.config}: no such file")
+        bad = [o for o in args.overrides if "=" not in o]
+        if bad:
+            p.error(f"--set {bad[0]}: expected KEY=VALUE")
+        pipeline = {"config": args.config, "overrides": args.overrides}
     reason = getattr(bench, "unavailable", lambda scale: None)(args.scale)  # e.g. gpu without CUDA
     if reason:
         print(f"{args.name}: {reason}")
@@ -71,9 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     with on_interrupt(f"the results in {out} and the cached stages under {args.storage_root} are kept",
                       then="run the same command again (timed runs start from empty storage again)"):
         init_ray(None, None)
-        report = getattr(bench, f"{args.name}_benchmark")(args.scale, str(Path(args.data_dir).resolve()), out,
-                                                          args.storage_root)
-    stem = write_report(args.name, args.scale, report, out)
+        report = run_benchmark(args.scale, str(Path(args.data_dir).resolve()), out, args.storage_root, **pipeline)
+    flags = ([f"--config {args.config}"] if args.config else []) + [f"--set {o}" for o in args.overrides]
+    stem = write_report(args.name, args.scale, report, out, flags)
     print(f"\n{report['table']}\n\nwrote {stem}.json, .md, .png")
     if out.resolve() != (ROOT / "bench-results").resolve():  # README summarises the committed results only
         return 0

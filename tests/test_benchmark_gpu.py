@@ -44,5 +44,14 @@ def test_the_quick_scale_runs_every_section(ray_session, tmp_path):
         r["demo"]["cpu"])
     train = r["distill"]  # the GPU-settings run's Ray Train epoch against the same loop in one process
     assert train["ray_train_rows_per_s"] > 0 and train["single_process_rows_per_s"] > 0 and train["rows_per_epoch"] > 0
+    serve = r["serve"]  # the merged model against one teacher deployment per task, batch 1 and 32
+    assert {(x["setup"], x["kind"], x["batch"]) for x in serve["runs"]} == {
+        (setup, kind, b) for setup in ("merged", "per_task") for kind in ("single", "all") for b in (1, 32)}
+    for x in serve["runs"]:
+        assert x["errors"] == 0 and x["requests"] == x["expected_requests"] > 0 and 0 < x["p50_ms"] <= x["p99_ms"]
+    assert set(serve["merged_vs_per_task"]) >= {"all_b1", "all_b32"} and serve["merged_vs_per_task"]["all_b32"] > 0
+    assert serve["gpus_per_replica"] == (0.16 if torch.cuda.is_available() else 0.0)
     assert r["targets"]["met"] is False  # toy sizes never count
-    assert (out / "gpu-quick.png").stat().st_size > 0 and "busy / plain" in (out / "gpu-quick.md").read_text()
+    md = (out / "gpu-quick.md").read_text()
+    assert (out / "gpu-quick.png").stat().st_size > 0 and "busy / plain" in md and "All-task, merged / per-task" in md
+    assert not (out / "gpu-quick.partial.json").exists()  # written after each section, removed at the end

@@ -230,6 +230,16 @@ def test_mixed_task_batch_equals_predict(artifacts):
     mixed = served.run(TEXTS, [None, "x y", None], [("a",)] * 3)
     ref = _reference(artifacts, "v1", "a", None)
     np.testing.assert_allclose(np.stack([mixed[0]["a"], mixed[2]["a"]]), ref[[0, 2]], atol=1e-5)
+    # ... nor is a single sentence padded to a pair's length: the two kinds of rows run as two trunk passes.
+    seen = []
+    hook = served.model.trunk[0].register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[:2])))
+    try:
+        served.run(["a b", "a b"], [None, " ".join(TEXTS * 4)], [("a",), ("b",)])
+    finally:
+        hook.remove()
+    lengths = [len(served.tokenizer("a b", *pair, truncation=True, max_length=served.max_length)["input_ids"])
+               for pair in ((), (" ".join(TEXTS * 4),))]
+    assert seen == [(1, lengths[0]), (1, lengths[1])] and lengths[0] < lengths[1]
 
 
 def test_the_manifest_says_which_tasks_take_a_pair_and_an_older_artifact_takes_either(artifacts):

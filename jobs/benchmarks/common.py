@@ -77,10 +77,11 @@ def grouped_bars(ax, groups: int, series: dict[str, list[float]], fmt: str) -> N
         ax.bar_label(bars, fmt=fmt, fontsize=7)
 
 
-def write_report(name: str, scale: str, report: dict, out: Path) -> Path:
-    """The benchmark's result as <out>/<name>-<scale>.json and its table as .md; returns the path stem."""
+def write_report(name: str, scale: str, report: dict, out: Path, flags: list[str] = ()) -> Path:
+    """The benchmark's result as <out>/<name>-<scale>.json and its table as .md, under the command that made
+    them (`flags`: its --config and --set options); returns the path stem."""
     stem = Path(out) / f"{name}-{scale}"
     stem.with_suffix(".json").write_text(json.dumps(report["result"], indent=2))
-    command = f"python jobs/benchmark.py {name} --scale {scale}"
+    command = " ".join([f"python jobs/benchmark.py {name} --scale {scale}", *flags])
     stem.with_suffix(".md").write_text(f"# {name} ({scale})\n\n`{command}`\n\n{report['table']}\n")
     return stem

@@ -28,14 +28,18 @@ from kdlib.pipeline.data import load_tasks
 SCALES = {"quick": 1500, "full": None}  # train rows per task
 
 
-def distill_benchmark(scale: str, data_dir: str, out: Path, storage_root: str) -> dict:
+def distill_benchmark(scale: str, data_dir: str, out: Path, storage_root: str, config: str | None = None,
+                      overrides: list[str] = ()) -> dict:
+    """`config` (default configs/glue_mini.yaml) and `overrides` (after the scale's): jobs/benchmark.py's
+    --config and --set, e.g. configs/glue_mini_gpu.yaml and the real weights' folder on the GPU machine."""
     from kdlib.pipeline.context import RunContext
     from kdlib.pipeline.teachers import train_teachers
 
     cap = SCALES[scale]
+    extra = list(overrides)
     overrides = [f"data_dir={data_dir}", f"storage_root={storage_root}", f"run_name=bench_distill_{scale}",
-                 *row_caps(("sst2", "mrpc", "stsb"), cap)]
-    config = str(GLUE_MINI)
+                 *row_caps(("sst2", "mrpc", "stsb"), cap), *extra]
+    config = str(config or GLUE_MINI)
 
     started = time.perf_counter()
     assert distill_job()["main"]([config, *overrides]) == 0, "the distillation pipeline failed"
@@ -75,7 +79,8 @@ def distill_benchmark(scale: str, data_dir: str, out: Path, storage_root: str) -
     share = 100 * avg["student"] / avg["baseline_full_ft"]
     rows.append(["**average**", "", avg["baseline_full_ft"], avg["ensemble"], avg["student"], share])
     result = {
-        "benchmark": "distill", "scale": scale, "train_rows_per_task": cap, "tasks": per_task, "average": avg,
+        "benchmark": "distill", "scale": scale, "config": config, "overrides": extra, "precision": cfg.precision,
+        "train_rows_per_task": cap, "tasks": per_task, "average": avg,
         "student_share_of_baseline_pct": share, "overhead": run["overhead"], "layers": run["layers"],
         "targets": {"share_pct_at_least": 97.0, "overhead_at_most": 0.5,
                     "met": share >= 97.0 and run["overhead"] <= 0.5},

@@ -23,11 +23,17 @@ K = 3 members sharing a frozen trunk (the bottom N - 2 layers), bf16, GPU utilis
   per stage: teachers, labels, distill (Ray Train, one GPU worker), merge, evaluate.
 - distillation: the GPU demo run's Ray Train epoch (one GPU worker) against one epoch of the same loop
   (kdlib.train_loop.run_epochs) in this process on the GPU, rows/s. Target: >= 0.9x.
-The plain baselines run 3 times (median and spread); the stage runs once per shape. Not measured here yet:
-Serve (the merged model against per-task deployments) on the GPU.
+- Serve: the GPU demo run's merged model against one teacher deployment per task (each task's best member
+  as a full model), every replica on the one GPU (3 replicas per setup, 1/6 of the GPU each, bf16, dynamic
+  batches of up to 256 inputs), through the same server code and load test as `jobs/benchmark.py serve`:
+  single-task and all-task requests of 1 and 32 inputs, requests/s, inputs/s, p50, p99, errors. Target:
+  all-task >= 2x the per-task deployments at both sizes, with 0 errors.
+The plain baselines run 3 times (median and spread); the stage runs once per shape.
 
 Budget on the H200 (8 minutes in all, Ray start-up included): GPU-bound labeling ~2 min (2 shapes),
-real text ~2.5 min, demo pipeline ~2 min.
+real text ~2.5 min, demo pipeline ~2 min, Serve ~1 min. After each section the results so far are written
+to gpu-<scale>.partial.json in --out, so a run cut short by the machine's time limit still brings back
+what it measured; a finished run removes it.
 """
 
 from __future__ import annotations
@@ -60,6 +66,10 @@ SIZES = {"full": {"shapes": {"minilm": MINILM, "bert_base": BERT_BASE}, "bound":
          "quick": {"shapes": {"toy": TOY}, "bound": {"toy": 512}, "text": 1024, "text_plain": 512,
                    "batch": {"toy": 64}, "repeats": 3, "shard": 256}}
 K, SEQ = 3, 128
+# Serve: requests per setup and batch size, warm-up requests, rounds; the batch sizes the issue names
+SERVE = {"full": {"requests": {1: 1200, 32: 480}, "warmup": 32, "rounds": 3},
+         "quick": {"requests": {1: 24, 32: 12}, "warmup": 4, "rounds": 2}}
+SERVE_BATCHES = (1, 32)
 
 
 def unavailable(scale: str) -> str | None:
@@ -150,6 +160,7 @@ def gpu_benchmark(scale: str, data_dir: str, out: Path, storage_root: str) -> di
                                     "plain_util": util_plain.summary(), "stage_util": util_stage.summary()}
         rows.append([f"GPU-bound, {shape}, {n:,} x {SEQ} tokens", plain["median"], stage["busy_seq_per_s"],
                      stage["end_to_end_seq_per_s"], result[f"bound_{shape}"]["busy_vs_plain"]])
+        _write_partial(out, scale, result)
 
     shape = next(iter(sizes["shapes"]))
     model, folder = _ensemble(source, sizes["shapes"][shape], work / "ens-text")
@@ -166,21 +177,29 @@ def gpu_benchmark(scale: str, data_dir: str, out: Path, storage_root: str) -> di
     rows.append([f"SST-2 text, {shape}, {len(texts):,} inputs", plain["median"], stage["busy_seq_per_s"],
                  stage["end_to_end_seq_per_s"], result["text"]["busy_vs_plain"]])
 
+    _write_partial(out, scale, result)
     with GpuSampler() as util_demo:
-        result["demo"], runs = _demo_per_stage(work, gpu=dev.type == "cuda", toy=scale == "quick",
-                                               encoder_path=encoder_path)
+        result["demo"], runs, demo_args = _demo_per_stage(work, gpu=dev.type == "cuda", toy=scale == "quick",
+                                                          encoder_path=encoder_path)
     result["demo"]["util"] = util_demo.summary()
+    _write_partial(out, scale, result)
     # The GPU run's distillation (Ray Train, one worker) against one epoch of the same loop in this process
     train = ray_train_vs_single_process(runs["gpu"], str(work / "demo-gpu"), threads=4,
                                         ray_train="1 Ray Train worker" + (", 1 GPU" if dev.type == "cuda" else ""))
     result["distill"] = train
     rows.append([f"distillation ({train['student']} student, demo data), rows/s", train["single_process_rows_per_s"],
                  train["ray_train_rows_per_s"], "", train["ray_train_share"]])
+    _write_partial(out, scale, result)
+
+    with GpuSampler() as util_serve:
+        result["serve"] = _serve(runs["gpu"], demo_args["gpu"], dev, SERVE[scale], work / "serve-teachers")
+    result["serve"]["util"] = util_serve.summary()
 
     bound = [result[k]["busy_vs_plain"] for k in result if k.startswith("bound_")]
     checks = {"bound_busy_0.8x": min(bound) >= 0.8, "text_busy_3x": result["text"]["busy_vs_plain"] >= 3,
               "text_end_to_end_2x": result["text"]["end_to_end_vs_plain"] >= 2,
-              "distill_0.9x": result["distill"]["ray_train_share"] >= 0.9}
+              "distill_0.9x": result["distill"]["ray_train_share"] >= 0.9,
+              "serve_all_task_2x": result["serve"]["all_task_2x_zero_errors"]}
     result["targets"] = {**checks, "met": all(checks.values()) and scale == "full"}
     table = markdown_table(["workload", "plain loop seq/s (median of 3; distillation: 1 run)",
                             "stage seq/s while busy (distillation: Ray Train's last epoch)", "stage seq/s end to end",
@@ -188,11 +207,19 @@ def gpu_benchmark(scale: str, data_dir: str, out: Path, storage_root: str) -> di
     demo = result["demo"]
     table += ("\n\nDemo pipeline per stage, seconds (GPU vs CPU): " + ", ".join(
         f"{s} {demo['gpu'].get(s, float('nan')):.1f} vs {demo['cpu'].get(s, float('nan')):.1f}" for s in demo["cpu"])
-        + f".\nDevice: {result['device_name']}. Targets: {checks}.")
+        + ".\n\n" + result["serve"].pop("table")
+        + f"\n\nDevice: {result['device_name']}. Targets: {checks}.")
     bar_chart(out / f"gpu-{scale}.png", [r[0].split(",")[0] + "," + r[0].split(",")[1] for r in rows],
               [r[4] for r in rows], ylabel="stage while busy / plain loop", title=f"kdlib on {result['device_name']}",
               fmt="%.2fx")
+    (out / f"gpu-{scale}.partial.json").unlink(missing_ok=True)
     return {"result": result, "table": table}
+
+
+def _write_partial(out: Path, scale: str, result: dict) -> None:
+    """The results so far, in case the machine's time runs out before the last section."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"gpu-{scale}.partial.json").write_text(json.dumps(result, indent=1, default=str))
 
 
 def _ensemble(source: str, overrides: dict, folder: Path):
@@ -282,17 +309,78 @@ def _demo_per_stage(work: Path, gpu: bool, toy: bool, encoder_path: str | None) 
                                                          for t in ("sentiment", "paraphrase", "similarity")]
     gpu_settings = ["precision=bf16", "teachers.gpus_per_task=0.33", "labeling.gpus_per_actor=0.25",
                     "labeling.num_actors=4", "distill.gpus_per_worker=1"] if gpu else ["precision=bf16"]
-    out, runs = {}, {}
+    out, runs, args = {}, {}, {}
     for name, extra in (("cpu", []), ("gpu", gpu_settings)):
         root = work / f"demo-{name}"
-        assert job["main"]([str(ROOT / "configs" / "demo.yaml"), f"storage_root={root}", *base, *extra]) == 0
+        args[name] = [f"storage_root={root}", *base, *extra]
+        assert job["main"]([str(ROOT / "configs" / "demo.yaml"), *args[name]]) == 0
         run = runs[name] = json.loads((root / "demo" / "results.json").read_text())
         per = {}
         for r in run["stages"]:
             stage = r["name"].split(":")[0]
             per[stage] = per.get(stage, 0.0) + r["seconds"]
         out[name] = per
-    return out, runs
+    return out, runs, args
+
+
+def _serve(run: dict, overrides: list[str], dev, settings: dict, teachers_root: Path) -> dict:
+    """The demo run's merged model against one teacher deployment per task, all replicas on `dev`'s GPU (on a
+    CPU: the same code paths with CPU replicas), measured as `jobs/benchmark.py serve` measures."""
+    import ray
+
+    from benchmarks.serve import (compare_setups, deploy_apps, measure_setups, serve_url, teacher_artifacts,
+                                  teardown_apps)
+    from kdlib.config import load_run_config
+    from kdlib.pipeline.data import load_tasks
+
+    cfg = load_run_config(str(ROOT / "configs" / "demo.yaml"), overrides)
+    tasks = load_tasks(cfg)
+    teachers = teacher_artifacts(cfg, run, tasks, teachers_root)
+    gpu = dev.type == "cuda"
+    replicas = len(tasks)  # per setup: one replica per task, or as many replicas of the merged model
+    share = round(1 / (2 * replicas) - 0.005, 2) if gpu else 0.0  # both setups together: just under one GPU
+    cpus = 1.0 if gpu else round(min(0.3, 0.9 * ray.cluster_resources().get("CPU", 1) / (2 * replicas)), 2)
+    base = {"num_replicas": 1, "num_cpus": cpus, "num_gpus": share, "precision": "bf16",
+            "torch_threads": 2 if gpu else 1, "max_batch_size": 256 if gpu else 64,
+            "max_inputs_per_request": max(SERVE_BATCHES), "batch_wait_timeout_s": 0.005,
+            "token_env": "KDLIB_SERVE_BENCH_TOKEN"}  # an unset variable: no token
+    apps = {"gpu-bench-merged": ("/merged", {**base, "num_replicas": replicas, "model_dir": run["model_dir"]})}
+    task_prefixes = {t: f"/teacher/{t}" for t in tasks}
+    for t, info in teachers.items():
+        apps[f"gpu-bench-teacher-{t}"] = (task_prefixes[t], {**base, "model_dir": info["dir"]})
+    inputs_by_task = {t: [{"text": x, **({"text_pair": p} if isinstance(p, str) else {})}
+                          for x, p in zip(d.dev["text"].tolist(), d.dev["text_pair"].tolist())]
+                      for t, d in tasks.items()}
+    url, started_serve = serve_url()
+    try:
+        print(f"[gpu-bench] serve: deploying {len(apps)} applications ({share:g} GPU, {cpus:g} CPU per replica, "
+              f"bf16) ...", flush=True)
+        t0 = time.perf_counter()
+        deploy_apps(apps)
+        deploy_s = time.perf_counter() - t0
+        runs = measure_setups(url, {"merged": {"merged_prefix": "/merged"},
+                                    "per_task": {"task_prefixes": task_prefixes}},
+                              inputs_by_task, settings, SERVE_BATCHES, log="gpu-bench")
+    finally:
+        teardown_apps(list(apps), started_serve)
+    comparison = compare_setups(runs, SERVE_BATCHES)
+    gains = {k: v["merged_vs_per_task"] for k, v in comparison["gains"].items()}
+    ok = comparison["targets"]["met"]["all_task_gain"] and comparison["targets"]["met"]["zero_errors"]
+    labels = {"merged": "merged model", "per_task": "one teacher deployment per task"}
+    rows = [[labels[r["setup"]], "all-task" if r["kind"] == "all" else "single-task", r["batch"], r["requests_per_s"],
+             r["inputs_per_s"], r["p50_ms"], r["p99_ms"], f"{r['errors']} / {r['requests']}"] for r in runs]
+    from kdlib.scoring import markdown_table
+
+    table = ("Serve (demo tasks, " + f"{replicas} replicas per setup, {share:g} GPU each, bf16):\n\n"
+             + markdown_table(["setup", "request", "inputs / request", "requests/s", "inputs/s", "p50 ms", "p99 ms",
+                               "errors / requests"], rows)
+             + "\n\nAll-task, merged / per-task: " + ", ".join(
+                 f"{gains[f'all_b{b}']:.2f}x (batch {b})" for b in SERVE_BATCHES) + f"; errors {comparison['errors']}.")
+    return {"replicas_per_setup": replicas, "gpus_per_replica": share, "cpus_per_replica": cpus,
+            "deploy_seconds": round(deploy_s, 1), "runs": runs, "merged_vs_per_task": gains,
+            "errors": comparison["errors"], "incomplete": comparison["incomplete"],
+            "all_task_2x_zero_errors": bool(ok), "teachers": {t: v["dir"] for t, v in teachers.items()},
+            "table": table}
 
 
 def _sync(dev) -> None:

@@ -57,7 +57,10 @@ HEADLINES = {
         + f"; {r['errors']} errors"),
     "gpu": lambda r: (f"on {r['device_name']}: labeling while busy " + ", ".join(
         f"{r[k]['busy_vs_plain']:.2f}x" for k in r if k.startswith("bound_")) + " a plain bf16 loop (GPU-bound), "
-        f"{r['text']['busy_vs_plain']:.2f}x on SST-2 text with tokenization"),
+        f"{r['text']['busy_vs_plain']:.2f}x on SST-2 text with tokenization"
+        + ("" if "serve" not in r else "; Serve all-task, merged / per-task teachers: " + ", ".join(
+            f"{v:.2f}x ({k.replace('all_b', 'batch ')})" for k, v in r["serve"]["merged_vs_per_task"].items()
+            if k.startswith("all_")))),
     "cluster": lambda r: (f"2 worker nodes {r['scaling']['end_to_end']:.2f}x one node end to end "
                           f"({r['scaling']['actors_busy']:.2f}x while the actors are busy); the demo job submitted to a "
                           f"local head node {r['job_overhead']['job_overhead_seconds']:+.0f} s against standalone"),

@@ -179,6 +179,40 @@ def load_test(url: str, units: list[list[tuple[str, dict]]], total: int) -> dict
 # --- the benchmark -----------------------------------------------------------------------------------------
 
 
+def measure_setups(url: str, setups: dict[str, dict], inputs_by_task: dict[str, list[dict]], settings: dict,
+                   batch_sizes=BATCH_SIZES, log: str = "serve-bench") -> list[dict]:
+    """Every kind of request at every batch size against every setup, in rounds taken in turn.
+
+    Args:
+        setups: {setup: request_units' keyword for where it is served (merged_prefix or task_prefixes)}.
+        settings: {"requests": {batch: requests per setup}, "warmup": requests, "rounds": rounds}.
+    Returns:
+        one pool_rounds summary per setup, kind and batch size, with `setup`, `kind`, `batch` and
+        `expected_requests` added.
+    """
+    runs, rounds = [], settings["rounds"]
+    for batch in batch_sizes:
+        per_round = -(-settings["requests"][batch] // rounds)
+        for kind in KINDS:
+            units, parts = {}, {setup: [] for setup in setups}
+            for setup, where in setups.items():
+                units[setup] = request_units(kind, batch, inputs_by_task, per_round * rounds, **where)
+                load_test(url, units[setup], settings["warmup"])
+            # Rounds in turn, each starting with another setup: load from elsewhere hits every setup alike.
+            for k in range(rounds):
+                for setup in rotated(setups, k):
+                    share = units[setup][k * per_round:(k + 1) * per_round]
+                    parts[setup].append(load_test(url, share, len(share)))
+            for setup in setups:
+                r = pool_rounds(parts[setup])
+                r.update(setup=setup, kind=kind, batch=batch, expected_requests=per_round * rounds)
+                runs.append(r)
+                print(f"[{log}] {setup:11s} {kind:6s} b{batch}: {r['requests_per_s']:7.1f} req/s "
+                      f"(rounds {' / '.join(f'{x:.1f}' for x in r['round_requests_per_s'])}), "
+                      f"p50 {r['p50_ms']:6.1f} ms, p99 {r['p99_ms']:6.1f} ms, errors {r['errors']}", flush=True)
+    return runs
+
+
 def serve_benchmark(scale: str, data_dir: str, out: Path, storage_root: str) -> dict:
     """Run the serving benchmark; returns {"result": JSON-able results, "table": Markdown} and writes
     `serve-<scale>.png` into `out`."""
@@ -216,39 +250,18 @@ def serve_benchmark(scale: str, data_dir: str, out: Path, storage_root: str) -> 
     for t, info in models["teachers"].items():
         apps[f"bench-teacher-{t}"] = (task_prefixes[t], {**base, "model_dir": info["dir"]})
 
-    url, started_serve = _serve_url()
-    runs = []
+    url, started_serve = serve_url()
     try:
         print(f"[serve-bench] deploying {len(apps)} applications at {url} ({cpus} CPU, 1 torch thread per "
               f"replica) ...", flush=True)
         t0 = time.perf_counter()
-        _deploy(apps)
+        deploy_apps(apps)
         deploy_s = time.perf_counter() - t0
-        rounds = settings["rounds"]
-        for batch in BATCH_SIZES:
-            total = settings["requests"][batch]
-            per_round = -(-total // rounds)
-            for kind in KINDS:
-                units, parts = {}, {setup: [] for setup in SETUPS}
-                for setup in SETUPS:
-                    where = ({"task_prefixes": task_prefixes} if setup == "per_task"
-                             else {"merged_prefix": MERGED_PREFIX[setup]})
-                    units[setup] = request_units(kind, batch, inputs_by_task, per_round * rounds, **where)
-                    load_test(url, units[setup], settings["warmup"])
-                # Rounds in turn, each starting with another setup: load from elsewhere hits every setup alike.
-                for k in range(rounds):
-                    for setup in rotated(SETUPS, k):
-                        share = units[setup][k * per_round:(k + 1) * per_round]
-                        parts[setup].append(load_test(url, share, len(share)))
-                for setup in SETUPS:
-                    r = pool_rounds(parts[setup])
-                    r.update(setup=setup, kind=kind, batch=batch, expected_requests=per_round * rounds)
-                    runs.append(r)
-                    print(f"[serve-bench] {setup:11s} {kind:6s} b{batch}: {r['requests_per_s']:7.1f} req/s "
-                          f"(rounds {' / '.join(f'{x:.1f}' for x in r['round_requests_per_s'])}), "
-                          f"p50 {r['p50_ms']:6.1f} ms, p99 {r['p99_ms']:6.1f} ms, errors {r['errors']}", flush=True)
+        where = {setup: ({"task_prefixes": task_prefixes} if setup == "per_task"
+                         else {"merged_prefix": MERGED_PREFIX[setup]}) for setup in SETUPS}
+        runs = measure_setups(url, where, inputs_by_task, settings, BATCH_SIZES)
     finally:
-        _teardown(list(apps), started_serve)
+        teardown_apps(list(apps), started_serve)
 
     comparison = compare_setups(runs)
     merged_manifest = models["merged_manifest"]
@@ -291,11 +304,8 @@ def glue_mini_models(scale: str, data_dir: str, storage_root: str) -> dict:
     """The glue-mini pipeline's merged model (jobs/distill.py in-process; cached stages reused) and, per task,
     a servable artifact of its best teacher member as a full model (the encoder's frozen bottom layers, the
     member's fine-tuned top layers and head)."""
-    from kdlib.artifact import MANIFEST, read_manifest
+    from kdlib.artifact import read_manifest
     from kdlib.config import load_run_config
-    from kdlib.encoder import load_encoder, resolve_encoder_path
-    from kdlib.pipeline.context import RunContext
-    from kdlib.pipeline.teachers import train_teachers
     from kdlib.pipeline.data import load_tasks
 
     config = str(GLUE_MINI)
@@ -306,16 +316,40 @@ def glue_mini_models(scale: str, data_dir: str, storage_root: str) -> dict:
     root = Path(cfg.storage_root).expanduser().resolve()
     run = json.loads((root / cfg.run_name / "results.json").read_text())
 
-    source = resolve_encoder_path(cfg.encoder.name, cfg.encoder.path)
     tasks = load_tasks(cfg)
-    teacher_dirs = train_teachers(RunContext.create(cfg), tasks).dirs  # all cached by the run above
+    teachers = teacher_artifacts(cfg, run, tasks, root / "serve_bench" / "teachers")
+    cmow_overrides = [*overrides[:2], f"run_name=bench_serve_{scale}_cmow", *overrides[3:], *CMOW]
+    assert distill_job()["main"]([config, *cmow_overrides]) == 0, "the glue-mini CMOW pipeline failed"
+    cmow_run = json.loads((root / f"bench_serve_{scale}_cmow" / "results.json").read_text())
+    return {"run": run, "merged_dir": run["model_dir"], "merged_manifest": read_manifest(run["model_dir"]),
+            "tasks": tasks, "teachers": teachers, "cmow_run": cmow_run, "cmow_dir": cmow_run["model_dir"]}
+
+
+def teacher_artifacts(cfg, run: dict, tasks: dict, root: Path) -> dict:
+    """Per task, a servable artifact of the run's best teacher member as a full model (the encoder's frozen
+    bottom layers, the member's fine-tuned top layers and head), built once under `root` and reused.
+
+    Args:
+        cfg: the run's validated config (its teachers stage is cached: nothing is trained here).
+        run: the run's results.json.
+        tasks: the run's tasks (kdlib.pipeline.data.load_tasks(cfg)).
+    Returns:
+        {task: {"dir", "member", "score", "depth", "layers", "ensemble_dir"}}.
+    """
+    from kdlib.artifact import MANIFEST, read_manifest
+    from kdlib.encoder import load_encoder, resolve_encoder_path
+    from kdlib.pipeline.context import RunContext
+    from kdlib.pipeline.teachers import train_teachers
+
+    source = resolve_encoder_path(cfg.encoder.name, cfg.encoder.path)
+    teacher_dirs = train_teachers(RunContext.create(cfg), tasks).dirs  # all cached by the run
     merged_manifest = read_manifest(run["model_dir"])
     encoder = None
     teachers = {}
     for name, data in tasks.items():
         members = run["scores"][name]["primary"]["members"]
         best = int(np.argmax(members))
-        folder = root / "serve_bench" / "teachers" / f"{name}-{Path(teacher_dirs[name]).parent.name}-m{best}"
+        folder = root / f"{name}-{Path(teacher_dirs[name]).parent.name}-m{best}"
         if not (folder / MANIFEST).exists():
             if encoder is None:
                 encoder = load_encoder(source, cfg.encoder.random_init, cfg.encoder.config_overrides, seed=cfg.seed)
@@ -324,11 +358,7 @@ def glue_mini_models(scale: str, data_dir: str, storage_root: str) -> dict:
         spec = manifest["branches"][0]
         teachers[name] = {"dir": str(folder), "member": best, "score": members[best], "depth": spec["depth"],
                           "layers": spec["layers"], "ensemble_dir": teacher_dirs[name]}
-    cmow_overrides = [*overrides[:2], f"run_name=bench_serve_{scale}_cmow", *overrides[3:], *CMOW]
-    assert distill_job()["main"]([config, *cmow_overrides]) == 0, "the glue-mini CMOW pipeline failed"
-    cmow_run = json.loads((root / f"bench_serve_{scale}_cmow" / "results.json").read_text())
-    return {"run": run, "merged_dir": run["model_dir"], "merged_manifest": merged_manifest, "tasks": tasks,
-            "teachers": teachers, "cmow_run": cmow_run, "cmow_dir": cmow_run["model_dir"]}
+    return teachers
 
 
 def save_teacher(ensemble_dir: str, task: str, member: int, encoder, merged_manifest: dict, folder: Path,
@@ -368,7 +398,7 @@ def _pairs(frame) -> list[str | None] | None:
     return None if all(p is None for p in pairs) else pairs
 
 
-def _serve_url() -> tuple[str, bool]:
+def serve_url() -> tuple[str, bool]:
     """(base URL, whether Serve was started here): a running Serve keeps its HTTP options; otherwise Serve
     starts on a free port of 127.0.0.1."""
     from ray import serve
@@ -386,7 +416,7 @@ def _serve_url() -> tuple[str, bool]:
     return f"http://127.0.0.1:{port}", True
 
 
-def _deploy(apps: dict[str, tuple[str, dict]]) -> None:
+def deploy_apps(apps: dict[str, tuple[str, dict]]) -> None:
     """Every application at once (replicas load their models in parallel); returns once all are running."""
     from ray import serve
 
@@ -397,7 +427,7 @@ def _deploy(apps: dict[str, tuple[str, dict]]) -> None:
                     for name, (prefix, args) in apps.items()])
 
 
-def _teardown(names: list[str], started_serve: bool) -> None:
+def teardown_apps(names: list[str], started_serve: bool) -> None:
     from ray import serve
 
     for name in names:

@@ -21,22 +21,27 @@ SCALES = {  # the sweep trains teachers for every L it tries
     "full": []}  # configs/tune/glue_mini.yaml as it is: 1,500 rows per task, every (L, l) pair, 128 tokens
 
 
-def tune_benchmark(scale: str, data_dir: str, out: Path, storage_root: str) -> dict:
+def tune_benchmark(scale: str, data_dir: str, out: Path, storage_root: str, config: str | None = None,
+                   overrides: list[str] = ()) -> dict:
     """jobs/tune_depth.py on glue-mini: the merged model's share of full fine-tuning against its overhead, for
     every threshold and budget tried.
 
     Quality only (the caches' wall time is tune_caches' job), so the sweep keeps one storage root per scale,
     `<storage_root>/bench_tune_<scale>_storage`: a rerun reuses every teacher, trunk state and student whose
-    fingerprint (data, encoder, settings, seed) still matches, and computes the rest."""
+    fingerprint (data, encoder, settings, seed) still matches, and computes the rest.
+
+    `config` (default configs/tune/glue_mini.yaml) and `overrides` (after the scale's): jobs/benchmark.py's
+    --config and --set, e.g. all rows and a GPU per trial on the GPU machine."""
     kept = Path(storage_root) / f"bench_tune_{scale}_storage"
-    overrides = [f"data_dir={data_dir}", f"run_name=bench_tune_{scale}", *SCALES[scale]]
-    c = tune_depth_job()["benchmark"](str(ROOT / "configs" / "tune" / "glue_mini.yaml"), overrides, str(kept), modes=("cached",))["cached"]
+    config = str(config or ROOT / "configs" / "tune" / "glue_mini.yaml")
+    overrides = [f"data_dir={data_dir}", f"run_name=bench_tune_{scale}", *SCALES[scale], *overrides]
+    c = tune_depth_job()["benchmark"](config, overrides, str(kept), modes=("cached",))["cached"]
     shutil.copy(Path(c["out_dir"]) / "curve.png", out / f"tune-{scale}-curve.png")
     shutil.copy(Path(c["out_dir"]) / "tasks.png", out / f"tune-{scale}.png")
     curve_rows = distinct_curve_rows(c["curve"])
     best_under_40 = max((r for r in curve_rows if r[0] <= 0.40), key=lambda r: r[1], default=None)
     met = {"share_99_at_40pct": bool(best_under_40 and best_under_40[1] >= 99.0)}
-    result = {"benchmark": "tune", "scale": scale, "overrides": overrides, "chosen": c["chosen"], "choice": c["choice"],
+    result = {"benchmark": "tune", "scale": scale, "config": config, "overrides": overrides, "chosen": c["chosen"], "choice": c["choice"],
               "full_fine_tuning": c["full_fine_tuning"], "curve": c["curve"],
               "best_at_most_40pct": None if best_under_40 is None else
               {"overhead": best_under_40[0], "share_of_full_ft": best_under_40[1], "rule": best_under_40[2],

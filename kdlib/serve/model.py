@@ -206,27 +206,17 @@ class ServedModel(Served):
                 "quantize": self.quantize, "device": str(self.device), "precision": self.precision,
                 "max_length": self.max_length, "trunk_depth": self.model.trunk_depth, "tasks": self.tasks}
 
-    def encode(self, texts: list[str], pairs: list[str | None]) -> dict[str, torch.Tensor]:
-        """Tokenize rows with and without a text pair (tokenized apart) into one right-padded batch."""
-        groups = [[i for i, p in enumerate(pairs) if p is None], [i for i, p in enumerate(pairs) if p is not None]]
-        parts = []
-        for rows, with_pair in zip(groups, (False, True)):
-            if rows:
-                enc = tokenize(self.tokenizer, [texts[i] for i in rows],
-                               [pairs[i] for i in rows] if with_pair else None, max_length=self.max_length)
-                parts.append((rows, enc))
-        t = max(enc["input_ids"].shape[1] for _, enc in parts)
-        out = {k: np.zeros((len(texts), t), dtype=np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
-        out["input_ids"][:] = self.tokenizer.pad_token_id
-        for rows, enc in parts:
-            for k, v in enc.items():
-                out[k][rows, : v.shape[1]] = v
-        return {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in out.items()}
+    def encode(self, texts: list[str], pairs: list[str] | None) -> dict[str, torch.Tensor]:
+        """Tokenize rows (all with a text pair, or none: `pairs` None) into one right-padded batch on the device."""
+        enc = tokenize(self.tokenizer, texts, pairs, max_length=self.max_length)
+        return {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in enc.items()}
 
-    @torch.inference_mode()
     def run(self, texts: list[str], pairs: list[str | None], row_tasks: list[tuple[str, ...]]
             ) -> list[dict[str, np.ndarray]]:
-        """Outputs of each row's tasks; the trunk runs once for all rows, only as deep as each row needs.
+        """Outputs of each row's tasks; the trunk runs once for all rows of a kind, only as deep as each row needs.
+
+        Rows with and without a text pair run as two trunk passes: a single sentence is not padded to a pair's
+        length (an all-task request on sentence pairs asks for both kinds of rows: kdlib.serve.model.Served.rows).
 
         Args:
             texts, pairs: N inputs (a None pair: a single text).
@@ -234,14 +224,27 @@ class ServedModel(Served):
         Returns:
             per row {task: (C,) float32 logits, or (1,) regression prediction}.
         """
+        out: list[dict[str, np.ndarray]] = [{} for _ in texts]
+        for with_pair in (False, True):
+            rows = [i for i, p in enumerate(pairs) if (p is not None) == with_pair]
+            if rows:
+                enc = self.encode([texts[i] for i in rows], [pairs[i] for i in rows] if with_pair else None)
+                for i, row_out in zip(rows, self._run_trunk(enc, [row_tasks[i] for i in rows])):
+                    out[i] = row_out
+        return out
+
+    @torch.inference_mode()
+    def _run_trunk(self, enc: dict[str, torch.Tensor], row_tasks: list[tuple[str, ...]]
+                   ) -> list[dict[str, np.ndarray]]:
+        """One trunk pass over a tokenized batch: each branch runs on its rows at its depth; rows leave the
+        trunk once their deepest branch has run."""
         model = self.model
-        enc = self.encode(texts, pairs)
         mask = enc["attention_mask"]  # (N, T)
         need = torch.tensor([max(model.specs[t].depth for t in ts) for ts in row_tasks])  # (N,)
-        rows = torch.arange(len(texts))  # original index of each row still in the trunk
+        rows = torch.arange(len(row_tasks))  # original index of each row still in the trunk
         with autocast(self.device, self.precision):
             h = model.embed(enc["input_ids"], enc["token_type_ids"], mask)  # (N, T, H)
-        out: list[dict[str, np.ndarray]] = [{} for _ in texts]
+        out: list[dict[str, np.ndarray]] = [{} for _ in row_tasks]
         top = int(need.max())
         for depth in range(top + 1):
             for task in sorted({t for r in rows.tolist() for t in row_tasks[r] if model.specs[t].depth == depth}):
