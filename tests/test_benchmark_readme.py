@@ -87,9 +87,12 @@ def test_a_result_file_added_later_gets_its_row(results):
     shutil.copy(RESULTS / "serve-quick.json", results)
     assert readme.update_readme(path, results) is True
     serve, r = _rows(path.read_text())["bench-results/serve-quick.md"], _load(results, "serve-quick")
+    g = r["round_gains"]
     assert serve[1:] == ["all-task requests/s, merged model / one deployment per task: "
-                         f"{r['gains']['all_b1']['merged_vs_per_task']:.2f}x (batch 1), "
-                         f"{r['gains']['all_b8']['merged_vs_per_task']:.2f}x (batch 8); {r['errors']} errors",
+                         f"median of {r['settings']['rounds']} rounds "
+                         f"{g['all_b1']['median']:.2f}x ({g['all_b1']['min']:.2f}-{g['all_b1']['max']:.2f}x, batch 1), "
+                         f"{g['all_b8']['median']:.2f}x ({g['all_b8']['min']:.2f}-{g['all_b8']['max']:.2f}x, batch 8); "
+                         f"{r['errors']} errors",
                          _met(r["targets"]["all_met"])]
 
 

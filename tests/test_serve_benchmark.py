@@ -116,6 +116,25 @@ def test_compare_setups_and_targets():
     assert not c["targets"]["all_met"]
 
 
+def test_round_gains_give_the_median_and_spread_and_decide_the_target():
+    speeds = {"merged": 30.0, "merged_int8": 45.0, "per_task": 10.0, "cmow": 120.0}
+    runs = [_run(s, k, b, v / b) for b in (1, 8) for k in ("single", "all") for s, v in speeds.items()]
+    by = {(r["setup"], r["kind"], r["batch"]): r for r in runs}
+    # Five rounds of all-task batch 1: one lucky round for the merged model lifts the pooled ratio above 2x
+    # (pooled 2.1x), while three of five rounds are below: the median round (1.9x) decides.
+    by[("merged", "all", 1)].update(requests_per_s=21.0, round_requests_per_s=[19.0, 18.0, 19.5, 30.0, 21.0])
+    by[("per_task", "all", 1)].update(requests_per_s=10.0, round_requests_per_s=[10.0, 10.0, 10.0, 10.0, 10.0])
+    c = compare_setups(runs)
+    assert c["gains"]["all_b1"]["merged_vs_per_task"] == pytest.approx(2.1)
+    assert c["round_gains"]["all_b1"] == {"merged_vs_per_task": pytest.approx([1.9, 1.8, 1.95, 3.0, 2.1]),
+                                          "median": pytest.approx(1.95), "min": pytest.approx(1.8),
+                                          "max": pytest.approx(3.0)}
+    assert set(c["round_gains"]) == {"all_b1"}  # only where both setups carry rounds
+    assert c["targets"]["met"]["all_task_gain"] is False
+    by[("merged", "all", 1)]["round_requests_per_s"] = [21.0, 20.0, 22.0, 19.0, 25.0]  # median 2.1x: met
+    assert compare_setups(runs)["targets"]["met"]["all_task_gain"] is True
+
+
 class _Handler(BaseHTTPRequestHandler):
     """/slow/* answers after 0.2 s, /bad/* with a 500, anything else at once; answers name the asked tasks."""
 

@@ -375,9 +375,14 @@ def _serve(run: dict, overrides: list[str], dev, settings: dict, teachers_root: 
              + markdown_table(["setup", "request", "inputs / request", "requests/s", "inputs/s", "p50 ms", "p99 ms",
                                "errors / requests"], rows)
              + "\n\nAll-task, merged / per-task: " + ", ".join(
-                 f"{gains[f'all_b{b}']:.2f}x (batch {b})" for b in SERVE_BATCHES) + f"; errors {comparison['errors']}.")
+                 f"{gains[f'all_b{b}']:.2f}x (batch {b})" for b in SERVE_BATCHES)
+             + "; the median round " + ", ".join(
+                 f"{g['median']:.2f}x ({g['min']:.2f}-{g['max']:.2f}x, {k.replace('_b', ' batch ')})"
+                 for k, g in comparison["round_gains"].items() if k.startswith("all_"))
+             + f"; errors {comparison['errors']}.")
     return {"replicas_per_setup": replicas, "gpus_per_replica": share, "cpus_per_replica": cpus,
             "deploy_seconds": round(deploy_s, 1), "runs": runs, "merged_vs_per_task": gains,
+            "round_gains": comparison["round_gains"],
             "errors": comparison["errors"], "incomplete": comparison["incomplete"],
             "all_task_2x_zero_errors": bool(ok), "teachers": {t: v["dir"] for t, v in teachers.items()},
             "table": table}

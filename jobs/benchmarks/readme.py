@@ -52,8 +52,11 @@ HEADLINES = {
                        f"overhead"),
     "tune_caches": lambda r: (f"the sweep {r['wall_speedup']:.2f}x faster with the caches "
                               f"({r['sweep_seconds']['cached']:.0f} s against {r['sweep_seconds']['uncached']:.0f} s)"),
-    "serve": lambda r: ("all-task requests/s, merged model / one deployment per task: " + ", ".join(
+    "serve": lambda r: ("all-task requests/s, merged model / one deployment per task: " + (", ".join(
         f"{r['gains'][f'all_b{b}']['merged_vs_per_task']:.2f}x (batch {b})" for b in r["settings"]["batch_sizes"])
+        if not r.get("round_gains") else f"median of {r['settings']['rounds']} rounds " + ", ".join(
+            f"{g['median']:.2f}x ({g['min']:.2f}-{g['max']:.2f}x, batch {k.removeprefix('all_b')})"
+            for k, g in r["round_gains"].items() if k.startswith("all_")))
         + f"; {r['errors']} errors"),
     "gpu": lambda r: (f"on {r['device_name']}: labeling while busy " + ", ".join(
         f"{r[k]['busy_vs_plain']:.2f}x" for k in r if k.startswith("bound_")) + " a plain bf16 loop (GPU-bound), "
