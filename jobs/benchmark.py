@@ -20,6 +20,7 @@ Each benchmark is jobs/benchmarks/<name>.py; its docstring says what it measures
     serve        the merged model on Ray Serve against one teacher deployment per task
     cluster      labeling on 1 and 2 simulated worker nodes; Ray's job overhead
     gpu          every stage on one GPU against plain PyTorch (needs CUDA; --scale quick runs anywhere)
+    precision    bf16 against fp32 on this machine's CPU: matmul, labeling, the demo pipeline, serving
 
 A module's `<name>_benchmark(scale, data_dir, out, storage_root)` returns {"result", "table"} and draws the
 PNG; its SCALES are the scales it has. jobs/benchmarks/common.py holds what they share.

@@ -33,7 +33,7 @@ from kdlib.config_loading import config_and_overrides, dump_config
 from kdlib.errors import KdlibError
 from kdlib.pipeline import (RunContext, distill_students, evaluate, fine_tune, label_tasks, load_data,
                             merge_students, plan_labels, train_teachers, write_results)
-from kdlib.resources import check_cluster_gpus
+from kdlib.resources import check_cluster_gpus, precision_note
 from kdlib.trainees import BRANCHED
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -72,6 +72,8 @@ def run(cfg, config_path: str, log, strict: bool) -> int:
         log(f"[run] {cfg.run_name}: config {config_path} -> {ctx.run_dir} (full log: run.log)")
         init_ray(cfg.ray.address, cfg.ray.num_cpus, log=log)
         check_cluster_gpus(cfg)  # a GPU setting the cluster cannot give fails here, not as a silent wait
+        if note := precision_note(cfg):  # e.g. fp32 on a CPU that multiplies bf16 natively
+            log(note)
 
         tasks = load_data(ctx)
         teachers = train_teachers(ctx, tasks)

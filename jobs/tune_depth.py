@@ -28,7 +28,7 @@ import ray
 
 from kdlib import storage
 from kdlib.cluster import init_ray
-from kdlib.resources import check_cluster_gpus
+from kdlib.resources import check_cluster_gpus, precision_note
 from kdlib.console import on_interrupt, run_log
 from kdlib.config_loading import config_and_overrides, dump_config
 from kdlib.encoder import EncoderRef
@@ -93,6 +93,8 @@ def run(cfg: TuneRunConfig, config_path: str = "", log=print) -> dict:
     tasks = load_tasks(cfg)
     init_ray(cfg.ray.address, cfg.ray.num_cpus, log=log)
     check_cluster_gpus(cfg)  # a GPU setting the cluster cannot give fails here, not as a silent wait
+    if note := precision_note(cfg):  # e.g. fp32 on a CPU that multiplies bf16 natively
+        log(note)
     settings = {n: TrialSettings.from_config(cfg, d, encoder, root, out_dir) for n, d in tasks.items()}
 
     s = cfg.search

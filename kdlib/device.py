@@ -13,6 +13,7 @@ round.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -42,6 +43,20 @@ def autocast(dev: torch.device, precision: Precision) -> contextlib.AbstractCont
     return torch.autocast(device_type=dev.type, dtype=DTYPES[precision])
 
 
+
+def hold_linear_weights(model: torch.nn.Module, precision: Precision) -> torch.nn.Module:
+    """For inference under autocast(dev, precision): `model`'s linear layers keep their weights and biases in
+    the precision's dtype, so autocast stops casting them again on every call (on a CPU, at one input per
+    request, that cast costs more than the matmuls it saves). Autocast casts to the same values, so outputs
+    are unchanged; every forward of `model` must then run under autocast. fp32: `model` as it is. For serving
+    only: artifacts are saved from training, whose weights stay fp32."""
+    if precision != "fp32":
+        for m in model.modules():
+            if type(m) is torch.nn.Linear:  # not dynamic-int8 linear layers (kdlib.serve.quantize)
+                m.to(DTYPES[precision])
+    return model
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """A device allocation failure (CUDA's OutOfMemoryError, or an allocator's 'out of memory' RuntimeError)."""
     return isinstance(error, torch.OutOfMemoryError) or (
@@ -65,3 +80,34 @@ def describe(dev: torch.device) -> str:
     if dev.type == "cuda":
         return f"{dev} ({torch.cuda.get_device_name(dev)})"
     return str(dev)
+
+
+def cpu_bf16_support(cpuinfo: str | Path = "/proc/cpuinfo") -> str | None:
+    """How this machine's CPU multiplies bf16: "amx" (AMX tiles, Intel Xeon from Sapphire Rapids on: several
+    times its fp32 speed), "avx512_bf16" (bf16 dot products, about twice fp32), or None (no native bf16, or not
+    Linux: autocast then converts in software, slower than fp32)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return None
+    flags = next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
+    return "amx" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else None
+
+
+def precision_advice(precision: Precision, uses_gpus: bool, support: str | None) -> str | None:
+    """A console line when the run's precision leaves a CPU-only run slower than it could be, else None.
+
+    Args:
+        precision: the run's `precision` setting.
+        uses_gpus: whether any stage asks Ray for GPUs (then the CPU's bf16 is not what decides).
+        support: cpu_bf16_support() of the machine the stages run on.
+    """
+    if uses_gpus:
+        return None
+    if precision == "fp32" and support == "amx":
+        return ("[device] this CPU multiplies bf16 natively (AMX): precision=bf16 runs the stages faster at the same "
+                "scores (docs/benchmarks.md, \"bf16 on the CPU\"; jobs/benchmark.py precision measures it here)")
+    if precision == "bf16" and support is None:
+        return ("[device] precision=bf16 on a CPU without native bf16: autocast converts in software, slower than "
+                "fp32; precision=fp32 is faster here")
+    return None

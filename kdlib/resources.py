@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kdlib.device import cpu_bf16_support, precision_advice
 from kdlib.errors import ResourceError
 
 
@@ -90,3 +91,8 @@ def check_cluster_gpus(cfg) -> None:
     asks = gpu_asks(cfg)
     if asks:
         check_gpu_asks(asks, cluster_gpus())
+
+
+def precision_note(cfg) -> str | None:
+    """kdlib.device.precision_advice for a run config on this machine's CPU (None: nothing to say)."""
+    return precision_advice(cfg.precision, uses_gpus=bool(gpu_asks(cfg)), support=cpu_bf16_support())

@@ -3,19 +3,22 @@ a device running out of memory in training turned into an error that names the b
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 from torch import nn
 
 from kdlib.branched import BranchedModel, BranchSpec
-from kdlib.device import autocast, is_out_of_memory
+from kdlib.config import load_run_config
+from kdlib.device import autocast, cpu_bf16_support, is_out_of_memory, precision_advice
 from kdlib.errors import DeviceOutOfMemory
 from kdlib.features import TrunkFeatures
 from kdlib.optim import Optimization, sparse_embeddings
 from kdlib.train_loop import run_epochs
 from kdlib.trainees import make_trainee
 
+from conftest import JOBS, benchmark_module
 from test_student_training import TEXTS, cmow_spec
 
 
@@ -144,3 +147,66 @@ def test_out_of_memory_is_recognised():
     assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
     assert is_out_of_memory(RuntimeError("CUDA error: out of memory"))
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+@pytest.mark.parametrize("flags, support", [
+    ("fpu sse avx512f avx512_bf16 amx_bf16 amx_tile", "amx"),
+    ("fpu sse avx512f avx512_bf16", "avx512_bf16"),
+    ("fpu sse avx2", None),
+])
+def test_the_cpus_bf16_support_is_read_from_its_flags(tmp_path, flags, support):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+    assert cpu_bf16_support(cpuinfo) == support
+    assert cpu_bf16_support(tmp_path / "absent") is None  # not Linux: nothing to say
+
+
+def test_the_precision_advice_speaks_only_where_the_cpus_bf16_would_change_the_run():
+    assert "precision=bf16 runs the stages faster" in precision_advice("fp32", uses_gpus=False, support="amx")
+    assert "slower than fp32" in precision_advice("bf16", uses_gpus=False, support=None)
+    for precision, gpus, support in [("fp32", True, "amx"), ("bf16", False, "amx"), ("fp32", False, None),
+                                     ("fp32", False, "avx512_bf16"), ("bf16", True, None), ("fp16", False, "amx")]:
+        assert precision_advice(precision, uses_gpus=gpus, support=support) is None
+
+
+def test_the_precision_benchmark_compares_soft_targets_and_rounds_as_documented():
+    """jobs/benchmark.py precision: the soft-target agreement and a round's bf16 / fp32 ratios by hand."""
+    bench = benchmark_module("precision")
+    fp32 = np.array([[[1.0, 2.0], [0.5, 0.4]], [[3.0, -1.0], [0.0, 0.1]]])  # (N=2, K=2, C=2)
+    bf16 = fp32 + np.array([[[0.0, 0.01], [0.0, 0.2]], [[0.0, 0.0], [0.0, -0.3]]])  # flips (0, 1) and (1, 1)
+    a = bench.agreement(fp32, bf16)
+    assert a["max_abs_logit_diff"] == pytest.approx(0.3) and a["argmax"] == 0.5
+    assert a["mean_abs_logit_diff"] == pytest.approx(0.51 / 8) and a["fp32_logit_std"] == pytest.approx(fp32.std())
+    assert a["max_relative"] == pytest.approx(0.3 / fp32.std())
+    with pytest.raises(ValueError, match="not the same inputs"):
+        bench.agreement(fp32, bf16[:1])
+
+    def labels(rate, busy):
+        return {"examples_per_s": rate, "steady_examples_per_s": busy, "logits": fp32}
+
+    def demo(seconds, stages, sst2):
+        return {"seconds": seconds, "stages": stages, "student": {"sst2": sst2}, "metric": {"sst2": "accuracy"},
+                "model_dir": "/m"}
+
+    r = bench.summarize_round({
+        "labeling": {"fp32": labels(100.0, 120.0), "bf16": labels(300.0, 480.0)},
+        "demo": {"fp32": demo(200.0, {"teachers": 60.0, "distill": 90.0}, 90.0),
+                 "bf16": demo(125.0, {"teachers": 40.0, "distill": 45.0}, 89.5)},
+        "serve": {}})
+    assert (r["labeling_gain"], r["labeling_busy_gain"], r["demo_gain"]) == (3.0, 4.0, 1.6)
+    assert r["stage_gains"] == {"teachers": 1.5, "distill": 2.0} and r["student_points"] == {"sst2": -0.5}
+    assert r["agreement"]["argmax"] == 1.0 and "logits" not in r["labeling"]["fp32"]
+
+
+def test_a_runs_precision_note_reads_its_precision_and_gpu_settings(monkeypatch):
+    """jobs/distill.py and jobs/tune_depth.py print kdlib.resources.precision_note(cfg) after the GPU check."""
+    import kdlib.resources as resources
+
+    monkeypatch.setattr(resources, "cpu_bf16_support", lambda: "amx")
+    demo = JOBS.parent / "configs" / "demo.yaml"
+    assert "precision=bf16" in resources.precision_note(load_run_config(demo, []))
+    assert resources.precision_note(load_run_config(demo, ["precision=bf16"])) is None
+    gpu = load_run_config(JOBS.parent / "configs" / "glue_mini_gpu.yaml", ["precision=fp32"])  # its stages ask for GPUs
+    assert resources.gpu_asks(gpu) and resources.precision_note(gpu) is None
+    monkeypatch.setattr(resources, "cpu_bf16_support", lambda: None)
+    assert "slower than fp32" in resources.precision_note(load_run_config(demo, ["precision=bf16"]))

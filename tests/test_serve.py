@@ -37,6 +37,7 @@ from kdlib.predict import predict_student
 from kdlib.serve.model import Job, ModelSlot, ServedModel, ServedStudents, load_served, resolve_model_dir
 from kdlib.students.artifact import load_student, save_student
 from kdlib.students.heads import TaskHead
+from kdlib.students.inputs import make_student_inputs
 from kdlib.students.registry import build_student_model
 from kdlib.serve.quantize import compare_float_int8
 
@@ -301,6 +302,35 @@ def test_bf16_serving_is_close_to_fp32(artifacts):
     diffs = [np.abs(x[t] - y[t]).max() for x, y in zip(fp.run(TEXTS, PAIRS, rows), bf.run(TEXTS, PAIRS, rows))
              for t in ("a", "b", "c")]
     assert 0 < max(diffs) < 0.05, diffs
+
+
+
+def test_bf16_serving_holds_linear_weights_in_bf16_and_answers_exactly_as_autocast_over_fp32(artifacts, students):
+    """kdlib.device.hold_linear_weights: a bf16 replica's linear layers keep bf16 weights (autocast no longer
+    casts them per request) and its answers are the ones autocast gives over the artifact's fp32 weights, to
+    the bit; the fp32 model is untouched. The merged model and an end-to-end student alike."""
+    from kdlib.device import autocast
+
+    bf = ServedModel.load(artifacts["v1"], precision="bf16")
+    linear = [m for m in bf.model.modules() if type(m) is torch.nn.Linear]
+    assert linear and all(m.weight.dtype == torch.bfloat16 for m in linear)
+    assert all(p.dtype == torch.float32 for p in ServedModel.load(artifacts["v1"]).model.parameters())
+    reference = ServedModel.load(artifacts["v1"])
+    reference.precision = "bf16"  # autocast over fp32 weights: what bf16 serving did before
+    rows = [("a", "b", "c")] * 3
+    for x, y in zip(reference.run(TEXTS, PAIRS, rows), bf.run(TEXTS, PAIRS, rows)):
+        for t in ("a", "b", "c"):
+            np.testing.assert_array_equal(x[t], y[t])
+
+    student = load_served(students["cmow"], precision="bf16")
+    fp32, _ = load_student(students["cmow"] / "students" / "multitask")
+    assert any(type(m) is torch.nn.Linear and m.weight.dtype == torch.bfloat16
+               for m in student.models["multitask"].modules())
+    inputs = make_student_inputs(student.tokenizer, TEXTS, None, max_length=student.max_length)
+    with torch.inference_mode(), autocast(torch.device("cpu"), "bf16"):
+        want = fp32.forward_tasks(inputs, ["a"])["a"].float().numpy()
+    got = student.run(TEXTS, [None] * 3, [("a",)] * 3)
+    np.testing.assert_array_equal(np.stack([g["a"] for g in got]), want)
 
 
 def test_an_artifact_saved_from_bf16_weights_loads_and_serves_as_fp32(artifacts, tmp_path):

@@ -39,10 +39,7 @@ def labeling_benchmark(scale: str, data_dir: str, out: Path, storage_root: str) 
     import torch
     from transformers import BertForSequenceClassification, pipeline
 
-    from kdlib.artifact import save_model
     from kdlib.branched import BranchedModel, BranchSpec
-    from kdlib.labeling import run_labeling
-    from kdlib.soft_targets import SoftTargetStore, plan_shards
     from kdlib.tokenize import tokenize
 
     (n, n_three), seq, bs, threads = SCALES[scale], 64, 64, 2
@@ -80,42 +77,13 @@ def labeling_benchmark(scale: str, data_dir: str, out: Path, storage_root: str) 
         clf(texts, truncation=True, max_length=seq, function_to_apply="none", top_k=None)
         return n / (time.perf_counter() - start)
 
-    def stage(model: BranchedModel, name: str, count: int) -> dict:
-        folder = save_model(model, work / name, include_trunk=False)
-        examples = pd.DataFrame({"id": [f"x{i}" for i in range(count)], "task": "t", "split": "train",
-                                 "source": "original", "text": texts[:count], "text_pair": None, "label": np.nan})
-        store = SoftTargetStore(str(work), "t", name)
-        plan = plan_shards("t", examples, 256)
-        lab = cfg.labeling
-        stats = run_labeling(plan, stores={"t": store}, ensembles={"t": str(folder)}, encoder_source=source,
-                             random_init=False, config_overrides={}, seed=0, max_length=seq,
-                             num_actors=lab.num_actors, cpus_per_actor=lab.cpus_per_actor,
-                             torch_threads=lab.torch_threads, batch_size=bs, progress_seconds=30)
-        records = store.commit_records()
-        busy = sum(r["seconds"] for r in records) / lab.num_actors  # the actors' labeling time, in parallel
-        return {"examples": count, "examples_per_s": count / stats["seconds"], "seconds": stats["seconds"],
-                "steady_examples_per_s": count / busy, "startup_seconds": round(stats["seconds"] - busy, 2)}
-
-    def matmul_gflops(size: int = 2048, reps: int = 10, rounds: int = 3) -> float:
-        """The machine's dense fp32 matmul GFLOP/s with `threads` threads: the best of `rounds` timings."""
-        torch.set_num_threads(threads)
-        a, b = torch.randn(size, size), torch.randn(size, size)
-        a @ b
-        best = 0.0
-        for _ in range(rounds):
-            start = time.perf_counter()
-            for _ in range(reps):
-                a @ b
-            best = max(best, 2 * size ** 3 * reps / (time.perf_counter() - start) / 1e9)
-        return best
-
     # FLOPs per example of one member's forward: per layer and token 2 x (4 H^2 attention projections +
     # 2 H I feed-forward) plus 2 x 2 T H for attention scores and mixing; embeddings and head are negligible.
     inter = encoder.config.intermediate_size
     layer_flops = seq * (2 * (4 * hidden * hidden + 2 * hidden * inter) + 4 * seq * hidden)
     flops_one = n_layers * layer_flops
     print("[bench] matmul peak ...", flush=True)
-    peak = matmul_gflops()
+    peak = matmul_gflops("fp32", threads)
     # K = 1: the stage and both baselines side by side, REPEATS times; the ratios are taken within each run,
     # and the median run (by end-to-end ratio) is reported with the spread of all runs.
     runs = []
@@ -123,7 +91,7 @@ def labeling_benchmark(scale: str, data_dir: str, out: Path, storage_root: str) 
         print(f"[bench] run {r + 1}/{REPEATS}: single-process loop, transformers pipeline, labeling stage (K = 1) ...",
               flush=True)
         single_r, hf_r = loop([one], n), hf_pipeline()
-        stage_r = stage(one, f"k1-{r}", n)
+        stage_r = label_with_stage(one, texts[:n], work / f"k1-{r}", cfg=cfg, source=source, seq=seq, bs=bs)
         best_r = max(single_r, hf_r)
         runs.append({"single": single_r, "hf": hf_r, "stage": stage_r,
                      "end_to_end": stage_r["examples_per_s"] / best_r,
@@ -132,8 +100,8 @@ def labeling_benchmark(scale: str, data_dir: str, out: Path, storage_root: str) 
     single, hf, stage_one = median_run["single"], median_run["hf"], median_run["stage"]
     print("[bench] K = 3 shared trunk vs separate members ...", flush=True)
     shared_loop, separate_loop = loop([three], n_three), loop(separate, n_three)
-    stage_three = stage(three, "k3", n_three)
-    peak_after = matmul_gflops()
+    stage_three = label_with_stage(three, texts[:n_three], work / "k3", cfg=cfg, source=source, seq=seq, bs=bs)
+    peak_after = matmul_gflops("fp32", threads)
     stage_gflops = stage_one["examples_per_s"] * flops_one / 1e9
 
     print("[bench] label-then-distill vs streamed, demo config ...", flush=True)
@@ -200,6 +168,54 @@ def labeling_benchmark(scale: str, data_dir: str, out: Path, storage_root: str) 
         (">= 65% of matmul peak", "share_of_peak"))) + "."
     _plot(result, out / f"labeling-{scale}.png")
     return {"result": result, "table": table}
+
+
+def matmul_gflops(precision: str, threads: int, size: int = 2048, reps: int = 10, rounds: int = 3) -> float:
+    """The machine's dense matmul GFLOP/s in `precision` (fp32, bf16) with `threads` threads: the best of
+    `rounds` timings."""
+    import torch
+
+    from kdlib.device import DTYPES
+
+    torch.set_num_threads(threads)
+    a, b = (torch.randn(size, size, dtype=DTYPES[precision]) for _ in range(2))
+    a @ b
+    best = 0.0
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = max(best, 2 * size ** 3 * reps / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def label_with_stage(model, texts: list[str], folder: Path, *, cfg, source: str, seq: int, bs: int,
+                     precision: str = "fp32", keep_logits: bool = False) -> dict:
+    """The labeling stage (kdlib.labeling.run_labeling, the run config's actors) over `texts` with the ensemble
+    `model`, saved and labeled under `folder`: examples/s end to end and while the actors were busy, start-up
+    seconds; with keep_logits, the soft targets as an (N, K, C) array in the order of `texts`."""
+    from kdlib.artifact import save_model
+    from kdlib.labeling import run_labeling
+    from kdlib.soft_targets import SoftTargetStore, plan_shards, teacher_logits_array
+
+    count = len(texts)
+    saved = save_model(model, folder / "ensemble", include_trunk=False)
+    examples = pd.DataFrame({"id": [f"x{i:08d}" for i in range(count)], "task": "t", "split": "train",
+                             "source": "original", "text": texts, "text_pair": None, "label": np.nan})
+    store = SoftTargetStore(str(folder), "t", "labels")
+    plan = plan_shards("t", examples, 256)
+    lab = cfg.labeling
+    stats = run_labeling(plan, stores={"t": store}, ensembles={"t": str(saved)}, encoder_source=source,
+                         random_init=False, config_overrides={}, seed=0, max_length=seq,
+                         num_actors=lab.num_actors, cpus_per_actor=lab.cpus_per_actor,
+                         torch_threads=lab.torch_threads, batch_size=bs, progress_seconds=30, precision=precision)
+    busy = sum(r["seconds"] for r in store.commit_records()) / lab.num_actors  # the actors' time, in parallel
+    out = {"examples": count, "examples_per_s": count / stats["seconds"], "seconds": stats["seconds"],
+           "steady_examples_per_s": count / busy, "startup_seconds": round(stats["seconds"] - busy, 2)}
+    if keep_logits:
+        rows = store.read_committed([shard for shard, _ in plan]).sort_values("id")
+        out["logits"] = teacher_logits_array(rows)
+    return out
 
 
 def _streaming_comparison(storage_root: Path) -> dict:

@@ -14,7 +14,8 @@ import os
 from pathlib import Path
 
 BEGIN, END = "<!-- results:begin", "<!-- results:end -->"
-NAMES = ("demo", "distill", "labeling", "students", "own_teachers", "tune", "tune_caches", "serve", "cluster", "gpu")
+NAMES = ("demo", "distill", "labeling", "students", "own_teachers", "tune", "tune_caches", "serve", "cluster", "gpu",
+         "precision")
 SCALES = ("quick", "full", "transfer")
 
 
@@ -64,6 +65,13 @@ HEADLINES = {
         + ("" if "serve" not in r else "; Serve all-task, merged / per-task teachers: " + ", ".join(
             f"{v:.2f}x ({k.replace('all_b', 'batch ')})" for k, v in r["serve"]["merged_vs_per_task"].items()
             if k.startswith("all_")))),
+    "precision": lambda r: (f"bf16 / fp32 on this CPU ({r['cpu_bf16'] or 'no native bf16'}): demo pipeline "
+                            f"{r['median_round']['demo_gain']:.2f}x faster, labeling "
+                            f"{r['median_round']['labeling_gain']:.2f}x"
+                            + (f" (median of {r['rounds']} rounds, demo {r['spread']['demo_gain'][0]:.2f}-"
+                               f"{r['spread']['demo_gain'][1]:.2f}x)" if r["rounds"] > 1 else " (one round)")
+                            + "; students bf16 - fp32 " + ", ".join(
+                                f"{t} {d:+.2f}" for t, d in r["median_round"]["student_points"].items()) + " points"),
     "cluster": lambda r: (f"2 worker nodes {r['scaling']['end_to_end']:.2f}x one node end to end "
                           f"({r['scaling']['actors_busy']:.2f}x while the actors are busy); the demo job submitted to a "
                           f"local head node {r['job_overhead']['job_overhead_seconds']:+.0f} s against standalone"),

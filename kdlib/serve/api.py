@@ -42,8 +42,10 @@ class ServeArgs(BaseModel):
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (0.5: two replicas share one); the model "
                                                    "runs on the GPU Ray assigns")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast on the replica's device (GPUs: "
-                                                                   "about 2x the inputs/s of fp32)")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast on the replica's device, linear "
+                                                                   "weights held in bf16 (GPUs: about 2x the inputs/s "
+                                                                   "of fp32; CPUs with AMX: 1.4x at 1 input, 2.8x at "
+                                                                   "32, jobs/benchmark.py precision)")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per replica; default: Ray's "
                                                               "(the replica's CPUs)")
     token_env: str = Field("KDLIB_SERVE_TOKEN", description="the environment variable holding the bearer token "

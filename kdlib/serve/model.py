@@ -22,7 +22,7 @@ import torch
 from kdlib import storage
 from kdlib.artifact import MANIFEST, WEIGHTS, ArtifactError, load_model, read_manifest
 from kdlib.branched import BranchedModel
-from kdlib.device import autocast, model_device
+from kdlib.device import autocast, hold_linear_weights, model_device
 from kdlib.encoder import load_tokenizer, resolve_encoder_path
 from kdlib.serve.quantize import quantize_int8
 from kdlib.students.artifact import FORMAT as STUDENT_FORMAT
@@ -191,14 +191,16 @@ class ServedModel(Served):
     def load(cls, model_dir: str | Path, quantize: str = "none", tokenizer_path: str | None = None,
              device: torch.device | str = "cpu", precision: str = "fp32") -> "ServedModel":
         """Load and verify (SHA-256 of the safetensors weights against the manifest; ArtifactError if altered),
-        onto `device`; `precision` bf16 runs it under autocast there (the weights stay fp32)."""
+        onto `device`; `precision` bf16 runs it under autocast there, its linear layers' weights held in bf16
+        (kdlib.device.hold_linear_weights: the same outputs, without casting them on every request)."""
         if quantize not in QUANTIZE_MODES:
             raise ValueError(f"quantize={quantize!r}: must be one of {QUANTIZE_MODES}")
         location = resolve_model_location(model_dir)
         model, manifest = load_model(storage.local_copy(location))
         if quantize == "int8":
             model = quantize_int8(model)
-        return cls(model.to(device), manifest, load_tokenizer(tokenizer_source(manifest, tokenizer_path)),
+        return cls(hold_linear_weights(model.to(device), precision), manifest,
+                   load_tokenizer(tokenizer_source(manifest, tokenizer_path)),
                    model_dir=location, quantize=quantize, precision=precision)
 
     def describe(self) -> dict:
@@ -286,7 +288,7 @@ class ServedStudents(Served):
         self.by_task: dict[str, str] = {}
         self.tasks = {}
         for name in sorted(models, key=lambda n: n != "multitask"):  # per-task copies override the multi-task one
-            student, manifest = models[name], manifests[name]
+            manifest = manifests[name]
             for task, head in manifest["heads"].items():
                 if name not in ("multitask", task):
                     continue
@@ -313,7 +315,7 @@ class ServedStudents(Served):
             if quantize == "int8":
                 model = quantize_int8(model)
             models[name or ("multitask" if len(manifest["heads"]) > 1 else next(iter(manifest["heads"])))] = (
-                model.to(device), manifest)
+                hold_linear_weights(model.to(device), precision), manifest)
         manifest = next(iter(models.values()))[1]
         return cls(models, load_tokenizer(tokenizer_source(manifest, tokenizer_path)), model_dir=location,
                    quantize=quantize, device=torch.device(device), precision=precision)
