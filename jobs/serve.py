@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kdlib.artifact import ArtifactError
 from kdlib.cluster import init_ray
+from kdlib.device import cpu_bf16_support, precision_advice
 from kdlib.errors import ResourceError
 from kdlib.resources import GpuAsk, check_gpu_asks, cluster_gpus
 from kdlib.console import INTERRUPTED, interrupted_line, on_interrupt
@@ -117,6 +118,9 @@ def deploy(argv: list[str] | None = None) -> str:
     init_ray(None, None)
     if args.num_gpus:  # replicas the cluster cannot place would wait for ever: say so now
         check_gpu_asks([GpuAsk("--num-gpus", args.num_gpus, args.num_replicas, "--num-replicas")], cluster_gpus())
+    if note := precision_advice(args.precision, uses_gpus=args.num_gpus > 0, support=cpu_bf16_support(),
+                                flag="--precision "):  # e.g. fp32 replicas on a CPU that multiplies bf16 natively
+        print(note)
     serve.start(http_options={"host": launch.host, "port": launch.port})
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     url = f"http://{launch.host}:{launch.port}"

@@ -94,20 +94,22 @@ def cpu_bf16_support(cpuinfo: str | Path = "/proc/cpuinfo") -> str | None:
     return "amx" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else None
 
 
-def precision_advice(precision: Precision, uses_gpus: bool, support: str | None) -> str | None:
-    """A console line when the run's precision leaves a CPU-only run slower than it could be, else None.
+def precision_advice(precision: Precision, uses_gpus: bool, support: str | None, flag: str = "precision=") -> str | None:
+    """A console line when the precision leaves a CPU-only run or replica slower than it could be, else None.
 
     Args:
-        precision: the run's `precision` setting.
-        uses_gpus: whether any stage asks Ray for GPUs (then the CPU's bf16 is not what decides).
-        support: cpu_bf16_support() of the machine the stages run on.
+        precision: the run's `precision` setting (or jobs/serve.py's --precision).
+        uses_gpus: whether the work asks Ray for GPUs (then the CPU's bf16 is not what decides).
+        support: cpu_bf16_support() of the machine the work runs on.
+        flag: how the setting is written where the user sets it: "precision=" (a job's override),
+            "--precision " (jobs/serve.py).
     """
     if uses_gpus:
         return None
     if precision == "fp32" and support == "amx":
-        return ("[device] this CPU multiplies bf16 natively (AMX): precision=bf16 runs the stages faster at the same "
-                "scores (docs/benchmarks.md, \"bf16 on the CPU\"; jobs/benchmark.py precision measures it here)")
+        return (f"[device] this CPU multiplies bf16 natively (AMX): {flag}bf16 is faster here at the same scores "
+                "(docs/benchmarks.md, \"bf16 on the CPU\"; jobs/benchmark.py precision measures it)")
     if precision == "bf16" and support is None:
-        return ("[device] precision=bf16 on a CPU without native bf16: autocast converts in software, slower than "
-                "fp32; precision=fp32 is faster here")
+        return (f"[device] {flag}bf16 on a CPU without native bf16: autocast converts in software, slower than "
+                f"fp32; {flag}fp32 is faster here")
     return None

@@ -162,8 +162,9 @@ def test_the_cpus_bf16_support_is_read_from_its_flags(tmp_path, flags, support):
 
 
 def test_the_precision_advice_speaks_only_where_the_cpus_bf16_would_change_the_run():
-    assert "precision=bf16 runs the stages faster" in precision_advice("fp32", uses_gpus=False, support="amx")
-    assert "slower than fp32" in precision_advice("bf16", uses_gpus=False, support=None)
+    assert "precision=bf16 is faster here" in precision_advice("fp32", uses_gpus=False, support="amx")
+    assert "slower than fp32; precision=fp32" in precision_advice("bf16", uses_gpus=False, support=None)
+    assert "(AMX): --precision bf16 is faster" in precision_advice("fp32", False, "amx", flag="--precision ")
     for precision, gpus, support in [("fp32", True, "amx"), ("bf16", False, "amx"), ("fp32", False, None),
                                      ("fp32", False, "avx512_bf16"), ("bf16", True, None), ("fp16", False, "amx")]:
         assert precision_advice(precision, uses_gpus=gpus, support=support) is None

@@ -28,6 +28,7 @@ import torch
 import yaml
 
 from kdlib.artifact import ArtifactError, load_model, read_manifest, save_model
+from kdlib.device import cpu_bf16_support
 from kdlib.branched import BranchedModel, BranchSpec
 from kdlib.encoder import encoder_fingerprint, load_encoder, load_tokenizer, resolve_encoder_path
 from kdlib.predict import predict
@@ -1089,6 +1090,8 @@ def test_detach_without_a_cluster_leaves_the_server_running_until_killed(artifac
     assert _gone(pid)
     output = log.read_text()
     assert "[serve] stopped" in output and "Traceback" not in output, output[-3000:]
+    # fp32 replicas on a CPU with AMX: the server's log says that --precision bf16 is faster (kdlib.device)
+    assert ("(AMX): --precision bf16 is faster here" in output) == (cpu_bf16_support() == "amx"), output[-3000:]
     with pytest.raises(requests.ConnectionError):
         requests.get(url + "/healthz", timeout=10)
 
