@@ -43,7 +43,6 @@ def autocast(dev: torch.device, precision: Precision) -> contextlib.AbstractCont
     return torch.autocast(device_type=dev.type, dtype=DTYPES[precision])
 
 
-
 def hold_linear_weights(model: torch.nn.Module, precision: Precision) -> torch.nn.Module:
     """For inference under autocast(dev, precision): `model`'s linear layers keep their weights and biases in
     the precision's dtype, so autocast stops casting them again on every call (on a CPU, at one input per

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from benchmarks.common import GLUE_MINI, ROOT, distill_job, figure, fixed_length_texts, save_figure, scratch_dir
 from benchmarks.labeling import label_with_stage, matmul_gflops
@@ -44,8 +45,6 @@ TARGETS = {"demo_gain_above": 1.0, "student_points_below_at_most": 1.0, "argmax_
 
 def precision_benchmark(scale: str, data_dir: str, out: Path, storage_root: str) -> dict:
     """bf16 against fp32 on the CPU: matmul, the labeling stage, the demo pipeline and serving."""
-    import torch
-
     from kdlib.branched import BranchedModel, BranchSpec, member_name
     from kdlib.encoder import load_encoder, load_tokenizer, resolve_encoder_path
     from kdlib.pipeline.data import load_tasks
@@ -75,7 +74,7 @@ def precision_benchmark(scale: str, data_dir: str, out: Path, storage_root: str)
         for p in order:
             print(f"[precision-bench] round {r + 1}/{rounds}, {p}: demo pipeline from empty storage ...", flush=True)
             run["demo"][p] = demo_run(work / f"demo-{r}-{p}", p)
-        run["serve"] = serve_latency(run["demo"]["fp32"]["model_dir"], torch)
+        run["serve"] = serve_latency(run["demo"]["fp32"]["model_dir"])
         runs.append(summarize_round(run))
     shutil.rmtree(work, ignore_errors=True)
 
@@ -110,7 +109,7 @@ def demo_run(root: Path, precision: str) -> dict:
             "metric": {t: s["metric"] for t, s in run["scores"].items()}}
 
 
-def serve_latency(model_dir: str, torch, requests: int = 30) -> dict:
+def serve_latency(model_dir: str, requests: int = 30) -> dict:
     """kdlib.serve's merged model in each precision, one torch thread: all-task requests of 1 and 32 demo
     inputs (sentence pairs), median ms per request; the largest output difference of bf16 from fp32. Beside
     them "bf16_cast": autocast over the fp32 weights, casting them on every request (what bf16 serving did
